@@ -1,0 +1,221 @@
+"""Embedding particles, decoders, scorers and the sampler on the tiny offline model."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+from vgf_llm.decoding import ReferenceTopKDecoder, regenerate_after_first_change
+from vgf_llm.particles import NearestTokenDecoder, lift, movable_mask
+from vgf_llm.rollout import HFGenerateBackend, eos_token_ids
+from vgf_llm.sampler import TransportBudget, VGFSampler, best_of_n, special_token_ids
+from vgf_llm.scorers import RewardModelScorer, ValueModel, ValueModelConfig, active_adapter
+
+PROMPTS = [[{"role": "user", "content": "What is 3 + 4?"}], [{"role": "user", "content": "Say something nice."}],
+           [{"role": "user", "content": "What is 2 + 2?"}]]
+
+
+@pytest.fixture
+def rollouts(tiny_lm, tokenizer):
+    backend = HFGenerateBackend(tiny_lm, tokenizer, max_new_tokens=12, batch_size=2)
+    return backend.generate(PROMPTS, num_generations=4, seed=3)
+
+
+def test_rollouts_have_the_documented_shape_and_are_seeded(tiny_lm, tokenizer, rollouts):
+    g, n, t = rollouts.shape
+    assert (g, n) == (3, 4) and t <= 12
+    assert rollouts.prompt_ids.shape[0] == 3 and rollouts.prompt_mask[:, -1].all()  # left-padded
+    eos = eos_token_ids(tiny_lm, tokenizer)
+    for gi in range(g):
+        for ni in range(n):
+            m = rollouts.completion_mask[gi, ni].bool()
+            assert m[: int(m.sum())].all()  # the mask is a prefix
+            real = rollouts.completion_ids[gi, ni][m]
+            assert not any(int(x) in eos for x in real[:-1])  # EOS only at the end
+            assert rollouts.texts[gi][ni] == tokenizer.decode(real, skip_special_tokens=True)
+    again = HFGenerateBackend(tiny_lm, tokenizer, max_new_tokens=12, batch_size=2).generate(PROMPTS, 4, seed=3)
+    assert torch.equal(again.completion_ids, rollouts.completion_ids)
+    other = HFGenerateBackend(tiny_lm, tokenizer, max_new_tokens=12, batch_size=2).generate(PROMPTS, 4, seed=4)
+    assert not torch.equal(other.completion_ids, rollouts.completion_ids)
+
+
+def test_lift_then_decode_without_movement_returns_the_original_tokens(tiny_lm, tokenizer, rollouts):
+    weight = tiny_lm.get_input_embeddings().weight
+    special = special_token_ids(tokenizer)
+    movable = movable_mask(rollouts.completion_ids, rollouts.completion_mask, special)
+    rows = lift(weight, rollouts.completion_ids)
+    decoder = NearestTokenDecoder(weight, exclude_ids=special)
+    assert torch.equal(decoder.decode(rows, rows, rollouts.completion_ids, movable), rollouts.completion_ids)
+    # also when every row is decoded (no shortcut for unmoved rows): exact rows are their own nearest token
+    real = movable.bool()
+    assert torch.equal(decoder.nearest(rows[real]), rollouts.completion_ids[real])
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_nearest_decoding_picks_the_true_nearest_rows_in_chunks(metric):
+    gen = torch.Generator().manual_seed(0)
+    table = torch.randn(1000, 16, generator=gen)
+    rows = torch.randn(37, 16, generator=gen)
+    excluded = {0, 5, 17}
+    got = NearestTokenDecoder(table, exclude_ids=excluded, metric=metric, vocab_chunk=64, row_chunk=10).nearest(rows)
+    if metric == "l2":
+        dist = torch.cdist(rows, table)
+    else:
+        dist = -torch.nn.functional.normalize(rows, dim=-1) @ torch.nn.functional.normalize(table, dim=-1).T
+    dist[:, sorted(excluded)] = float("inf")
+    assert torch.equal(got, dist.argmin(-1))
+
+
+def test_special_tokens_and_padding_never_move(tokenizer, rollouts):
+    special = special_token_ids(tokenizer)
+    movable = movable_mask(rollouts.completion_ids, rollouts.completion_mask, special)
+    is_special = torch.isin(rollouts.completion_ids, torch.tensor(sorted(special)))
+    assert not movable[is_special].any() and not movable[rollouts.completion_mask == 0].any()
+    assert movable.sum() > 0
+
+
+def _value_data(model, tokenizer, rollouts):
+    g, n, t = rollouts.shape
+    ids = rollouts.completion_ids.reshape(g * n, t)
+    mask = rollouts.completion_mask.reshape(g * n, t)
+    # a learnable synthetic reward: the fraction of response tokens with an even id
+    target = ((ids % 2 == 0) & mask.bool()).sum(-1) / mask.sum(-1).clamp_min(1)
+    return (rollouts.prompt_ids.repeat_interleave(n, 0), rollouts.prompt_mask.repeat_interleave(n, 0), ids, mask,
+            target.float())
+
+
+def test_value_model_fit_lowers_loss_and_leaves_base_weights_untouched(tiny_lm, tokenizer):
+    backend = HFGenerateBackend(tiny_lm, tokenizer, max_new_tokens=10, batch_size=8)
+    ro = backend.generate(PROMPTS * 4, num_generations=4, seed=0)
+    base = {k: v.clone() for k, v in tiny_lm.state_dict().items()}
+    vm = ValueModel(tiny_lm, ValueModelConfig(lora_r=4))
+    stats = vm.fit(*_value_data(tiny_lm, tokenizer, ro), epochs=15, lr=5e-3, batch_size=8, progress=False)
+    assert stats["train_loss_last"] < stats["train_loss_first"]
+    assert stats["val_loss_after"] < stats["val_loss_before"]
+    after = {k.replace(".base_layer.", "."): v for k, v in tiny_lm.state_dict().items()}  # LoRA wraps layers
+    for k, v in base.items():
+        assert torch.equal(after[k], v), k
+    assert any("lora_" in k and ".value." in k for k in after)
+
+
+def test_value_model_gradients_reach_particles_only(tiny_lm, tokenizer, rollouts):
+    vm = ValueModel(tiny_lm, ValueModelConfig(lora_r=4, num_layers=1, num_heads=3, aggregate="min"))
+    p_ids, p_mask, ids, mask, _ = _value_data(tiny_lm, tokenizer, rollouts)
+    rows = vm.embedding_weight[ids].detach().requires_grad_(True)
+    values = vm.score_embeds(p_ids, p_mask, rows, mask)
+    assert values.shape == (ids.shape[0],)
+    values.sum().backward()
+    assert rows.grad is not None and torch.isfinite(rows.grad).all() and rows.grad.abs().sum() > 0
+    assert all(p.grad is None for p in tiny_lm.parameters())
+    torch.testing.assert_close(vm.score_ids(p_ids, p_mask, ids, mask), values.detach())
+
+
+def test_value_model_save_and_load_round_trip(tiny_lm_dir, tiny_lm, tokenizer, rollouts, tmp_path):
+    vm = ValueModel(tiny_lm, ValueModelConfig(lora_r=4, num_heads=2))
+    p_ids, p_mask, ids, mask, target = _value_data(tiny_lm, tokenizer, rollouts)
+    vm.fit(p_ids, p_mask, ids, mask, target, epochs=2, batch_size=4, progress=False)
+    vm.save(tmp_path / "vm")
+    fresh = AutoModelForCausalLM.from_pretrained(tiny_lm_dir)
+    loaded = ValueModel.load(fresh, tmp_path / "vm")
+    torch.testing.assert_close(loaded.score_ids(p_ids, p_mask, ids, mask), vm.score_ids(p_ids, p_mask, ids, mask))
+
+
+def test_reference_is_the_model_with_adapters_disabled(tiny_lm, tokenizer, rollouts):
+    ids = rollouts.prompt_ids
+    before = tiny_lm(input_ids=ids, attention_mask=rollouts.prompt_mask).logits
+    vm = ValueModel(tiny_lm, ValueModelConfig(lora_r=4))
+    with torch.no_grad():
+        for p in vm.adapter_parameters():
+            p.add_(0.5)  # make the adapter matter
+    with active_adapter(tiny_lm, None):
+        torch.testing.assert_close(tiny_lm(input_ids=ids, attention_mask=rollouts.prompt_mask).logits, before)
+    with active_adapter(tiny_lm, "value"):
+        assert not torch.allclose(tiny_lm(input_ids=ids, attention_mask=rollouts.prompt_mask).logits, before)
+
+
+def test_reward_model_scorer_matches_the_classifier_and_rejects_other_vocabularies(
+        tiny_reward_model_dir, other_vocab_reward_model_dir, tokenizer, rollouts):
+    rm = AutoModelForSequenceClassification.from_pretrained(tiny_reward_model_dir)
+    scorer = RewardModelScorer(rm, AutoTokenizer.from_pretrained(tiny_reward_model_dir), tokenizer)
+    g, n, t = rollouts.shape
+    i = 0  # one particle, unpadded, through the classifier's own pooling
+    real = rollouts.completion_mask[0, i].bool()
+    seq = torch.cat([rollouts.prompt_ids[0][rollouts.prompt_mask[0].bool()], rollouts.completion_ids[0, i][real]])
+    expected = rm(input_ids=seq[None]).logits[0, 0]
+    got = scorer.score_ids(rollouts.prompt_ids[:1], rollouts.prompt_mask[:1], rollouts.completion_ids[0, :1],
+                           rollouts.completion_mask[0, :1])
+    torch.testing.assert_close(got[0], expected.detach(), rtol=1e-4, atol=1e-5)
+    other = AutoTokenizer.from_pretrained(other_vocab_reward_model_dir)
+    with pytest.raises(ValueError, match="vocabulary differs"):
+        RewardModelScorer(AutoModelForSequenceClassification.from_pretrained(other_vocab_reward_model_dir),
+                          other, tokenizer)
+
+
+def test_reference_topk_decoding_keeps_unmoved_tokens_and_stays_in_candidates(tiny_lm, tokenizer, rollouts):
+    weight = tiny_lm.get_input_embeddings().weight
+    special = special_token_ids(tokenizer)
+    ids, cmask = rollouts.completion_ids, rollouts.completion_mask
+    movable = movable_mask(ids, cmask, special)
+    start = lift(weight, ids)
+    dec = ReferenceTopKDecoder(tiny_lm, k=3, exclude_ids=special)
+    assert torch.equal(dec.decode(start, start, ids, movable, rollouts.prompt_ids, rollouts.prompt_mask), ids)
+    tiny = start + 1e-4 * torch.randn_like(start) * movable[..., None]
+    assert torch.equal(dec.decode(tiny, start, ids, movable, rollouts.prompt_ids, rollouts.prompt_mask), ids)
+    far = start + 50 * torch.randn_like(start) * movable[..., None]
+    new = dec.decode(far, start, ids, movable, rollouts.prompt_ids, rollouts.prompt_mask)
+    assert (new != ids).any() and torch.equal(new[movable == 0], ids[movable == 0])
+    assert not torch.isin(new[movable.bool()], torch.tensor(sorted(special))).any()
+
+
+def test_regeneration_keeps_the_prefix_up_to_the_first_edit(tiny_lm, tokenizer, rollouts):
+    ids, cmask = rollouts.completion_ids, rollouts.completion_mask
+    edited = ids.clone()
+    edited[0, 1, 0] = (ids[0, 1, 0] + 1) % 50 + 10  # edit the first token of one response
+    new, mask = regenerate_after_first_change(
+        tiny_lm, tokenizer, rollouts.prompt_ids, rollouts.prompt_mask, edited, ids, cmask,
+        eos_ids=eos_token_ids(tiny_lm, tokenizer), max_new_tokens=12, seed=0)
+    assert new[0, 1, 0] == edited[0, 1, 0] and mask[0, 1].sum() <= 12
+    for g, n in [(0, 0), (1, 2), (2, 3)]:  # untouched responses are returned as they were
+        m = cmask[g, n].bool()
+        assert torch.equal(new[g, n][mask[g, n].bool()], ids[g, n][m])
+
+
+@pytest.fixture
+def value_sampler_parts(tiny_lm, tokenizer):
+    vm = ValueModel(tiny_lm, ValueModelConfig(lora_r=4))
+    with torch.no_grad():
+        vm.head.weight.normal_()
+    return tiny_lm, tokenizer, vm
+
+
+def test_budget_zero_equals_best_of_n(value_sampler_parts):
+    model, tok, vm = value_sampler_parts
+    sampler = VGFSampler(model, tok, vm, num_particles=4, budget=TransportBudget(steps=0), max_new_tokens=10,
+                         batch_size=2, progress=False)
+    got = sampler.sample(PROMPTS, seed=5)
+    expected = best_of_n(model, tok, vm, PROMPTS, num_particles=4, seed=5, batch_size=2, max_new_tokens=10)
+    assert [(r.response, r.chosen) for r in got] == expected
+    assert all(p.tokens_changed == 0 and p.text_before == p.text_after for r in got for p in r.particles)
+
+
+@pytest.mark.parametrize("decoder,regenerate,selection,fluency", [
+    ("nearest", False, "final", 0.0), ("reference_topk", True, "union", 0.5), ("nearest", False, "union", 0.0)])
+def test_sampler_moves_particles_and_reports_every_field(value_sampler_parts, decoder, regenerate, selection,
+                                                         fluency):
+    model, tok, vm = value_sampler_parts
+    sampler = VGFSampler(model, tok, vm, num_particles=4, max_new_tokens=10, batch_size=2, progress=False,
+                         budget=TransportBudget(steps=3, step_size=2.0, step_rule="sgd", alpha=0.01),
+                         decoder=decoder, regenerate=regenerate, selection=selection, fluency_weight=fluency)
+    results = sampler.sample(PROMPTS, seed=1)
+    assert len(results) == len(PROMPTS)
+    for r in results:
+        assert len(r.particles) == 4 and 0 <= r.chosen < 4
+        scores = [p.score_after for p in r.particles] + [p.score_before for p in r.particles]
+        assert all(torch.isfinite(torch.tensor(scores)))
+        chosen = r.particles[r.chosen]
+        assert r.response == (chosen.text_after if r.chosen_moved else chosen.text_before)
+        best = max(p.score_after for p in r.particles)
+        if selection == "union":
+            best = max(best, max(p.score_before for p in r.particles))
+        assert (chosen.score_after if r.chosen_moved else chosen.score_before) == pytest.approx(best)
+    assert sum(p.tokens_changed for r in results for p in r.particles) > 0
+    assert all(p.displacement > 0 for r in results for p in r.particles)

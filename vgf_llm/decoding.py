@@ -1,0 +1,117 @@
+"""Decoders that consult the reference model, so moved particles decode to text the reference finds plausible.
+
+- ``ReferenceTopKDecoder`` (after COLD decoding): position t is decoded left to right among the reference's top-k
+  next tokens given the already-decoded prefix, plus the original token; the candidate nearest to the moved row
+  wins. Small moves therefore keep the original tokens, and edits stay on the reference's support.
+- ``regenerate_after_first_change``: keep the decoded response up to its first edited token and let the
+  reference sample the rest, so one gradient-chosen edit is followed by a fluent continuation.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vgf_llm.particles import NearestTokenDecoder
+from vgf_llm.rollout import completion_mask_from_ids
+from vgf_llm.scorers import active_adapter
+
+
+def _left_pad(rows: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if len(r):
+            ids[i, width - len(r):] = r
+            mask[i, width - len(r):] = 1
+    return ids, mask
+
+
+class ReferenceTopKDecoder:
+    """Decode moved rows among the reference model's top-k candidates, left to right, with a KV cache."""
+
+    def __init__(self, model, *, k: int = 8, exclude_ids=(), metric: str = "l2", embedding_weight=None):
+        self.model, self.k = model, k
+        weight = model.get_input_embeddings().weight if embedding_weight is None else embedding_weight
+        self.nearest = NearestTokenDecoder(weight, exclude_ids=exclude_ids, metric=metric)
+
+    @torch.no_grad()
+    def decode(self, moved, start, ids, movable, prompt_ids, prompt_mask) -> torch.Tensor:
+        """moved/start [G, N, T, d], ids/movable [G, N, T], prompt [G, P] -> new ids [G, N, T]."""
+        g, n, t = ids.shape
+        changed = movable.bool() & (moved != start).any(-1)
+        if not changed.any():
+            return ids.clone()
+        flat_ids, flat_changed = ids.reshape(g * n, t), changed.reshape(g * n, t)
+        rows = moved.reshape(g * n, t, -1)
+        p_ids = prompt_ids.repeat_interleave(n, 0).to(self.model.device)
+        p_mask = prompt_mask.repeat_interleave(n, 0).to(self.model.device)
+        table, allowed, metric = self.nearest._table, self.nearest.allowed, self.nearest.metric
+        new = flat_ids.clone()
+        with active_adapter(self.model, None):
+            out = self.model(input_ids=p_ids, attention_mask=p_mask,
+                             position_ids=(p_mask.cumsum(-1) - 1).clamp_min(0), use_cache=True)
+            cache, logits, mask = out.past_key_values, out.logits[:, -1], p_mask
+            for pos in range(t):
+                need = flat_changed[:, pos]
+                if need.any():
+                    cand = logits.float().masked_fill(~allowed.to(logits.device), -float("inf"))
+                    cand = cand.topk(min(self.k, int(allowed.sum())), dim=-1).indices.cpu()
+                    cand = torch.cat([cand, flat_ids[:, pos:pos + 1]], dim=1)  # the original always competes
+                    emb = table[cand]  # [B, k+1, d] in the metric's space
+                    r = rows[:, pos].float()
+                    if metric == "cosine":
+                        r = torch.nn.functional.normalize(r, dim=-1)
+                        score = (emb * r[:, None]).sum(-1)
+                    else:
+                        score = -((emb - r[:, None]) ** 2).sum(-1)
+                    choice = cand[torch.arange(len(cand)), score.argmax(-1)]
+                    new[:, pos] = torch.where(need, choice, flat_ids[:, pos])
+                if pos == t - 1 or not flat_changed[:, pos + 1:].any():
+                    break
+                # rows past their EOS are never edited, so what they attend to does not matter
+                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+                out = self.model(input_ids=new[:, pos:pos + 1].to(self.model.device), attention_mask=mask,
+                                 position_ids=(mask.sum(-1, keepdim=True) - 1), past_key_values=cache, use_cache=True)
+                cache, logits = out.past_key_values, out.logits[:, -1]
+        return new.reshape(g, n, t)
+
+
+@torch.no_grad()
+def regenerate_after_first_change(model, tokenizer, prompt_ids, prompt_mask, new_ids, old_ids, completion_mask,
+                                  *, eos_ids: set[int], max_new_tokens: int, temperature: float = 1.0,
+                                  top_p: float = 1.0, top_k: int = 0, seed: int = 0):
+    """Keep each edited response up to and including its first changed token; the reference samples the rest.
+
+    Responses without an edit are returned unchanged. Returns (ids [G, N, T'], mask [G, N, T']).
+    """
+    g, n, t = new_ids.shape
+    pad = tokenizer.pad_token_id
+    diff = (new_ids != old_ids) & completion_mask.bool()
+    edited = diff.any(-1).reshape(-1)
+    flat_new, flat_mask = new_ids.reshape(g * n, t), completion_mask.reshape(g * n, t)
+    results = [flat_new[i][flat_mask[i].bool()] for i in range(g * n)]
+    if edited.any():
+        first = diff.reshape(g * n, t).long().argmax(-1)
+        todo = edited.nonzero().squeeze(1).tolist()
+        rows = [torch.cat([prompt_ids[i // n][prompt_mask[i // n].bool()], flat_new[i, :first[i] + 1]]) for i in todo]
+        ids, mask = _left_pad(rows, pad)
+        torch.manual_seed(seed)
+        with active_adapter(model, None):
+            out = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
+                                 do_sample=temperature > 0, temperature=temperature or None, top_p=top_p, top_k=top_k,
+                                 max_new_tokens=max(1, max_new_tokens - int(first[todo].min()) - 1), pad_token_id=pad, eos_token_id=sorted(eos_ids))
+        cont = out[:, ids.shape[1]:].cpu()
+        cont_mask = completion_mask_from_ids(cont, eos_ids, pad)
+        for j, i in enumerate(todo):
+            prefix = flat_new[i, :first[i] + 1]
+            ends_in_eos = bool(torch.isin(prefix[-1:], torch.tensor(sorted(eos_ids))).any())
+            tail = cont[j][cont_mask[j].bool()] if not ends_in_eos else cont[j][:0]
+            results[i] = torch.cat([prefix, tail])[:max_new_tokens]
+    width = max(len(r) for r in results)
+    out_ids = torch.full((g * n, width), pad, dtype=torch.long)
+    out_mask = torch.zeros((g * n, width), dtype=torch.long)
+    for i, r in enumerate(results):
+        out_ids[i, : len(r)] = r
+        out_mask[i, : len(r)] = 1
+    return out_ids.view(g, n, width), out_mask.view(g, n, width)

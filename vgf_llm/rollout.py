@@ -1,0 +1,117 @@
+"""Rollouts: N completions per prompt from a causal LM, as padded token tensors grouped by prompt.
+
+The interface is one method, ``generate(prompts, num_generations, seed) -> Rollouts``, so that other backends
+(vLLM) can plug in. Prompts are chat-formatted text or message lists (TRL's conversational form).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from tqdm.auto import tqdm
+
+
+@dataclass
+class Rollouts:
+    """G prompts x N completions.
+
+    prompt_ids [G, P] (left-padded), prompt_mask [G, P];
+    completion_ids [G, N, T] (right-padded with pad_token_id), completion_mask [G, N, T] (1 = generated token,
+    including the final EOS); texts[g][n] is the decoded completion without special tokens.
+    """
+
+    prompt_ids: torch.Tensor
+    prompt_mask: torch.Tensor
+    completion_ids: torch.Tensor
+    completion_mask: torch.Tensor
+    texts: list[list[str]]
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.completion_ids.shape)
+
+
+class RolloutBackend(Protocol):
+    def generate(self, prompts: list, num_generations: int, seed: int) -> Rollouts: ...
+
+
+def format_prompt(prompt, tokenizer) -> str:
+    """TRL's two prompt forms: a string is used as is; a message list goes through the chat template."""
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, list) and all(isinstance(m, dict) and "role" in m for m in prompt):
+        return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    raise TypeError(f"a prompt must be a string or a list of {{'role', 'content'}} messages, got {type(prompt)}")
+
+
+def encode_prompts(prompts: list, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded prompt ids and mask. Chat-formatted text already holds its special tokens."""
+    texts = [format_prompt(p, tokenizer) for p in prompts]
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    finally:
+        tokenizer.padding_side = side
+    return enc["input_ids"], enc["attention_mask"]
+
+
+def completion_mask_from_ids(ids: torch.Tensor, eos_ids: set[int], pad_id: int) -> torch.Tensor:
+    """1 up to and including the first EOS; everything after it is padding."""
+    is_eos = torch.zeros_like(ids, dtype=torch.bool)
+    for e in eos_ids:
+        is_eos |= ids == e
+    after_eos = (is_eos.long().cumsum(-1) - is_eos.long()) > 0
+    return (~after_eos).long()
+
+
+def eos_token_ids(model, tokenizer) -> set[int]:
+    ids = model.generation_config.eos_token_id if model.generation_config is not None else None
+    ids = set(ids if isinstance(ids, list) else [ids]) if ids is not None else set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+class HFGenerateBackend:
+    """Sampling with ``model.generate``. Deterministic for a given seed and ``batch_size``."""
+
+    def __init__(self, model, tokenizer, *, max_new_tokens: int = 64, temperature: float = 1.0,
+                 top_p: float = 1.0, top_k: int = 0, batch_size: int = 8, progress: bool = False):
+        if tokenizer.pad_token_id is None:
+            raise ValueError("the tokenizer needs a pad token (vgf_llm.models.load_tokenizer sets one)")
+        self.model, self.tokenizer = model, tokenizer
+        self.max_new_tokens, self.temperature, self.top_p, self.top_k = max_new_tokens, temperature, top_p, top_k
+        self.batch_size, self.progress = batch_size, progress
+
+    @torch.no_grad()
+    def generate(self, prompts: list, num_generations: int, seed: int = 0) -> Rollouts:
+        """``batch_size`` prompts (each with ``num_generations`` samples) per ``generate`` call."""
+        tok, model = self.tokenizer, self.model
+        prompt_ids, prompt_mask = encode_prompts(prompts, tok)
+        eos = eos_token_ids(model, tok)
+        chunks = []
+        starts = range(0, len(prompts), self.batch_size)
+        for c, start in enumerate(tqdm(starts, desc="rollout", disable=not self.progress, leave=False)):
+            ids = prompt_ids[start:start + self.batch_size].to(model.device)
+            mask = prompt_mask[start:start + self.batch_size].to(model.device)
+            torch.manual_seed(seed * 100_003 + c)
+            out = model.generate(
+                input_ids=ids.repeat_interleave(num_generations, 0),
+                attention_mask=mask.repeat_interleave(num_generations, 0),
+                do_sample=self.temperature > 0, temperature=self.temperature or None,
+                top_p=self.top_p, top_k=self.top_k, max_new_tokens=self.max_new_tokens,
+                pad_token_id=tok.pad_token_id, eos_token_id=sorted(eos),
+            )
+            chunks.append(out[:, ids.shape[1]:].cpu())
+        width = max(c.shape[1] for c in chunks)
+        completion = torch.cat(
+            [torch.nn.functional.pad(c, (0, width - c.shape[1]), value=tok.pad_token_id) for c in chunks]
+        ).view(len(prompts), num_generations, width)
+        cmask = completion_mask_from_ids(completion, eos, tok.pad_token_id)
+        completion = torch.where(cmask.bool(), completion, torch.full_like(completion, tok.pad_token_id))
+        texts = [[tok.decode(completion[g, n][cmask[g, n].bool()], skip_special_tokens=True)
+                  for n in range(num_generations)] for g in range(len(prompts))]
+        return Rollouts(prompt_ids, prompt_mask, completion, cmask, texts)
