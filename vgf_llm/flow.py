@@ -12,8 +12,9 @@ per-row ``radius``) is the only regulariser: ``steps=0`` returns the particles u
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 
@@ -73,9 +74,9 @@ def _expand_mask(mask: torch.Tensor | None, particles: torch.Tensor) -> torch.Te
 
 def pairwise_sq_dists(flat: torch.Tensor) -> torch.Tensor:
     """[G, N, D] -> [G, N, N] squared Euclidean distances (exactly zero on the diagonal)."""
-    sq = (flat * flat).sum(-1)
-    d2 = sq[:, :, None] + sq[:, None, :] - 2.0 * flat @ flat.transpose(1, 2)
-    d2 = d2.clamp_min(0.0)
+    gram = flat @ flat.transpose(1, 2)
+    sq = gram.diagonal(dim1=1, dim2=2)
+    d2 = (sq[:, :, None] + sq[:, None, :] - 2.0 * gram).clamp_min(0.0)
     return d2 * (1.0 - torch.eye(flat.shape[1], dtype=flat.dtype, device=flat.device))
 
 
@@ -114,7 +115,8 @@ def svgd_direction(
     """
     m = _expand_mask(mask, particles)
     if m is not None:
-        particles, grads = particles * m, grads * m
+        particles = particles * m
+        grads = torch.where(m > 0, grads, torch.zeros_like(grads))
     g, n = particles.shape[:2]
     x = particles.reshape(g, n, -1)
     dr = grads.reshape(g, n, -1)
@@ -127,10 +129,13 @@ def svgd_direction(
         s2 = torch.full((g,), float(bandwidth) ** 2, dtype=x.dtype, device=x.device)
         fallback = torch.zeros(g, dtype=torch.bool, device=x.device)
     k = torch.exp(-d2 / (2.0 * s2[:, None, None]))  # symmetric: k[j, i] = k[i, j]
-    phi = k @ dr / alpha
     if repulsion:
-        # sum_j grad_{u_j} k(u_j, u_i) = sum_j k_ij (u_i - u_j) / s^2
-        phi = phi + (x * k.sum(-1, keepdim=True) - k @ x) / s2[:, None, None]
+        # sum_j grad_{u_j} k(u_j, u_i) = sum_j k_ij (u_i - u_j) / s^2 = ((diag(k 1) - k) @ u)_i / s^2:
+        # folded into one N x N matrix so the [N, D] particles are read once
+        lap = (torch.diag_embed(k.sum(-1)) - k) / s2[:, None, None]
+        phi = torch.baddbmm(lap @ x, k, dr, alpha=1.0 / alpha)
+    else:
+        phi = k @ dr / alpha
     phi = (phi / n).reshape(particles.shape)
     if m is not None:
         phi = phi * m
@@ -206,7 +211,9 @@ def transport(
         values, grads = _value_and_grad(x, score_fn, grad_fn)
         if grads.shape != x.shape:
             raise ValueError(f"gradient shape {tuple(grads.shape)} != particles shape {tuple(x.shape)}")
-        bad = ~torch.isfinite(grads.reshape(g, n, -1)).all(-1)
+        if m is not None:  # a NaN at a padding position must not silence the particle's real rows
+            grads = torch.where(m > 0, grads, torch.zeros_like(grads))
+        bad = ~torch.isfinite(grads.reshape(g, n, -1).sum(-1))  # one pass: any inf/NaN makes the sum non-finite
         if bad.any():
             grads = torch.where(bad.reshape(g, n, *([1] * (x.dim() - 2))), torch.zeros_like(grads), grads)
         phi, s, fallback = svgd_direction(x, grads, alpha=alpha, bandwidth=bandwidth, repulsion=repulsion, mask=mask)
@@ -233,7 +240,7 @@ def transport(
         )
 
     if rows:
-        cols = [torch.stack(c) for c in zip(*rows)]
+        cols = [torch.stack(c) for c in zip(*rows, strict=True)]
     else:
         empty = torch.empty(0, g, n, dtype=x.dtype)
         cols = [empty, empty, empty, torch.empty(0, g, dtype=x.dtype),
