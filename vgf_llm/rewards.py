@@ -1,0 +1,346 @@
+"""Reward functions with TRL's contract, a registry, and TRL-style combination of several rewards.
+
+Contract (same as TRL's GRPOTrainer): ``f(prompts, completions, **columns) -> list[float | None]``. ``prompts`` and
+``completions`` are strings (standard format) or chat messages (conversational format; a completion is
+``[{"role": "assistant", "content": ...}]``). Every other dataset column arrives as a keyword argument holding one
+value per completion; trainers may add more keywords (``completion_ids``, ``trainer_state``, ...), so reward
+functions take ``**kwargs``. ``None`` means "this reward does not apply to this sample". A function may be
+``async`` (e.g. a remote judge): ``combine_rewards`` awaits such functions concurrently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import functools
+import importlib
+import inspect
+import json
+import math
+import os
+import re
+from collections.abc import Callable, Sequence
+from numbers import Real
+
+import torch
+
+RewardFunc = Callable[..., list]
+
+
+def completion_text(completion) -> str:
+    """Text of a completion in either TRL format: a string, a message, or a list of messages (contents joined)."""
+    if isinstance(completion, str):
+        return completion
+    if isinstance(completion, dict):
+        return _content_text(completion.get("content"))
+    if isinstance(completion, Sequence) and all(isinstance(m, dict) for m in completion):
+        return "".join(_content_text(m.get("content")) for m in completion)
+    raise TypeError(
+        f"A completion must be a string or a list of chat messages ({{'role': ..., 'content': ...}}), "
+        f"got {type(completion).__name__}."
+    )
+
+
+def _content_text(content) -> str:
+    if content is None:  # e.g. an assistant turn that only holds tool calls
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # multimodal parts: keep the text ones
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+    raise TypeError(f"Message content must be a string or a list of parts, got {type(content).__name__}.")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# VADER sentiment
+
+
+@functools.lru_cache(maxsize=1)
+def _vader():
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    return SentimentIntensityAnalyzer()
+
+
+def vader_sentiment(prompts, completions, **kwargs) -> list[float]:
+    """VADER compound sentiment of each completion, in [-1, 1] (rule-based, smooth in the text, no answer needed)."""
+    analyzer = _vader()
+    return [float(analyzer.polarity_scores(completion_text(c))["compound"]) for c in completions]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# reasoning-gym
+
+
+_NUMBER = re.compile(r"[-+−]?\d+(?:,\d{3})*(?:\.\d+)?")
+
+
+def extract_final_answer(text: str) -> str | None:
+    """The answer a completion commits to: the last ``<answer>...</answer>`` if any, else the last number.
+
+    The fallback suits numeric tasks and small chat models that answer "The answer is 7." without tags; the number
+    keeps its sign and drops thousands separators ("-1,200.5" -> "-1200.5"). None when neither is present.
+    """
+    from reasoning_gym.utils import extract_answer
+
+    tagged = extract_answer(text, tag_name="answer")
+    if tagged is not None:
+        return tagged
+    numbers = _NUMBER.findall(text)
+    if not numbers:
+        return None
+    return numbers[-1].replace(",", "").replace("−", "-")
+
+
+@functools.cache
+def _score_fn(task: str):
+    import reasoning_gym
+
+    try:
+        return reasoning_gym.get_score_answer_fn(task)
+    except ValueError as err:
+        raise ValueError(f"Unknown reasoning-gym task {task!r} in the 'task' column.") from err
+
+
+def reasoning_gym_reward(prompts, completions, *, task=None, entry=None, **kwargs) -> list[float]:
+    """Score each completion with reasoning-gym's own checker for its task (1.0 = correct, 0.0 = wrong).
+
+    Needs the dataset columns ``task`` (the reasoning-gym task name) and ``entry`` (the reasoning-gym entry as a
+    JSON string or dict), as written by ``vgf_llm.tasks.reasoning_gym_dataset``. The answer is taken with
+    ``extract_final_answer``; a completion without one scores as reasoning-gym scores ``None`` (0.0).
+    """
+    if task is None or entry is None:
+        raise ValueError(
+            "reasoning_gym_reward needs the dataset columns 'task' and 'entry' "
+            "(build the dataset with vgf_llm.tasks.reasoning_gym_dataset)."
+        )
+    n = len(completions)
+    tasks = [task] * n if isinstance(task, str) else list(task)
+    entries = [entry] * n if isinstance(entry, (str, dict)) else list(entry)
+    if len(tasks) != n or len(entries) != n:
+        raise ValueError(f"Got {n} completions but {len(tasks)} 'task' and {len(entries)} 'entry' values.")
+    scores = []
+    for completion, name, raw in zip(completions, tasks, entries, strict=True):
+        item = json.loads(raw) if isinstance(raw, str) else raw
+        answer = extract_final_answer(completion_text(completion))
+        scores.append(float(_score_fn(name)(answer, item)))
+    return scores
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reward model
+
+
+class RewardModelReward:
+    """A sequence-classification reward model used as a TRL reward function (``logits[:, 0]`` per sample).
+
+    Texts are built as TRL's GRPOTrainer builds them: conversational samples go through the reward tokenizer's
+    chat template (prompt messages + completion messages), standard ones are ``prompt + completion``; they are
+    tokenised without extra special tokens, padded on the right, and scored without gradients in batches.
+    """
+
+    def __init__(
+        self,
+        model_or_path,
+        tokenizer=None,
+        *,
+        batch_size: int = 16,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype = torch.float32,
+        max_length: int | None = None,
+    ):
+        from transformers import AutoModelForSequenceClassification
+
+        from vgf_llm.models import load_model, load_tokenizer
+
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+        if isinstance(model_or_path, (str, os.PathLike)):
+            model = load_model(
+                model_or_path, dtype=dtype, device=device or "cpu", model_class=AutoModelForSequenceClassification
+            )
+            name = os.fspath(model_or_path)
+        else:
+            model = model_or_path if device is None else model_or_path.to(device)
+            name = getattr(model.config, "_name_or_path", "") or type(model).__name__
+        if tokenizer is None:
+            source = model_or_path if isinstance(model_or_path, (str, os.PathLike)) else name
+            try:
+                tokenizer = load_tokenizer(source, padding_side="right")
+            except OSError as err:
+                raise ValueError(f"Pass the reward model's tokenizer: none could be loaded from {source!r}.") from err
+        if getattr(model.config, "num_labels", 1) < 1:
+            raise ValueError("The reward model must have at least one output label.")
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+        if model.config.pad_token_id is None:  # sequence classifiers need it to find the last real token
+            model.config.pad_token_id = tokenizer.pad_token_id
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.max_length = max_length
+        self.__name__ = os.path.basename(os.path.normpath(name)) or "reward_model"
+
+    def texts(self, prompts, completions) -> list[str]:
+        """The strings the reward model reads, one per (prompt, completion)."""
+        if len(prompts) != len(completions):
+            raise ValueError(f"Got {len(prompts)} prompts but {len(completions)} completions.")
+        texts = []
+        for prompt, completion in zip(prompts, completions, strict=True):
+            if isinstance(prompt, str):
+                texts.append(prompt + completion_text(completion))
+            else:
+                reply = (
+                    completion
+                    if isinstance(completion, list)
+                    else [{"role": "assistant", "content": completion_text(completion)}]
+                )
+                texts.append(self.tokenizer.apply_chat_template(list(prompt) + reply, tokenize=False))
+        return texts
+
+    def __call__(self, prompts, completions, **kwargs) -> list[float]:
+        texts = self.texts(prompts, completions)
+        device = next(self.model.parameters()).device
+        scores: list[float] = []
+        for start in range(0, len(texts), self.batch_size):
+            batch = self.tokenizer(
+                texts[start : start + self.batch_size],
+                return_tensors="pt",
+                padding=True,
+                padding_side="right",
+                add_special_tokens=False,
+                truncation=self.max_length is not None,
+                max_length=self.max_length,
+            ).to(device)
+            with torch.inference_mode():
+                logits = self.model(**batch).logits
+            scores.extend(logits[:, 0].float().cpu().tolist())
+        return scores
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Registry and combination
+
+
+REWARD_FUNCS: dict[str, RewardFunc] = {
+    "vader": vader_sentiment,
+    "reasoning_gym": reasoning_gym_reward,
+}
+
+
+def get_reward_func(spec) -> RewardFunc:
+    """A reward function from a registered name (``REWARD_FUNCS``), ``"pkg.module:function"``, or a callable."""
+    if callable(spec):
+        return spec
+    if not isinstance(spec, str):
+        raise TypeError(f"A reward function spec must be a string or a callable, got {type(spec).__name__}.")
+    if spec in REWARD_FUNCS:
+        return REWARD_FUNCS[spec]
+    if ":" in spec:
+        module_name, _, attr = spec.partition(":")
+        try:
+            obj = importlib.import_module(module_name)
+        except ImportError as err:
+            raise ValueError(f"Cannot import module {module_name!r} for reward function {spec!r}: {err}") from err
+        try:
+            for part in attr.split("."):
+                obj = getattr(obj, part)
+        except AttributeError as err:
+            raise ValueError(f"Module {module_name!r} has no attribute {attr!r} (reward function {spec!r}).") from err
+        if not callable(obj):
+            raise TypeError(f"{spec!r} is not callable.")
+        return obj
+    known = ", ".join(sorted(REWARD_FUNCS))
+    raise ValueError(f"Unknown reward function {spec!r}. Known names: {known}; or give 'pkg.module:function'.")
+
+
+def reward_func_name(func) -> str:
+    """Display name of a reward function, as TRL names it (``__name__``, else the class name)."""
+    while isinstance(func, functools.partial):
+        func = func.func
+    return getattr(func, "__name__", type(func).__name__)
+
+
+def _check_output(name: str, output, n: int) -> list[float]:
+    """Validate one function's rewards; None becomes NaN ("not applicable"), a NaN/inf returned is an error."""
+    if isinstance(output, torch.Tensor):
+        output = output.tolist()
+    output = list(output)
+    if len(output) != n:
+        raise ValueError(f"Reward function {name!r} returned {len(output)} rewards for {n} completions.")
+    values = []
+    for i, value in enumerate(output):
+        if value is None:
+            values.append(math.nan)
+            continue
+        if isinstance(value, bool) or not isinstance(value, Real):
+            raise TypeError(f"Reward function {name!r} returned {value!r} at index {i}; expected a float or None.")
+        if not math.isfinite(value):
+            raise ValueError(
+                f"Reward function {name!r} returned {value} at index {i}; return None (not NaN) for samples the "
+                f"reward does not apply to."
+            )
+        values.append(float(value))
+    return values
+
+
+def _run_coroutines(coroutines: list) -> list:
+    async def gather():
+        return await asyncio.gather(*coroutines)
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:  # no loop in this thread: the usual case
+        return asyncio.run(gather())
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:  # called from async code (e.g. a notebook)
+        return pool.submit(asyncio.run, gather()).result()
+
+
+def combine_rewards(
+    reward_funcs: Sequence,
+    weights: Sequence[float] | None,
+    prompts: Sequence,
+    completions: Sequence,
+    **columns,
+) -> tuple[list[float | None], torch.Tensor]:
+    """Call every reward function and combine them as TRL does.
+
+    Returns ``(total, per_func)``: ``per_func`` is a float32 tensor (num_completions, num_funcs) with NaN where a
+    function returned None; ``total[i]`` is the weighted sum over the functions that applied to sample i, or None
+    when none did. Async functions are awaited concurrently. ``weights=None`` weighs every function 1.
+    """
+    funcs = [get_reward_func(f) for f in reward_funcs]
+    if not funcs:
+        raise ValueError("At least one reward function is needed.")
+    weights = [1.0] * len(funcs) if weights is None else [float(w) for w in weights]
+    if len(weights) != len(funcs):
+        raise ValueError(f"Got {len(weights)} reward weights for {len(funcs)} reward functions.")
+    n = len(prompts)
+    if len(completions) != n:
+        raise ValueError(f"Got {n} prompts but {len(completions)} completions.")
+    names = [reward_func_name(f) for f in funcs]
+
+    outputs: list = [None] * len(funcs)
+    pending: list[tuple[int, object]] = []
+    for i, func in enumerate(funcs):
+        output = func(prompts=list(prompts), completions=list(completions), **columns)
+        if inspect.isawaitable(output):
+            pending.append((i, output))
+        else:
+            outputs[i] = output
+    if pending:
+        for (i, _), output in zip(pending, _run_coroutines([c for _, c in pending]), strict=True):
+            outputs[i] = output
+
+    per_func = (
+        torch.tensor(
+            [_check_output(name, out, n) for name, out in zip(names, outputs, strict=True)], dtype=torch.float32
+        )
+        .reshape(len(funcs), n)
+        .T
+    )
+    weighted = per_func * torch.tensor(weights, dtype=torch.float32)
+    applicable = ~torch.isnan(per_func).all(dim=1)
+    sums = weighted.nansum(dim=1)
+    total = [float(s) if ok else None for s, ok in zip(sums.tolist(), applicable.tolist(), strict=True)]
+    return total, per_func
