@@ -100,7 +100,8 @@ def regenerate_after_first_change(model, tokenizer, prompt_ids, prompt_mask, new
         with active_adapter(model, None):
             out = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
                                  do_sample=temperature > 0, temperature=temperature or None, top_p=top_p, top_k=top_k,
-                                 max_new_tokens=max(1, max_new_tokens - int(first[todo].min()) - 1), pad_token_id=pad, eos_token_id=sorted(eos_ids))
+                                 max_new_tokens=max(1, max_new_tokens - int(first[todo].min()) - 1),
+                                 pad_token_id=pad, eos_token_id=sorted(eos_ids))
         cont = out[:, ids.shape[1]:].cpu()
         cont_mask = completion_mask_from_ids(cont, eos_ids, pad)
         for j, i in enumerate(todo):

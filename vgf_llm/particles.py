@@ -69,7 +69,8 @@ class NearestTokenDecoder:
             out[r:r + self.row_chunk] = best_id
         return out.reshape(rows.shape[:-1]).to(rows.device)
 
-    def decode(self, moved: torch.Tensor, start: torch.Tensor, ids: torch.Tensor, movable: torch.Tensor) -> torch.Tensor:
+    def decode(self, moved: torch.Tensor, start: torch.Tensor, ids: torch.Tensor,
+               movable: torch.Tensor) -> torch.Tensor:
         """New ids for the moved rows; rows that are not movable or did not move keep their token exactly."""
         changed = movable.bool() & (moved != start).any(-1)
         if not changed.any():

@@ -32,6 +32,11 @@ class Rollouts:
     def shape(self) -> tuple[int, int, int]:
         return tuple(self.completion_ids.shape)
 
+    def __getitem__(self, groups: slice) -> Rollouts:
+        """A slice of prompts (groups), e.g. to process a large set of rollouts in chunks."""
+        return Rollouts(self.prompt_ids[groups], self.prompt_mask[groups], self.completion_ids[groups],
+                        self.completion_mask[groups], self.texts[groups])
+
 
 class RolloutBackend(Protocol):
     def generate(self, prompts: list, num_generations: int, seed: int) -> Rollouts: ...

@@ -143,7 +143,10 @@ class VGFSampler:
         return results
 
     def _sample_chunk(self, prompts: list, seed: int) -> list[SampleResult]:
-        ro = self.rollout(prompts, seed)
+        return self.transport_rollouts(prompts, self.rollout(prompts, seed), seed)
+
+    def transport_rollouts(self, prompts: list, ro: Rollouts, seed: int = 0) -> list[SampleResult]:
+        """Transport, decode, re-score and select given rollouts (so several budgets can share one set of samples)."""
         ids, cmask = ro.completion_ids, ro.completion_mask
         before = self._score(self.selector, ro.prompt_ids, ro.prompt_mask, ids, cmask)
         new_ids, new_mask, disp = ids, cmask, torch.zeros(ids.shape[:2])
