@@ -29,11 +29,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from vgf_llm.models import load_model, load_tokenizer  # noqa: E402
-from vgf_llm.rewards import reasoning_gym_reward, vader_sentiment  # noqa: E402
+from vgf_llm.rewards import get_reward_func  # noqa: E402
 from vgf_llm.rollout import HFGenerateBackend, Rollouts  # noqa: E402
 from vgf_llm.sampler import TransportBudget, VGFSampler  # noqa: E402
 from vgf_llm.scorers import ValueModel, ValueModelConfig, active_adapter  # noqa: E402
-from vgf_llm.tasks import reasoning_gym_dataset, sentiment_dataset  # noqa: E402
+from vgf_llm.tasks import task_dataset, task_reward_names  # noqa: E402
 from vgf_llm.value_fitting import fit_value_model, reward_rollouts, reward_texts  # noqa: E402
 
 
@@ -48,6 +48,9 @@ class Variant:
     regenerate: bool = False
     selection: str = "final"
     fluency_weight: float = 0.0
+    # reference top-k candidates from one pass over the original response (exact for the first edit, which is
+    # all re-generation keeps; an approximation after it otherwise): ~T times cheaper than sequential decoding
+    sequential: bool = False
 
 
 def B(steps, eps):  # noqa: N802 - a budget literal
@@ -77,13 +80,6 @@ VARIANTS = {
 }
 DEFAULT_VARIANTS = ["plain", "ref_topk+union", "ref_topk+regen+union"]
 
-TASKS = {
-    "chain_sum": dict(data=lambda size, seed, split: reasoning_gym_dataset("chain_sum", size=size, seed=seed,
-                                                                         split=split),
-                      reward=reasoning_gym_reward),
-    "sentiment": dict(data=lambda size, seed, split: sentiment_dataset(size=size, seed=seed, split=split),
-                      reward=vader_sentiment),
-}
 
 
 def value_configs(layers: int) -> dict[str, tuple[ValueModelConfig, int]]:
@@ -99,10 +95,9 @@ def run_task(task: str, args, variants: list[Variant], cache: Path) -> dict:
     print(f"\n=== {task} ===", flush=True)
     model = load_model(args.model)
     tok = load_tokenizer(args.model)
-    spec = TASKS[task]
-    reward = [spec["reward"]]
-    train = list(spec["data"](args.num_train_prompts, 0, "train"))
-    test = list(spec["data"](args.num_test_prompts, 0, "test"))
+    reward = [get_reward_func(name) for name in task_reward_names(task)]
+    train = list(task_dataset(task, args.num_train_prompts, 0, "train"))
+    test = list(task_dataset(task, args.num_test_prompts, 0, "test"))
     gen = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature)
 
     # value models (cached by configuration)
@@ -161,6 +156,7 @@ def run_task(task: str, args, variants: list[Variant], cache: Path) -> dict:
             sampler = VGFSampler(model, tok, value_models[v.scorer], selector=selector,
                                  num_particles=args.num_particles, budget=v.budget, decoder=v.decoder,
                                  regenerate=v.regenerate, selection=v.selection, fluency_weight=v.fluency_weight,
+                                 sequential_decoding=v.sequential,
                                  batch_size=args.batch_size, progress=False, **gen)
             t1 = time.time()
             results = []

@@ -166,6 +166,25 @@ def test_reference_topk_decoding_keeps_unmoved_tokens_and_stays_in_candidates(ti
     assert not torch.isin(new[movable.bool()], torch.tensor(sorted(special))).any()
 
 
+def test_teacher_forced_topk_equals_sequential_up_to_the_first_edit(tiny_lm, tokenizer, rollouts):
+    weight = tiny_lm.get_input_embeddings().weight
+    special = special_token_ids(tokenizer)
+    ids, cmask = rollouts.completion_ids, rollouts.completion_mask
+    movable = movable_mask(ids, cmask, special)
+    start = lift(weight, ids)
+    far = start + 3 * torch.randn_like(start) * movable[..., None]
+    args = (far, start, ids, movable, rollouts.prompt_ids, rollouts.prompt_mask)
+    seq = ReferenceTopKDecoder(tiny_lm, k=4, exclude_ids=special, sequential=True).decode(*args)
+    fast = ReferenceTopKDecoder(tiny_lm, k=4, exclude_ids=special, sequential=False).decode(*args)
+    diff = seq != ids
+    assert diff.any()
+    first = torch.where(diff.any(-1), diff.long().argmax(-1), ids.shape[-1] - 1)
+    for g in range(ids.shape[0]):
+        for n in range(ids.shape[1]):
+            f = int(first[g, n]) + 1
+            assert torch.equal(seq[g, n, :f], fast[g, n, :f])
+
+
 def test_regeneration_keeps_the_prefix_up_to_the_first_edit(tiny_lm, tokenizer, rollouts):
     ids, cmask = rollouts.completion_ids, rollouts.completion_mask
     edited = ids.clone()

@@ -66,8 +66,9 @@ def test_unknown_hub_id_says_how_to_provide_it(empty_hf_cache):
 
 
 def test_missing_local_path_raises(tmp_path):
-    with pytest.raises(ModelNotAvailableError):
+    with pytest.raises(ModelNotAvailableError, match="no model folder at") as info:
         prepare_model(tmp_path / "no" / "such" / "model")
+    assert "huggingface-cli" not in str(info.value)  # a path is not a Hub id: no download advice
     (tmp_path / "weights.bin").write_bytes(b"x")
     with pytest.raises(ModelNotAvailableError, match="is a file"):
         prepare_model(tmp_path / "weights.bin")

@@ -1,8 +1,10 @@
 """Decoders that consult the reference model, so moved particles decode to text the reference finds plausible.
 
-- ``ReferenceTopKDecoder`` (after COLD decoding): position t is decoded left to right among the reference's top-k
-  next tokens given the already-decoded prefix, plus the original token; the candidate nearest to the moved row
-  wins. Small moves therefore keep the original tokens, and edits stay on the reference's support.
+- ``ReferenceTopKDecoder`` (after COLD decoding): position t is decoded among the reference's top-k next tokens,
+  plus the original token; the candidate nearest to the moved row wins. Small moves therefore keep the original
+  tokens, and edits stay on the reference's support. ``sequential=True`` conditions each position on the decoded
+  prefix (one reference step per position); ``sequential=False`` on the original prefix (one forward pass, ~T times
+  cheaper), which is exact up to and including the first edit, i.e. for everything re-generation keeps.
 - ``regenerate_after_first_change``: keep the decoded response up to its first edited token and let the
   reference sample the rest, so one gradient-chosen edit is followed by a fluent continuation.
 """
@@ -30,8 +32,9 @@ def _left_pad(rows: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torc
 class ReferenceTopKDecoder:
     """Decode moved rows among the reference model's top-k candidates, left to right, with a KV cache."""
 
-    def __init__(self, model, *, k: int = 8, exclude_ids=(), metric: str = "l2", embedding_weight=None):
-        self.model, self.k = model, k
+    def __init__(self, model, *, k: int = 8, exclude_ids=(), metric: str = "l2", embedding_weight=None,
+                 sequential: bool = True):
+        self.model, self.k, self.sequential = model, k, sequential
         weight = model.get_input_embeddings().weight if embedding_weight is None else embedding_weight
         self.nearest = NearestTokenDecoder(weight, exclude_ids=exclude_ids, metric=metric)
 
@@ -46,26 +49,17 @@ class ReferenceTopKDecoder:
         rows = moved.reshape(g * n, t, -1)
         p_ids = prompt_ids.repeat_interleave(n, 0).to(self.model.device)
         p_mask = prompt_mask.repeat_interleave(n, 0).to(self.model.device)
-        table, allowed, metric = self.nearest._table, self.nearest.allowed, self.nearest.metric
         new = flat_ids.clone()
+        if not self.sequential:
+            return self._decode_teacher_forced(rows, flat_ids, flat_changed, p_ids, p_mask).reshape(g, n, t)
         with active_adapter(self.model, None):
             out = self.model(input_ids=p_ids, attention_mask=p_mask,
                              position_ids=(p_mask.cumsum(-1) - 1).clamp_min(0), use_cache=True)
             cache, logits, mask = out.past_key_values, out.logits[:, -1], p_mask
             for pos in range(t):
                 need = flat_changed[:, pos]
-                if need.any():
-                    cand = logits.float().masked_fill(~allowed.to(logits.device), -float("inf"))
-                    cand = cand.topk(min(self.k, int(allowed.sum())), dim=-1).indices.cpu()
-                    cand = torch.cat([cand, flat_ids[:, pos:pos + 1]], dim=1)  # the original always competes
-                    emb = table[cand]  # [B, k+1, d] in the metric's space
-                    r = rows[:, pos].float()
-                    if metric == "cosine":
-                        r = torch.nn.functional.normalize(r, dim=-1)
-                        score = (emb * r[:, None]).sum(-1)
-                    else:
-                        score = -((emb - r[:, None]) ** 2).sum(-1)
-                    choice = cand[torch.arange(len(cand)), score.argmax(-1)]
+                if need.any():  # the original token always competes with the top-k
+                    choice = self._choose(logits, flat_ids[:, pos], rows[:, pos])
                     new[:, pos] = torch.where(need, choice, flat_ids[:, pos])
                 if pos == t - 1 or not flat_changed[:, pos + 1:].any():
                     break
@@ -75,6 +69,36 @@ class ReferenceTopKDecoder:
                                  position_ids=(mask.sum(-1, keepdim=True) - 1), past_key_values=cache, use_cache=True)
                 cache, logits = out.past_key_values, out.logits[:, -1]
         return new.reshape(g, n, t)
+
+    def _choose(self, logits, original, rows):
+        """Among the top-k of ``logits`` [B, V] plus ``original`` [B], the candidate nearest to ``rows`` [B, d]."""
+        table, allowed, metric = self.nearest._table, self.nearest.allowed, self.nearest.metric
+        cand = logits.float().masked_fill(~allowed.to(logits.device), -float("inf"))
+        cand = cand.topk(min(self.k, int(allowed.sum())), dim=-1).indices.cpu()
+        cand = torch.cat([cand, original[:, None]], dim=1)
+        emb = table[cand]
+        r = rows.float()
+        if metric == "cosine":
+            score = (emb * torch.nn.functional.normalize(r, dim=-1)[:, None]).sum(-1)
+        else:
+            score = -((emb - r[:, None]) ** 2).sum(-1)
+        return cand[torch.arange(len(cand)), score.argmax(-1)]
+
+    def _decode_teacher_forced(self, rows, ids, changed, p_ids, p_mask):
+        """Candidates for every position from one reference pass over [prompt | original response]."""
+        b, t = ids.shape
+        full_ids = torch.cat([p_ids, ids.to(p_ids.device)], 1)
+        full_mask = torch.cat([p_mask, torch.ones_like(ids, device=p_mask.device)], 1)
+        with torch.no_grad(), active_adapter(self.model, None):
+            logits = self.model(input_ids=full_ids, attention_mask=full_mask,
+                                position_ids=(full_mask.cumsum(-1) - 1).clamp_min(0)).logits
+        logits = logits[:, p_ids.shape[1] - 1:-1]  # position t is predicted from everything before it
+        new = ids.clone()
+        pos = changed.nonzero()
+        if len(pos):
+            chosen = self._choose(logits[pos[:, 0], pos[:, 1]], ids[pos[:, 0], pos[:, 1]], rows[pos[:, 0], pos[:, 1]])
+            new[pos[:, 0], pos[:, 1]] = chosen
+        return new
 
 
 @torch.no_grad()

@@ -104,6 +104,8 @@ def prepare_model(name_or_path: str | os.PathLike) -> Path:
         cached = _hub_cache_snapshot(name)
         if cached is not None:
             return cached
+    if name.startswith((".", "~", os.sep)) or name.count("/") > 1:
+        raise ModelNotAvailableError(f"There is no model folder at {name!r} (looked for {path.resolve()}).")
     raise ModelNotAvailableError(_not_available_message(name))
 
 

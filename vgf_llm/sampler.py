@@ -61,6 +61,8 @@ class VGFSampler:
     scorer:   gives the value gradient (``ValueModel`` or ``RewardModelScorer``).
     selector: picks the response at test time (default: the scorer). Never a checker that needs the answer.
     decoder:  "nearest" (nearest embedding row) or "reference_topk" (among the reference's top-k, COLD-style).
+    sequential_decoding: reference top-k conditioned on the decoded prefix (exact, one reference step per position)
+        or on the original prefix (one pass). Default: sequential unless ``regenerate``, where both are identical.
     regenerate: after decoding, the reference re-samples everything after the first edited token.
     fluency_weight: adds ``w * grad log mu(y | x)`` of the reference (current tokens as targets) to the value
         gradient, i.e. targets mu^w exp(V / alpha): a deviation from the paper's untilted target.
@@ -70,6 +72,7 @@ class VGFSampler:
     def __init__(self, model, tokenizer, scorer, *, selector=None, num_particles: int = 8,
                  budget: TransportBudget | None = None, decoder: Literal["nearest", "reference_topk"] = "nearest",
                  topk: int = 8, metric: Literal["l2", "cosine"] = "l2", regenerate: bool = False,
+                 sequential_decoding: bool | None = None,
                  fluency_weight: float = 0.0, selection: Literal["final", "union"] = "final",
                  max_new_tokens: int = 64, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
                  batch_size: int = 4, backend=None, progress: bool = True):
@@ -90,8 +93,10 @@ class VGFSampler:
                                                     batch_size=batch_size)
         weight = scorer.embedding_weight
         self._fluency_targets = NearestTokenDecoder(model.get_input_embeddings().weight) if fluency_weight else None
+        sequential = (not regenerate) if sequential_decoding is None else sequential_decoding
         self.decoder = (ReferenceTopKDecoder(model, k=topk, exclude_ids=self.special, metric=metric,
-                                             embedding_weight=weight) if decoder == "reference_topk"
+                                             embedding_weight=weight, sequential=sequential)
+                        if decoder == "reference_topk"
                         else NearestTokenDecoder(weight, exclude_ids=self.special, metric=metric))
 
     # -- pieces -------------------------------------------------------------------------------------------------

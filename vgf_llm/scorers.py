@@ -21,7 +21,11 @@ from tqdm.auto import tqdm
 
 
 def join_inputs(embed_weight, prompt_ids, prompt_mask, response_embeds, response_mask):
-    """[prompt | response] as inputs_embeds, attention mask and position ids (prompt left-padded)."""
+    """[prompt | response] as inputs_embeds, attention mask and position ids (prompt left-padded), on the model's
+    device (rollouts are kept on the CPU)."""
+    device = embed_weight.device
+    prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
+    response_embeds, response_mask = response_embeds.to(device), response_mask.to(device)
     prompt_embeds = embed_weight[prompt_ids].to(response_embeds.dtype)
     inputs = torch.cat([prompt_embeds, response_embeds], dim=1)
     mask = torch.cat([prompt_mask, response_mask.to(prompt_mask.dtype)], dim=1)
@@ -147,9 +151,9 @@ class ValueModel(nn.Module):
         out = []
         for s in range(0, response_ids.shape[0], batch_size):
             sl = slice(s, s + batch_size)
-            out.append(self.score_embeds(prompt_ids[sl], prompt_mask[sl], self.embedding_weight[response_ids[sl]],
-                                         response_mask[sl]))
-        return torch.cat(out)
+            rows = self.embedding_weight[response_ids[sl].to(self.embedding_weight.device)]
+            out.append(self.score_embeds(prompt_ids[sl], prompt_mask[sl], rows, response_mask[sl]))
+        return torch.cat(out).cpu()
 
     def fit(self, prompt_ids, prompt_mask, responses, response_mask, targets, *, epochs: int = 3, lr: float = 1e-3,
             batch_size: int = 16, val_fraction: float = 0.15, seed: int = 0, progress: bool = True) -> dict:
@@ -165,7 +169,8 @@ class ValueModel(nn.Module):
         idx = keep.nonzero().squeeze(1)
         gen = torch.Generator().manual_seed(seed)
         idx = idx[torch.randperm(len(idx), generator=gen)]
-        n_val = max(1, int(len(idx) * val_fraction)) if val_fraction > 0 else 0
+        # at least 3 held-out samples (a correlation of fewer means nothing), never more than a quarter of the data
+        n_val = max(min(3, len(idx) // 4), int(len(idx) * val_fraction)) if val_fraction > 0 else 0
         val, train = idx[:n_val], idx[n_val:]
 
         def rows(sel):
@@ -233,15 +238,15 @@ class ValueModel(nn.Module):
             raise FileNotFoundError(f"{path} holds no value model (value_model.json missing)")
         vm = cls(model, ValueModelConfig(**json.loads((path / "value_model.json").read_text())))
         state = load_file(str(path / "value_model.safetensors"))
-        vm.head.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("head.")})
         params = dict(model.named_parameters())
-        missing = [n for n in state if not n.startswith("head.") and n not in params]
-        if missing:
-            raise ValueError(f"value model adapter does not fit this base model (e.g. {missing[0]})")
+        params.update({f"head.{k}": v for k, v in vm.head.named_parameters()})
+        wrong = [n for n, v in state.items() if n not in params or params[n].shape != v.shape]
+        if wrong:
+            raise ValueError(f"the value model in {path} was fitted on another base model: {wrong[0]} does not fit "
+                             "this one (missing or of another shape)")
         with torch.no_grad():
             for n, v in state.items():
-                if not n.startswith("head."):
-                    params[n].copy_(v)
+                params[n].copy_(v)
         return vm
 
 
@@ -252,8 +257,9 @@ def check_same_vocabulary(policy_tokenizer, other_tokenizer, what: str = "reward
         only_a = len(set(a.items()) - set(b.items()))
         raise ValueError(
             f"the {what}'s vocabulary differs from the policy's ({len(b)} vs {len(a)} tokens, {only_a} entries "
-            f"differ): embedding-space transport needs a {what} built on the same tokenizer. Use the value model "
-            "scorer (scorer='value') with this reward model as the reward instead."
+            f"differ): embedding-space transport needs a {what} built on the same tokenizer. Use a value model as the "
+            "scorer instead (fitted to this reward model's scores, e.g. `vgf-llm fit-value`), with the reward "
+            "model as the reward."
         )
 
 
@@ -285,8 +291,9 @@ class RewardModelScorer(nn.Module):
 
     @torch.no_grad()
     def score_ids(self, prompt_ids, prompt_mask, response_ids, response_mask, batch_size: int = 32) -> torch.Tensor:
+        weight = self.embedding_weight
         return torch.cat([
             self.score_embeds(prompt_ids[s:s + batch_size], prompt_mask[s:s + batch_size],
-                              self.embedding_weight[response_ids[s:s + batch_size]], response_mask[s:s + batch_size])
+                              weight[response_ids[s:s + batch_size].to(weight.device)], response_mask[s:s + batch_size])
             for s in range(0, response_ids.shape[0], batch_size)
-        ])
+        ]).cpu()

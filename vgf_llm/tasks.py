@@ -331,3 +331,15 @@ def sentiment_dataset(
             "topic": chosen,
         }
     )
+
+
+def task_reward_names(task: str) -> list[str]:
+    """The registered true reward(s) of a task (names for ``vgf_llm.rewards.get_reward_func``)."""
+    return ["vader"] if task == "sentiment" else ["reasoning_gym"]
+
+
+def task_dataset(task: str, size: int, seed: int = 0, split: str = "train", **kwargs):
+    """``sentiment`` or any reasoning-gym task name, as a prompt-only dataset."""
+    if task == "sentiment":
+        return sentiment_dataset(size=size, seed=seed, split=split, **kwargs)
+    return reasoning_gym_dataset(task, size=size, seed=seed, split=split, **kwargs)

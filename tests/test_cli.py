@@ -1,0 +1,600 @@
+"""The `vgf-llm` command line, run in-process on the tiny offline models: help, env, models, fit-value, generate,
+demo, and the one-line errors (exit status 2) for bad inputs."""
+
+import contextlib
+import io
+import json
+import math
+
+import pytest
+import torch
+
+from vgf_llm import cli
+from vgf_llm.cli import SAMPLER_DEFAULTS, build_parser, main
+from vgf_llm.rewards import REWARD_FUNCS, completion_text
+from vgf_llm.sampler import TransportBudget, VGFSampler
+
+PROMPT_ROWS = [
+    {"prompt": "Write one sentence about a chair.", "answer": "chair"},
+    {"prompt": [{"role": "user", "content": "What is 3 + 4?"}], "answer": "7"},
+    {"prompt": "Write one sentence about a river.", "answer": "river"},
+    {"prompt": [{"role": "user", "content": "What is 9 - 5?"}], "answer": "4"},
+]
+SEEN_COLUMNS: list[set] = []
+
+
+def length_reward(prompts, completions, **columns):
+    """A test reward: response length in characters / 10; records which dataset columns it was given."""
+    SEEN_COLUMNS.append(set(columns))
+    return [len(completion_text(c)) / 10 for c in completions]
+
+
+@pytest.fixture
+def registered_reward(monkeypatch):
+    monkeypatch.setitem(REWARD_FUNCS, "cli_test_length", length_reward)
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def run_cli(argv, capsys):
+    """main(argv) -> (exit status, stdout, stderr)."""
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as exit_:
+        code = exit_.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def expect_error(argv, capsys, *fragments):
+    code, _, err = run_cli(argv, capsys)
+    assert code == 2, err
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in err, err
+    return err
+
+
+@pytest.fixture(scope="module")
+def prompts_file(tmp_path_factory):
+    return write_jsonl(tmp_path_factory.mktemp("prompts") / "prompts.jsonl", PROMPT_ROWS)
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory, tiny_lm_dir, prompts_file):
+    """`fit-value` once for the module: (value model folder, stdout, columns the reward saw)."""
+    out_dir = tmp_path_factory.mktemp("value_model")
+    SEEN_COLUMNS.clear()
+    stdout = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(stdout):
+        mp.setitem(REWARD_FUNCS, "cli_test_length", length_reward)
+        code = main(
+            [
+                "fit-value",
+                "--model",
+                str(tiny_lm_dir),
+                "--prompts",
+                str(prompts_file),
+                "--reward_funcs",
+                "cli_test_length",
+                "--value_layers",
+                "2",
+                "--epochs",
+                "1",
+                "--num_generations",
+                "4",
+                "--max_new_tokens",
+                "8",
+                "--output",
+                str(out_dir),
+            ]
+        )
+    assert code == 0
+    return out_dir, stdout.getvalue(), list(SEEN_COLUMNS)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# help and defaults
+
+
+def test_main_help_lists_every_command(capsys):
+    code, out, _ = run_cli(["--help"], capsys)
+    assert code == 0
+    for command in ("models", "fit-value", "generate", "env", "demo"):
+        assert command in out
+
+
+@pytest.mark.parametrize(
+    "argv, options",
+    [
+        (["models", "--help"], ["prepare", "list"]),
+        (["models", "prepare", "--help"], ["ALIAS_OR_PATH"]),
+        (["models", "list", "--help"], ["aliases", "prepared"]),
+        (
+            ["fit-value", "--help"],
+            [
+                "--model",
+                "--task",
+                "--prompts",
+                "--reward_funcs",
+                "--num_prompts",
+                "--num_generations",
+                "--value_layers",
+                "--epochs",
+                "--decode_consistent_copies",
+                "--max_new_tokens",
+                "--seed",
+                "--output",
+            ],
+        ),
+        (
+            ["generate", "--help"],
+            [
+                "--model",
+                "--prompts",
+                "--task",
+                "--split",
+                "--num_prompts",
+                "--output",
+                "--value_model",
+                "--reward_model",
+                "--num_particles",
+                "--transport_steps",
+                "--step_size",
+                "--alpha",
+                "--step_rule",
+                "--radius",
+                "--no_repulsion",
+                "--decoder",
+                "--topk",
+                "--regenerate",
+                "--no_regenerate",
+                "--selection",
+                "--fluency_weight",
+                "--max_new_tokens",
+                "--temperature",
+                "--seed",
+                "--batch_size",
+            ],
+        ),
+        (["env", "--help"], ["versions", "CUDA"]),
+        (["demo", "--help"], ["toy_bandit.py"]),
+    ],
+)
+def test_subcommand_help(argv, options, capsys):
+    code, out, _ = run_cli(argv, capsys)
+    assert code == 0
+    for option in options:
+        assert option in out, option
+
+
+def test_generate_defaults_come_from_the_cli_table_and_the_library():
+    args = build_parser().parse_args(
+        ["generate", "--model", "m", "--prompts", "p", "--output", "o", "--value_model", "v"]
+    )
+    assert args.decoder == SAMPLER_DEFAULTS["decoder"]
+    assert args.regenerate is SAMPLER_DEFAULTS["regenerate"]
+    assert args.selection == SAMPLER_DEFAULTS["selection"]
+    assert args.transport_steps == SAMPLER_DEFAULTS["transport_steps"]
+    assert args.step_size == SAMPLER_DEFAULTS["step_size"]
+    assert args.step_rule == SAMPLER_DEFAULTS["step_rule"]
+    budget = TransportBudget()
+    assert (args.alpha, args.radius, args.repulsion) == (budget.alpha, budget.radius, budget.repulsion)
+    library = VGFSampler.__init__.__kwdefaults__
+    for name in ("num_particles", "topk", "fluency_weight", "max_new_tokens", "temperature", "batch_size"):
+        assert getattr(args, name) == library[name], name
+    flipped = build_parser().parse_args(
+        [
+            "generate",
+            "--model",
+            "m",
+            "--prompts",
+            "p",
+            "--output",
+            "o",
+            "--value_model",
+            "v",
+            "--no_regenerate",
+            "--no_repulsion",
+            "--radius",
+            "None",
+            "--decoder",
+            "nearest",
+        ]
+    )
+    assert (flipped.regenerate, flipped.repulsion, flipped.radius, flipped.decoder) == (False, False, None, "nearest")
+    assert (
+        build_parser()
+        .parse_args(
+            ["generate", "--model", "m", "--prompts", "p", "--output", "o", "--value_model", "v", "--radius", "1.5"]
+        )
+        .radius
+        == 1.5
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# env, models, demo
+
+
+def test_env_prints_versions_for_bug_reports(capsys):
+    code, out, _ = run_cli(["env"], capsys)
+    assert code == 0
+    assert f"torch: {torch.__version__}" in out
+    for key in (
+        "python:",
+        "vgf_llm:",
+        "transformers:",
+        "peft:",
+        "trl:",
+        "accelerate:",
+        "datasets:",
+        "deepspeed:",
+        "vllm:",
+        "cuda available:",
+        "cpu count:",
+    ):
+        assert key in out
+
+
+def test_models_list_says_whether_each_alias_is_prepared(tmp_path, monkeypatch, capsys):
+    from vgf_llm.models import MARKER_FILE, MODEL_ALIASES, alias_dir
+
+    monkeypatch.setenv("VGF_LLM_HOME", str(tmp_path))
+    code, out, _ = run_cli(["models", "list"], capsys)
+    assert code == 0
+    for alias in MODEL_ALIASES:
+        line = next(li for li in out.splitlines() if li.startswith(alias))
+        assert ("not prepared" in line or "unavailable" in line) and str(alias_dir(alias)) not in line
+    alias = sorted(MODEL_ALIASES)[0]
+    alias_dir(alias).mkdir(parents=True)
+    (alias_dir(alias) / MARKER_FILE).write_text("{}")
+    _, out, _ = run_cli(["models", "list"], capsys)
+    line = next(li for li in out.splitlines() if li.startswith(alias))
+    assert "prepared" in line and "not prepared" not in line and str(alias_dir(alias)) in line
+
+
+def test_models_prepare_prints_the_folder_or_fails_clearly(tiny_lm_dir, tmp_path, capsys):
+    code, out, _ = run_cli(["models", "prepare", tiny_lm_dir], capsys)
+    assert code == 0 and out.strip() == str(tiny_lm_dir)
+    expect_error(["models", "prepare", tmp_path / "no-such-model"], capsys, "no model folder at")
+    expect_error(["models", "prepare", "no-such-org/no-such-model"], capsys, "not available offline",
+                 "huggingface-cli download")
+
+
+def test_demo_runs_the_toy_example_with_forwarded_arguments(tmp_path, capsys):
+    code, out, _ = run_cli(["demo", "--steps", "0", "--num_prompts", "4", "--no_plot", "--out", tmp_path], capsys)
+    assert code == 0 and "best_of_n" in out
+    figures = json.loads((tmp_path / "toy_bandit.json").read_text())
+    assert figures["config"]["steps"] == 0 and figures["config"]["num_prompts"] == 4
+    assert figures["reward_vgf_selected"] == pytest.approx(figures["reward_best_of_n"])  # L = 0 is best-of-N
+
+
+def test_demo_without_the_example_file_fails_clearly(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(cli, "toy_example_path", lambda: tmp_path / "examples" / "toy_bandit.py")
+    expect_error(["demo"], capsys, "source checkout")
+
+
+def test_unknown_arguments_are_rejected(capsys):
+    expect_error(["env", "--bogus"], capsys, "--bogus")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# fit-value and generate end to end
+
+
+def test_fit_value_saves_the_model_and_stats(fitted):
+    out_dir, stdout, seen = fitted
+    assert (out_dir / "value_model.safetensors").is_file() and (out_dir / "value_model.json").is_file()
+    assert json.loads((out_dir / "value_model.json").read_text())["num_layers"] == 2
+    stats = json.loads((out_dir / "stats.json").read_text())
+    assert stats["num_samples"] == len(PROMPT_ROWS) * 4 and stats["num_prompts"] == len(PROMPT_ROWS)
+    assert stats["reward_funcs"] == ["cli_test_length"]
+    assert math.isfinite(stats["reward_mean"]) and math.isfinite(stats["train_loss_last"])
+    assert "val_corr" in stats
+    assert "held-out correlation" in stdout and str(out_dir) in stdout
+    assert seen and all(cols == {"answer"} for cols in seen)  # extra JSONL fields reach the reward as columns
+
+
+def check_result_lines(lines, prompts, num_particles):
+    assert [line["prompt"] for line in lines] == prompts
+    for line in lines:
+        assert {"prompt", "response", "chosen", "chosen_moved", "particles"} <= set(line)
+        assert 0 <= line["chosen"] < num_particles and len(line["particles"]) == num_particles
+        for particle in line["particles"]:
+            assert set(particle) == {
+                "text_before",
+                "text_after",
+                "score_before",
+                "score_after",
+                "tokens_changed",
+                "displacement",
+            }
+            assert math.isfinite(particle["score_before"]) and math.isfinite(particle["score_after"])
+            assert math.isfinite(particle["displacement"]) and particle["tokens_changed"] >= 0
+        chosen = line["particles"][line["chosen"]]
+        assert line["response"] == (chosen["text_after"] if line["chosen_moved"] else chosen["text_before"])
+
+
+def test_generate_with_the_fitted_value_model(fitted, tiny_lm_dir, prompts_file, tmp_path, capsys):
+    out = tmp_path / "out" / "vgf.jsonl"
+    code, stdout, _ = run_cli(
+        [
+            "generate",
+            "--model",
+            tiny_lm_dir,
+            "--prompts",
+            prompts_file,
+            "--num_prompts",
+            "2",
+            "--value_model",
+            fitted[0],
+            "--num_particles",
+            "4",
+            "--transport_steps",
+            "2",
+            "--max_new_tokens",
+            "8",
+            "--batch_size",
+            "2",
+            "--output",
+            out,
+        ],
+        capsys,
+    )
+    assert code == 0 and "wrote 2 lines" in stdout
+    lines = read_jsonl(out)
+    check_result_lines(lines, [r["prompt"] for r in PROMPT_ROWS[:2]], 4)
+    assert [line["columns"] for line in lines] == [{"answer": r["answer"]} for r in PROMPT_ROWS[:2]]
+    assert "true_reward" not in lines[0]  # no --task and no --reward_funcs: no true reward
+
+
+def test_generate_with_zero_steps_is_best_of_n(fitted, tiny_lm_dir, prompts_file, tmp_path, capsys):
+    out = tmp_path / "bon.jsonl"
+    code, _, _ = run_cli(
+        [
+            "generate",
+            "--model",
+            tiny_lm_dir,
+            "--prompts",
+            prompts_file,
+            "--num_prompts",
+            "2",
+            "--value_model",
+            fitted[0],
+            "--num_particles",
+            "4",
+            "--transport_steps",
+            "0",
+            "--max_new_tokens",
+            "8",
+            "--output",
+            out,
+        ],
+        capsys,
+    )
+    assert code == 0
+    for line in read_jsonl(out):
+        assert line["chosen_moved"] is False
+        scores = [p["score_before"] for p in line["particles"]]
+        assert line["chosen"] == scores.index(max(scores))
+        assert all(p["text_after"] == p["text_before"] and p["tokens_changed"] == 0 for p in line["particles"])
+
+
+def test_generate_with_a_reward_model_on_a_task_reports_the_true_reward(
+    tiny_lm_dir, tiny_reward_model_dir, tmp_path, capsys
+):
+    out = tmp_path / "task.jsonl"
+    code, stdout, _ = run_cli(
+        [
+            "generate",
+            "--model",
+            tiny_lm_dir,
+            "--task",
+            "sentiment",
+            "--num_prompts",
+            "2",
+            "--reward_model",
+            tiny_reward_model_dir,
+            "--num_particles",
+            "4",
+            "--transport_steps",
+            "2",
+            "--max_new_tokens",
+            "8",
+            "--output",
+            out,
+        ],
+        capsys,
+    )
+    assert code == 0
+    lines = read_jsonl(out)
+    check_result_lines(lines, [line["prompt"] for line in lines], 4)
+    assert len(lines) == 2 and all(line["prompt"][-1]["content"].startswith("Write one sentence") for line in lines)
+    assert all(-1.0 <= line["true_reward"] <= 1.0 for line in lines)  # VADER compound, the task's true reward
+    mean = sum(line["true_reward"] for line in lines) / 2
+    assert f"mean true reward of the chosen responses (vader, 2 prompts): {mean:.4f}" in stdout
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# bad inputs: one clear line on stderr, exit status 2
+
+
+def test_reward_model_with_another_vocabulary_fails_clearly(
+    tiny_lm_dir, other_vocab_reward_model_dir, prompts_file, tmp_path, capsys
+):
+    expect_error(
+        [
+            "generate",
+            "--model",
+            tiny_lm_dir,
+            "--prompts",
+            prompts_file,
+            "--reward_model",
+            other_vocab_reward_model_dir,
+            "--output",
+            tmp_path / "o.jsonl",
+        ],
+        capsys,
+        "vocabulary",
+    )
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_generate_needs_exactly_one_scorer(tiny_lm_dir, tiny_reward_model_dir, prompts_file, tmp_path, capsys):
+    base = ["generate", "--model", tiny_lm_dir, "--prompts", prompts_file, "--output", tmp_path / "o.jsonl"]
+    expect_error(base, capsys, "--value_model", "--reward_model", "required")
+    expect_error(
+        base + ["--value_model", tmp_path, "--reward_model", tiny_reward_model_dir], capsys, "not allowed with"
+    )
+
+
+def test_a_folder_without_a_value_model_fails_clearly(tiny_lm_dir, prompts_file, tmp_path, capsys):
+    expect_error(
+        [
+            "generate",
+            "--model",
+            tiny_lm_dir,
+            "--prompts",
+            prompts_file,
+            "--value_model",
+            tmp_path,
+            "--output",
+            tmp_path / "o.jsonl",
+        ],
+        capsys,
+        "value_model.json",
+    )
+
+
+def test_a_value_model_of_another_base_model_fails_clearly(fitted, tokenizer, prompts_file, tmp_path, capsys):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        tie_word_embeddings=True,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "narrow")
+    tokenizer.save_pretrained(tmp_path / "narrow")
+    expect_error(
+        [
+            "generate",
+            "--model",
+            tmp_path / "narrow",
+            "--prompts",
+            prompts_file,
+            "--value_model",
+            fitted[0],
+            "--output",
+            tmp_path / "o.jsonl",
+        ],
+        capsys,
+        "fitted on another base model",
+        "size mismatch",
+    )
+
+
+def test_missing_prompts_file_fails_clearly(tiny_lm_dir, tiny_reward_model_dir, tmp_path, capsys):
+    missing = tmp_path / "nope.jsonl"
+    expect_error(
+        [
+            "generate",
+            "--model",
+            tiny_lm_dir,
+            "--prompts",
+            missing,
+            "--reward_model",
+            tiny_reward_model_dir,
+            "--output",
+            tmp_path / "o.jsonl",
+        ],
+        capsys,
+        "prompts file not found",
+        str(missing),
+    )
+
+
+@pytest.mark.parametrize(
+    "second_line, message",
+    [
+        ('{"prompt": "unterminated', "not valid JSON"),
+        ('{"text": "no prompt field", "answer": "1"}', '"prompt" field'),
+        ('{"prompt": 42, "answer": "1"}', "non-empty string or a list"),
+        ('{"prompt": "fine", "other": "1"}', "differ from the first row"),
+    ],
+)
+def test_bad_jsonl_line_is_reported_with_its_line_number(second_line, message, tiny_lm_dir, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "ok", "answer": "1"}) + "\n" + second_line + "\n")
+    expect_error(
+        ["fit-value", "--model", tiny_lm_dir, "--prompts", bad, "--reward_funcs", "vader", "--output", tmp_path / "vm"],
+        capsys,
+        f"{bad}:2:",
+        message,
+    )
+
+
+def test_unknown_reward_name_fails_clearly(tiny_lm_dir, prompts_file, tmp_path, capsys):
+    expect_error(
+        [
+            "fit-value",
+            "--model",
+            tiny_lm_dir,
+            "--prompts",
+            prompts_file,
+            "--reward_funcs",
+            "no_such_reward",
+            "--output",
+            tmp_path / "vm",
+        ],
+        capsys,
+        "Unknown reward function 'no_such_reward'",
+    )
+
+
+def test_fit_value_needs_a_reward_for_a_prompts_file(tiny_lm_dir, prompts_file, tmp_path, capsys):
+    expect_error(
+        ["fit-value", "--model", tiny_lm_dir, "--prompts", prompts_file, "--output", tmp_path / "vm"],
+        capsys,
+        "--reward_funcs",
+    )
+
+
+def test_unknown_task_fails_clearly(tiny_lm_dir, tmp_path, capsys):
+    expect_error(
+        ["fit-value", "--model", tiny_lm_dir, "--task", "no_such_task", "--output", tmp_path / "vm"],
+        capsys,
+        "no_such_task",
+    )
+
+
+def test_unavailable_model_fails_clearly(prompts_file, tmp_path, registered_reward, capsys):
+    expect_error(
+        [
+            "fit-value",
+            "--model",
+            tmp_path / "missing-model",
+            "--prompts",
+            prompts_file,
+            "--reward_funcs",
+            "cli_test_length",
+            "--output",
+            tmp_path / "vm",
+        ],
+        capsys,
+        "no model folder at",
+    )
