@@ -503,8 +503,8 @@ def test_a_value_model_of_another_base_model_fails_clearly(fitted, tokenizer, pr
             tmp_path / "o.jsonl",
         ],
         capsys,
-        "fitted on another base model",
-        "size mismatch",
+        "does not fit --model",
+        "head.weight does not fit",
     )
 
 
