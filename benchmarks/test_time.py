@@ -91,7 +91,7 @@ def value_configs(layers: int) -> dict[str, tuple[ValueModelConfig, int]]:
     }
 
 
-def run_task(task: str, args, variants: list[Variant], cache: Path) -> dict:
+def run_task(task: str, args, variants: list[Variant], cache: Path, out: Path) -> dict:
     print(f"\n=== {task} ===", flush=True)
     model = load_model(args.model)
     tok = load_tokenizer(args.model)
@@ -178,8 +178,10 @@ def run_task(task: str, args, variants: list[Variant], cache: Path) -> dict:
             print(f"seed {seed} {v.name:32s} reward {arms[v.name][-1]['reward']:.3f} "
                   f"(best-of-N {arms['best-of-N'][-1]['reward']:.3f}) tokens changed "
                   f"{arms[v.name][-1]['tokens_changed']:.2f} {vgf_time:.1f}s/prompt", flush=True)
-    return dict(task=task, value_models=value_stats, arms=arms,
-                variants={v.name: asdict(v) for v in variants})
+        result = dict(task=task, value_models=value_stats, arms=arms, variants={v.name: asdict(v) for v in variants},
+                      seeds_done=args.seeds[: args.seeds.index(seed) + 1])
+        (out / f"partial_{task}.json").write_text(json.dumps(result, indent=2))  # a stopped run stays usable
+    return result
 
 
 def summarise(result: dict) -> list[dict]:
@@ -269,7 +271,7 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     t0 = time.time()
-    results = [run_task(t, args, variants, cache) for t in args.tasks.split(",")]
+    results = [run_task(t, args, variants, cache, out) for t in args.tasks.split(",")]
     md = markdown(results, args) + f"\nTotal wall-clock: {(time.time() - t0) / 60:.1f} min.\n"
     print("\n" + md)
     (out / "results.json").write_text(json.dumps(dict(args=vars(args), results=results,
