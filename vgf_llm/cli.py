@@ -18,9 +18,10 @@ import platform
 import sys
 from pathlib import Path
 
-# The one place where the CLI's test-time defaults differ from the library's. Every other sampler default is read
-# from ``VGFSampler``/``TransportBudget`` (see ``_sampler_default``). The variant that never lost to best-of-N in benchmarks/test_time.py so far ("ref_topk+union", docs/benchmarks.md);
-# no variant has beaten it yet, and union selection keeps best-of-N's pick unless a moved particle scores higher.
+# The one place where the CLI's test-time defaults differ from the library's; every other sampler default is read
+# from ``VGFSampler``/``TransportBudget`` (see ``_sampler_default``). These are the arm "ref_topk+union" of
+# benchmarks/test_time.py, which has not lost to best-of-N so far (docs/benchmarks.md); no variant has beaten it
+# yet, and union selection keeps best-of-N's pick unless a moved particle scores higher.
 SAMPLER_DEFAULTS = {
     "decoder": "reference_topk",
     "regenerate": False,
