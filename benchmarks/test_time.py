@@ -51,6 +51,7 @@ class Variant:
     # reference top-k candidates from one pass over the original response (exact for the first edit, which is
     # all re-generation keeps; an approximation after it otherwise): ~T times cheaper than sequential decoding
     sequential: bool = False
+    max_edits: int = 1  # for decoder="reference_gain"
 
 
 def B(steps, eps):  # noqa: N802 - a budget literal
@@ -74,6 +75,9 @@ VARIANTS = {
                 budget=B(8, 0.05)),
         Variant("fluency+ref_topk+union", decoder="reference_topk", selection="union", fluency_weight=1.0,
                 budget=B(8, 0.05)),
+        # first-order value gain of reference top-k swaps along the displacement (HotFlip-style), capped edits
+        Variant("gain1+union", decoder="reference_gain", selection="union", budget=B(8, 0.05)),
+        Variant("gain3+union", decoder="reference_gain", selection="union", max_edits=3, budget=B(8, 0.05)),
         Variant("dc+nearest", scorer="dc", budget=B(8, 0.05)),
         Variant("ensemble+nearest", scorer="ensemble", budget=B(8, 0.05)),
     ]
@@ -156,7 +160,7 @@ def run_task(task: str, args, variants: list[Variant], cache: Path, out: Path) -
             sampler = VGFSampler(model, tok, value_models[v.scorer], selector=selector,
                                  num_particles=args.num_particles, budget=v.budget, decoder=v.decoder,
                                  regenerate=v.regenerate, selection=v.selection, fluency_weight=v.fluency_weight,
-                                 sequential_decoding=v.sequential,
+                                 sequential_decoding=v.sequential, max_edits=v.max_edits,
                                  batch_size=args.batch_size, progress=False, **gen)
             t1 = time.time()
             results = []

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from vgf_llm.decoding import ReferenceTopKDecoder, regenerate_after_first_change
+from vgf_llm.decoding import ReferenceGainDecoder, ReferenceTopKDecoder, regenerate_after_first_change
 from vgf_llm.particles import NearestTokenDecoder, lift, movable_mask
 from vgf_llm.rollout import HFGenerateBackend, eos_token_ids
 from vgf_llm.sampler import TransportBudget, VGFSampler, best_of_n, special_token_ids
@@ -185,6 +185,37 @@ def test_teacher_forced_topk_equals_sequential_up_to_the_first_edit(tiny_lm, tok
             assert torch.equal(seq[g, n, :f], fast[g, n, :f])
 
 
+def test_gain_decoder_follows_the_displacement_towards_a_reference_candidate(tiny_lm, tokenizer, rollouts):
+    weight = tiny_lm.get_input_embeddings().weight.detach()
+    special = special_token_ids(tokenizer)
+    ids, cmask = rollouts.completion_ids, rollouts.completion_mask
+    movable = movable_mask(ids, cmask, special)
+    start = lift(weight, ids)
+    args = (rollouts.prompt_ids, rollouts.prompt_mask)
+    dec = ReferenceGainDecoder(tiny_lm, k=4, max_edits=1, exclude_ids=special)
+    assert torch.equal(dec.decode(start, start, ids, movable, *args), ids)  # no move, no edit
+    # point one row of particle (0, 0) exactly at one of the reference's top-k candidates for that position
+    pos = int(movable[0, 0].nonzero()[0])
+    full = torch.cat([rollouts.prompt_ids[0], ids[0, 0]])[None]
+    logits = tiny_lm(input_ids=full).logits[0, rollouts.prompt_ids.shape[1] - 1 + pos]
+    allowed = torch.ones_like(logits, dtype=torch.bool)
+    allowed[sorted(special)] = False
+    top = logits.masked_fill(~allowed, -float("inf")).topk(4).indices
+    target = int(next(c for c in top if c != ids[0, 0, pos]))
+    moved = start.clone()
+    moved[0, 0, pos] += 5 * (weight[target] - weight[ids[0, 0, pos]])
+    new = dec.decode(moved, start, ids, movable, *args)
+    assert new[0, 0, pos] == target
+    assert int((new != ids).sum()) == 1
+    # random moves: at most max_edits tokens per response change, never a special or padding position
+    noisy = start + torch.randn_like(start) * movable[..., None]
+    for k in (1, 3):
+        new = ReferenceGainDecoder(tiny_lm, k=4, max_edits=k, exclude_ids=special).decode(noisy, start, ids, movable,
+                                                                                             *args)
+        assert ((new != ids).sum(-1) <= k).all() and (new != ids).any()
+        assert torch.equal(new[movable == 0], ids[movable == 0])
+
+
 def test_regeneration_keeps_the_prefix_up_to_the_first_edit(tiny_lm, tokenizer, rollouts):
     ids, cmask = rollouts.completion_ids, rollouts.completion_mask
     edited = ids.clone()
@@ -217,7 +248,8 @@ def test_budget_zero_equals_best_of_n(value_sampler_parts):
 
 
 @pytest.mark.parametrize("decoder,regenerate,selection,fluency", [
-    ("nearest", False, "final", 0.0), ("reference_topk", True, "union", 0.5), ("nearest", False, "union", 0.0)])
+    ("nearest", False, "final", 0.0), ("reference_topk", True, "union", 0.5), ("nearest", False, "union", 0.0),
+    ("reference_gain", False, "union", 0.0)])
 def test_sampler_moves_particles_and_reports_every_field(value_sampler_parts, decoder, regenerate, selection,
                                                          fluency):
     model, tok, vm = value_sampler_parts

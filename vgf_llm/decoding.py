@@ -140,3 +140,50 @@ def regenerate_after_first_change(model, tokenizer, prompt_ids, prompt_mask, new
         out_ids[i, : len(r)] = r
         out_mask[i, : len(r)] = 1
     return out_ids.view(g, n, width), out_mask.view(g, n, width)
+
+
+class ReferenceGainDecoder(ReferenceTopKDecoder):
+    """Edit each response where the transport points *towards* a plausible token, not where it lands.
+
+    The value gradient moves rows off the token manifold, so the moved row usually stays nearest to its own token
+    (docs/benchmarks.md). Here every reference top-k candidate c at position t gets the first-order value gain of
+    the swap along the displacement, <u_t - u0_t, e_c - e_t> / ||e_c - e_t|| (HotFlip/GCG-style), and the
+    ``max_edits`` best positive swaps per response are made. Candidates come from one reference pass over the
+    original response: exact for a single edit, and for everything before the first edit.
+    """
+
+    def __init__(self, model, *, k: int = 8, max_edits: int = 1, exclude_ids=(), embedding_weight=None):
+        super().__init__(model, k=k, exclude_ids=exclude_ids, embedding_weight=embedding_weight, sequential=False)
+        if max_edits < 1:
+            raise ValueError(f"max_edits must be >= 1, got {max_edits}")
+        self.max_edits = max_edits
+
+    @torch.no_grad()
+    def decode(self, moved, start, ids, movable, prompt_ids, prompt_mask) -> torch.Tensor:
+        g, n, t = ids.shape
+        b = g * n
+        flat_ids = ids.reshape(b, t)
+        delta = (moved - start).reshape(b, t, -1).float()
+        p_ids = prompt_ids.repeat_interleave(n, 0).to(self.model.device)
+        p_mask = prompt_mask.repeat_interleave(n, 0).to(self.model.device)
+        full_ids = torch.cat([p_ids, flat_ids.to(p_ids.device)], 1)
+        full_mask = torch.cat([p_mask, torch.ones_like(flat_ids, device=p_mask.device)], 1)
+        with active_adapter(self.model, None):
+            logits = self.model(input_ids=full_ids, attention_mask=full_mask,
+                                position_ids=(full_mask.cumsum(-1) - 1).clamp_min(0)).logits
+        logits = logits[:, p_ids.shape[1] - 1:-1].float().cpu()
+        allowed = self.nearest.allowed.cpu()
+        cand = logits.masked_fill(~allowed, -float("inf")).topk(min(self.k, int(allowed.sum())), -1).indices
+        table = self.nearest.weight.float().cpu()
+        diff = table[cand] - table[flat_ids][:, :, None]  # [B, T, k, d]
+        gain = (diff * delta[:, :, None]).sum(-1) / diff.norm(dim=-1).clamp_min(1e-6)
+        ok = movable.reshape(b, t).bool()[:, :, None] & (cand != flat_ids[:, :, None])
+        gain = gain.masked_fill(~ok, -float("inf"))
+        best_gain, best_c = gain.max(-1)  # [B, T]
+        top = best_gain.topk(min(self.max_edits, t), -1)
+        new = flat_ids.clone()
+        for i in range(b):
+            for value, pos in zip(top.values[i], top.indices[i], strict=True):
+                if value > 0:
+                    new[i, pos] = cand[i, pos, best_c[i, pos]]
+        return new.reshape(g, n, t)

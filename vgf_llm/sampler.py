@@ -10,7 +10,7 @@ from typing import Literal
 import torch
 from tqdm.auto import tqdm
 
-from vgf_llm.decoding import ReferenceTopKDecoder, regenerate_after_first_change
+from vgf_llm.decoding import ReferenceGainDecoder, ReferenceTopKDecoder, regenerate_after_first_change
 from vgf_llm.flow import transport
 from vgf_llm.particles import NearestTokenDecoder, lift, movable_mask
 from vgf_llm.rollout import HFGenerateBackend, Rollouts, eos_token_ids
@@ -60,7 +60,9 @@ class VGFSampler:
 
     scorer:   gives the value gradient (``ValueModel`` or ``RewardModelScorer``).
     selector: picks the response at test time (default: the scorer). Never a checker that needs the answer.
-    decoder:  "nearest" (nearest embedding row) or "reference_topk" (among the reference's top-k, COLD-style).
+    decoder:  "nearest" (nearest embedding row), "reference_topk" (the reference's top-k candidate nearest to the
+        moved row, COLD-style) or "reference_gain" (the ``max_edits`` top-k swaps with the largest first-order value
+        gain along the displacement).
     sequential_decoding: reference top-k conditioned on the decoded prefix (exact, one reference step per position)
         or on the original prefix (one pass). Default: sequential unless ``regenerate``, where both are identical.
     regenerate: after decoding, the reference re-samples everything after the first edited token.
@@ -70,7 +72,8 @@ class VGFSampler:
     """
 
     def __init__(self, model, tokenizer, scorer, *, selector=None, num_particles: int = 8,
-                 budget: TransportBudget | None = None, decoder: Literal["nearest", "reference_topk"] = "nearest",
+                 budget: TransportBudget | None = None,
+                 decoder: Literal["nearest", "reference_topk", "reference_gain"] = "nearest", max_edits: int = 1,
                  topk: int = 8, metric: Literal["l2", "cosine"] = "l2", regenerate: bool = False,
                  sequential_decoding: bool | None = None,
                  fluency_weight: float = 0.0, selection: Literal["final", "union"] = "final",
@@ -78,7 +81,7 @@ class VGFSampler:
                  batch_size: int = 4, backend=None, progress: bool = True):
         if num_particles < 1:
             raise ValueError("num_particles must be >= 1")
-        if selection not in ("final", "union") or decoder not in ("nearest", "reference_topk"):
+        if selection not in ("final", "union") or decoder not in ("nearest", "reference_topk", "reference_gain"):
             raise ValueError(f"bad selection/decoder: {selection!r}/{decoder!r}")
         self.model, self.tokenizer, self.scorer = model, tokenizer, scorer
         self.selector = selector or scorer
@@ -94,10 +97,14 @@ class VGFSampler:
         weight = scorer.embedding_weight
         self._fluency_targets = NearestTokenDecoder(model.get_input_embeddings().weight) if fluency_weight else None
         sequential = (not regenerate) if sequential_decoding is None else sequential_decoding
-        self.decoder = (ReferenceTopKDecoder(model, k=topk, exclude_ids=self.special, metric=metric,
-                                             embedding_weight=weight, sequential=sequential)
-                        if decoder == "reference_topk"
-                        else NearestTokenDecoder(weight, exclude_ids=self.special, metric=metric))
+        if decoder == "reference_gain":
+            self.decoder = ReferenceGainDecoder(model, k=topk, max_edits=max_edits, exclude_ids=self.special,
+                                                embedding_weight=weight)
+        elif decoder == "reference_topk":
+            self.decoder = ReferenceTopKDecoder(model, k=topk, exclude_ids=self.special, metric=metric,
+                                                embedding_weight=weight, sequential=sequential)
+        else:
+            self.decoder = NearestTokenDecoder(weight, exclude_ids=self.special, metric=metric)
 
     # -- pieces -------------------------------------------------------------------------------------------------
     def rollout(self, prompts: list, seed: int) -> Rollouts:
