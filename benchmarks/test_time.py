@@ -82,7 +82,7 @@ VARIANTS = {
         Variant("ensemble+nearest", scorer="ensemble", budget=B(8, 0.05)),
     ]
 }
-DEFAULT_VARIANTS = ["plain", "ref_topk+union", "ref_topk+regen+union"]
+DEFAULT_VARIANTS = ["plain", "ref_topk+union", "gain1+union", "gain3+union"]
 
 
 
@@ -202,10 +202,11 @@ def summarise(result: dict) -> list[dict]:
     return rows
 
 
-def markdown(results: list[dict], args) -> str:
+def markdown(results: list[dict], args, seeds=None) -> str:
     lines = [f"Command: `python benchmarks/test_time.py {' '.join(sys.argv[1:])}`".rstrip(),
              f"Model {args.model}, {args.num_test_prompts} held-out prompts x {args.num_particles} particles, seeds "
-             f"{args.seeds}, temperature {args.temperature}, max {args.max_new_tokens} new tokens; value model: "
+             f"{seeds or args.seeds}, "
+             f"temperature {args.temperature}, max {args.max_new_tokens} new tokens; value model: "
              f"{args.value_layers} layers + LoRA + head, fitted on {args.num_train_prompts} train prompts x "
              f"{args.train_generations} samples. Selector for every arm: the plain value model. "
              f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
@@ -261,7 +262,14 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "test_time"))
     p.add_argument("--write_docs", action="store_true")
+    p.add_argument("--render", default="", help="comma list of results/partial JSON files: print their tables, "
+                                                "no compute (e.g. for a run stopped after some seeds)")
     args = p.parse_args(argv)
+    if args.render:
+        results = [json.loads(Path(f).read_text()) for f in args.render.split(",")]
+        results = [r for res in results for r in (res["results"] if "results" in res else [res])]
+        print(markdown(results, args, seeds=sorted({s for r in results for s in r.get("seeds_done", [])})))
+        return
     args.seeds = [int(s) for s in args.seeds.split(",")]
     names = list(VARIANTS) if args.variants == "all" else [v for v in args.variants.split(",") if v]
     unknown = [n for n in names if n not in VARIANTS]
