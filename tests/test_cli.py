@@ -185,6 +185,7 @@ def test_generate_defaults_come_from_the_cli_table_and_the_library():
     assert args.transport_steps == SAMPLER_DEFAULTS["transport_steps"]
     assert args.step_size == SAMPLER_DEFAULTS["step_size"]
     assert args.step_rule == SAMPLER_DEFAULTS["step_rule"]
+    assert args.max_edits == SAMPLER_DEFAULTS["max_edits"]
     budget = TransportBudget()
     assert (args.alpha, args.radius, args.repulsion) == (budget.alpha, budget.radius, budget.repulsion)
     library = VGFSampler.__init__.__kwdefaults__

@@ -19,11 +19,12 @@ import sys
 from pathlib import Path
 
 # The one place where the CLI's test-time defaults differ from the library's; every other sampler default is read
-# from ``VGFSampler``/``TransportBudget`` (see ``_sampler_default``). These are the arm "ref_topk+union" of
-# benchmarks/test_time.py, which has not lost to best-of-N so far (docs/benchmarks.md); no variant has beaten it
-# yet, and union selection keeps best-of-N's pick unless a moved particle scores higher.
+# from ``VGFSampler``/``TransportBudget`` (see ``_sampler_default``). These are the arm "gain3+union" of
+# benchmarks/test_time.py: it beat best-of-N with the same selector on the sentiment task and lost on chain_sum
+# (docs/benchmarks.md). With a weak value model on exact-answer tasks, use --transport_steps 0 (best-of-N).
 SAMPLER_DEFAULTS = {
-    "decoder": "reference_topk",
+    "decoder": "reference_gain",
+    "max_edits": 3,
     "regenerate": False,
     "selection": "union",
     "transport_steps": 8,
@@ -351,15 +352,22 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(repulsion=_budget_default("repulsion"))
     gen.add_argument(
         "--decoder",
-        choices=("reference_topk", "nearest"),
+        choices=("reference_gain", "reference_topk", "nearest"),
         default=SAMPLER_DEFAULTS["decoder"],
-        help="moved rows back to tokens: among the reference's top-k, or the nearest embedding row",
+        help="moved rows back to tokens: the reference top-k swaps with the largest value gain along the move "
+        "(reference_gain), the top-k candidate nearest to the moved row (reference_topk), or the nearest row",
     )
     gen.add_argument(
         "--topk",
         type=_positive_int,
         default=_sampler_default("topk"),
-        help="candidates per position for --decoder reference_topk",
+        help="candidates per position for the reference decoders",
+    )
+    gen.add_argument(
+        "--max_edits",
+        type=_positive_int,
+        default=SAMPLER_DEFAULTS["max_edits"],
+        help="tokens edited per response by --decoder reference_gain",
     )
     gen.add_argument(
         "--metric", choices=("l2", "cosine"), default=_sampler_default("metric"), help="distance used by the decoder"
@@ -681,6 +689,7 @@ def cmd_generate(args) -> int:
         budget=budget,
         decoder=args.decoder,
         topk=args.topk,
+        max_edits=args.max_edits,
         metric=args.metric,
         regenerate=args.regenerate,
         fluency_weight=args.fluency_weight,
