@@ -84,15 +84,19 @@ class ReferenceTopKDecoder:
             score = -((emb - r[:, None]) ** 2).sum(-1)
         return cand[torch.arange(len(cand)), score.argmax(-1)]
 
-    def _decode_teacher_forced(self, rows, ids, changed, p_ids, p_mask):
-        """Candidates for every position from one reference pass over [prompt | original response]."""
-        b, t = ids.shape
+    @torch.no_grad()
+    def _teacher_forced_logits(self, ids, p_ids, p_mask) -> torch.Tensor:
+        """[B, T, V] reference logits for every response position from one pass over [prompt | response]."""
         full_ids = torch.cat([p_ids, ids.to(p_ids.device)], 1)
         full_mask = torch.cat([p_mask, torch.ones_like(ids, device=p_mask.device)], 1)
-        with torch.no_grad(), active_adapter(self.model, None):
+        with active_adapter(self.model, None):
             logits = self.model(input_ids=full_ids, attention_mask=full_mask,
                                 position_ids=(full_mask.cumsum(-1) - 1).clamp_min(0)).logits
-        logits = logits[:, p_ids.shape[1] - 1:-1]  # position t is predicted from everything before it
+        return logits[:, p_ids.shape[1] - 1:-1]  # position t is predicted from everything before it
+
+    def _decode_teacher_forced(self, rows, ids, changed, p_ids, p_mask):
+        """Candidates for every position from one reference pass over [prompt | original response]."""
+        logits = self._teacher_forced_logits(ids, p_ids, p_mask)
         new = ids.clone()
         pos = changed.nonzero()
         if len(pos):
@@ -166,12 +170,7 @@ class ReferenceGainDecoder(ReferenceTopKDecoder):
         delta = (moved - start).reshape(b, t, -1).float()
         p_ids = prompt_ids.repeat_interleave(n, 0).to(self.model.device)
         p_mask = prompt_mask.repeat_interleave(n, 0).to(self.model.device)
-        full_ids = torch.cat([p_ids, flat_ids.to(p_ids.device)], 1)
-        full_mask = torch.cat([p_mask, torch.ones_like(flat_ids, device=p_mask.device)], 1)
-        with active_adapter(self.model, None):
-            logits = self.model(input_ids=full_ids, attention_mask=full_mask,
-                                position_ids=(full_mask.cumsum(-1) - 1).clamp_min(0)).logits
-        logits = logits[:, p_ids.shape[1] - 1:-1].float().cpu()
+        logits = self._teacher_forced_logits(flat_ids, p_ids, p_mask).float().cpu()
         allowed = self.nearest.allowed.cpu()
         cand = logits.masked_fill(~allowed, -float("inf")).topk(min(self.k, int(allowed.sum())), -1).indices
         table = self.nearest.weight.float().cpu()
