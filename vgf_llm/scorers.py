@@ -68,6 +68,17 @@ def first_layers(decoder, num_layers: int | None):
         decoder.layers = full
 
 
+@torch.no_grad()
+def score_token_ids(scorer, prompt_ids, prompt_mask, response_ids, response_mask, batch_size: int = 32):
+    """Score real token sequences in batches with any scorer's ``score_embeds`` (its own embedding rows)."""
+    weight = scorer.embedding_weight
+    return torch.cat([
+        scorer.score_embeds(prompt_ids[s:s + batch_size], prompt_mask[s:s + batch_size],
+                            weight[response_ids[s:s + batch_size].to(weight.device)], response_mask[s:s + batch_size])
+        for s in range(0, response_ids.shape[0], batch_size)
+    ]).cpu()
+
+
 def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double() - a.double().mean(), b.double() - b.double().mean()
     denom = a.norm() * b.norm()
@@ -146,14 +157,8 @@ class ValueModel(nn.Module):
         out = self.heads(prompt_ids, prompt_mask, response_embeds, response_mask)
         return out.mean(-1) if self.config.aggregate == "mean" else out.min(-1).values
 
-    @torch.no_grad()
     def score_ids(self, prompt_ids, prompt_mask, response_ids, response_mask, batch_size: int = 32) -> torch.Tensor:
-        out = []
-        for s in range(0, response_ids.shape[0], batch_size):
-            sl = slice(s, s + batch_size)
-            rows = self.embedding_weight[response_ids[sl].to(self.embedding_weight.device)]
-            out.append(self.score_embeds(prompt_ids[sl], prompt_mask[sl], rows, response_mask[sl]))
-        return torch.cat(out).cpu()
+        return score_token_ids(self, prompt_ids, prompt_mask, response_ids, response_mask, batch_size)
 
     def fit(self, prompt_ids, prompt_mask, responses, response_mask, targets, *, epochs: int = 3, lr: float = 1e-3,
             batch_size: int = 16, val_fraction: float = 0.15, seed: int = 0, progress: bool = True) -> dict:
@@ -289,11 +294,5 @@ class RewardModelScorer(nn.Module):
         logits = self.model.score(states[torch.arange(states.shape[0]), last])
         return logits[:, 0]
 
-    @torch.no_grad()
     def score_ids(self, prompt_ids, prompt_mask, response_ids, response_mask, batch_size: int = 32) -> torch.Tensor:
-        weight = self.embedding_weight
-        return torch.cat([
-            self.score_embeds(prompt_ids[s:s + batch_size], prompt_mask[s:s + batch_size],
-                              weight[response_ids[s:s + batch_size].to(weight.device)], response_mask[s:s + batch_size])
-            for s in range(0, response_ids.shape[0], batch_size)
-        ]).cpu()
+        return score_token_ids(self, prompt_ids, prompt_mask, response_ids, response_mask, batch_size)
