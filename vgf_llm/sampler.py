@@ -163,7 +163,7 @@ class VGFSampler:
         before = self._score(self.selector, ro.prompt_ids, ro.prompt_mask, ids, cmask)
         new_ids, new_mask, disp = ids, cmask, torch.zeros(ids.shape[:2])
         if self.budget.steps > 0:
-            new_ids, new_mask, disp = self._transport(ro, seed)
+            new_ids, new_mask, disp = self.move(ro, seed)
         after = before if new_ids is ids else self._score(self.selector, ro.prompt_ids, ro.prompt_mask, new_ids,
                                                           new_mask)
         out = []
@@ -185,7 +185,9 @@ class VGFSampler:
             out.append(SampleResult(prompt, response, chosen, bool(moved), particles))
         return out
 
-    def _transport(self, ro: Rollouts, seed: int):
+    def move(self, ro: Rollouts, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Transport the rollouts' particles with the budget and decode them: (ids [G, N, T], mask, displacement
+        [G, N]). The trainer distils these; ``transport_rollouts`` selects among them."""
         ids, cmask = ro.completion_ids, ro.completion_mask
         movable = movable_mask(ids, cmask, self.special)
         start = lift(self.scorer.embedding_weight, ids).float()
