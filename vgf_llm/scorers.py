@@ -161,11 +161,14 @@ class ValueModel(nn.Module):
         return score_token_ids(self, prompt_ids, prompt_mask, response_ids, response_mask, batch_size)
 
     def fit(self, prompt_ids, prompt_mask, responses, response_mask, targets, *, epochs: int = 3, lr: float = 1e-3,
-            batch_size: int = 16, val_fraction: float = 0.15, seed: int = 0, progress: bool = True) -> dict:
+            batch_size: int = 16, val_fraction: float = 0.15, seed: int = 0, progress: bool = True,
+            groups=None) -> dict:
         """Regress the true rewards (MSE); ``responses`` are token ids [B, T] or embedding rows [B, T, d].
 
         Returns held-out figures (``val_loss_before/after``, ``val_corr``) so users see if the value model is any
         good before trusting its gradient. Base weights stay frozen; only the adapter and the head train.
+        ``groups`` [B] (e.g. the prompt index of each sample): the held-out set is made of whole groups, so samples
+        of one prompt (or noisy copies of one response) never sit on both sides of the split.
         """
         targets = torch.as_tensor(targets, dtype=torch.float32)
         keep = torch.isfinite(targets)
@@ -176,7 +179,16 @@ class ValueModel(nn.Module):
         idx = idx[torch.randperm(len(idx), generator=gen)]
         # at least 3 held-out samples (a correlation of fewer means nothing), never more than a quarter of the data
         n_val = max(min(3, len(idx) // 4), int(len(idx) * val_fraction)) if val_fraction > 0 else 0
-        val, train = idx[:n_val], idx[n_val:]
+        if groups is not None and n_val:
+            groups = torch.as_tensor(groups)[idx]
+            uniq = groups.unique()
+            uniq = uniq[torch.randperm(len(uniq), generator=gen)]
+            n_groups = max(1, min(len(uniq) - 1, round(len(uniq) * n_val / len(idx))))
+            in_val = torch.isin(groups, uniq[:n_groups])
+            val, train = idx[in_val], idx[~in_val]
+            n_val = len(val)
+        else:
+            val, train = idx[:n_val], idx[n_val:]
 
         def rows(sel):
             r = responses[sel]
@@ -205,16 +217,19 @@ class ValueModel(nn.Module):
         losses = []
         bar = tqdm(total=epochs * math.ceil(len(train) / batch_size), desc="value fit", disable=not progress,
                    leave=False)
-        for _ in range(epochs):
-            for b in train[torch.randperm(len(train), generator=gen)].split(batch_size):
-                loss = loss_on(b, boot[b].to(self.head.weight.device))
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                losses.append(loss.item())
-                bar.update()
-                bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        # the adapter stays active through backward: PEFT turns an inactive adapter's grads off, dropping them
+        with active_adapter(self.model, self.config.adapter_name):
+            for _ in range(epochs):
+                for b in train[torch.randperm(len(train), generator=gen)].split(batch_size):
+                    loss = loss_on(b, boot[b].to(self.head.weight.device))
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+                    losses.append(loss.item())
+                    bar.update()
+                    bar.set_postfix(loss=f"{losses[-1]:.4f}")
         bar.close()
+        opt.zero_grad(set_to_none=True)  # no stale grads for a trainer that clips over all of the model's parameters
         self._fitting = False
         for p in params:
             p.requires_grad_(False)
@@ -236,15 +251,24 @@ class ValueModel(nn.Module):
 
     @classmethod
     def load(cls, model, path: str | Path) -> ValueModel:
-        from safetensors.torch import load_file
-
+        """A new value model on ``model`` with the adapter and head saved in ``path``."""
         path = Path(path)
         if not (path / "value_model.json").exists():
             raise FileNotFoundError(f"{path} holds no value model (value_model.json missing)")
         vm = cls(model, ValueModelConfig(**json.loads((path / "value_model.json").read_text())))
+        vm.load_weights(path)
+        return vm
+
+    def load_weights(self, path: str | Path) -> None:
+        """Copy the adapter and head saved in ``path`` into this value model (e.g. to resume training)."""
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        if not (path / "value_model.safetensors").exists():
+            raise FileNotFoundError(f"{path} holds no value model (value_model.safetensors missing)")
         state = load_file(str(path / "value_model.safetensors"))
-        params = dict(model.named_parameters())
-        params.update({f"head.{k}": v for k, v in vm.head.named_parameters()})
+        params = dict(self.model.named_parameters())
+        params.update({f"head.{k}": v for k, v in self.head.named_parameters()})
         wrong = [n for n, v in state.items() if n not in params or params[n].shape != v.shape]
         if wrong:
             raise ValueError(f"the value model in {path} was fitted on another base model: {wrong[0]} does not fit "
@@ -252,7 +276,6 @@ class ValueModel(nn.Module):
         with torch.no_grad():
             for n, v in state.items():
                 params[n].copy_(v)
-        return vm
 
 
 def check_same_vocabulary(policy_tokenizer, other_tokenizer, what: str = "reward model") -> None:

@@ -1,0 +1,119 @@
+"""``VGFConfig``: ``transformers.TrainingArguments`` plus the knobs of a VGF run, with TRL's names where TRL has one.
+
+Batch semantics (the usual confusion, and different from TRL's GRPO): ``per_device_train_batch_size`` counts
+**prompts**, not completions. One optimizer step consumes
+
+    per_device_train_batch_size x gradient_accumulation_steps x num_processes   prompts,
+
+and each prompt gets ``num_generations`` rollouts (the particles), so a step generates ``num_generations`` times
+that many completions. Each micro-batch runs the whole pipeline on its own prompts: rollouts -> rewards -> value-model
+update -> transport -> decode -> re-score with the true reward -> weighted cross-entropy into the policy adapter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+PARTICLE_SOURCES = ("reference", "policy")
+SCORERS = ("value", "reward_model")
+DECODERS = ("nearest", "reference_topk", "reference_gain")
+DISTILL_WEIGHTINGS = ("softmax", "best", "advantage")
+DISTILL_POOLS = ("union", "moved")
+
+
+@dataclass
+class VGFConfig(TrainingArguments):
+    """Everything of ``TrainingArguments`` (output_dir, learning_rate, max_steps, save_steps, push_to_hub,
+    hub_model_id, report_to, deepspeed, ...) and the fields below. See the module docstring for what a batch is."""
+
+    # -- model ----------------------------------------------------------------------------------------------
+    model_init_kwargs: dict | None = field(default=None, metadata={"help": "kwargs for from_pretrained (hub id)."})
+
+    # -- generation (TRL's names) ---------------------------------------------------------------------------
+    num_generations: int = field(default=8, metadata={"help": "Particles (rollouts) per prompt."})
+    max_completion_length: int = field(default=64, metadata={"help": "Max new tokens per rollout."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of the rollouts."})
+    top_p: float = 1.0
+    top_k: int = 0
+    generation_batch_size: int = field(default=8, metadata={"help": "Prompts per generate() call."})
+    use_vllm: bool = field(default=False, metadata={"help": "Generate rollouts with vLLM instead of HF generate."})
+    vllm_mode: str = field(default="colocate", metadata={"help": "'colocate' (in-process engine) or 'server'."})
+    vllm_gpu_memory_utilization: float = 0.3
+    vllm_enable_sleep_mode: bool = False
+    vllm_server_host: str = "127.0.0.1"
+    vllm_server_port: int = 8000
+    vllm_server_timeout: float = 240.0
+
+    # -- rewards --------------------------------------------------------------------------------------------
+    reward_weights: list[float] | None = field(default=None, metadata={"help": "One weight per reward function."})
+    log_completions: bool = field(default=False, metadata={"help": "Print a table of completions when logging."})
+    num_completions_to_print: int | None = 4
+
+    # -- VGF transport --------------------------------------------------------------------------------------
+    particle_source: str = field(default="reference", metadata={
+        "help": "'reference' (base model, adapter off: training amortises test-time VGF) or 'policy' (iterates)."})
+    transport_steps: int = field(default=8, metadata={"help": "L, transport steps per group (0 = best-of-N)."})
+    transport_step_size: float = field(default=0.05, metadata={"help": "eps, the step size."})
+    transport_alpha: float = field(default=1.0, metadata={"help": "Temperature of the target exp(V / alpha)."})
+    transport_step_rule: str = field(default="adam", metadata={"help": "'adam' (as the paper's code) or 'sgd'."})
+    transport_radius: float | None = field(default=None, metadata={"help": "Max displacement per embedding row."})
+    repulsion: bool = field(default=True, metadata={"help": "Keep SVGD's repulsive term."})
+    decoder: str = field(default="reference_gain", metadata={"help": f"Particle decoder: one of {DECODERS}."})
+    decoder_topk: int = field(default=8, metadata={"help": "Reference top-k candidates per position."})
+    max_edits: int = field(default=3, metadata={"help": "Token edits per particle (reference_gain decoder)."})
+
+    # -- scorer / value model -------------------------------------------------------------------------------
+    scorer: str = field(default="value", metadata={"help": "'value' (fitted online) or 'reward_model'."})
+    reward_model_path: str | None = field(default=None, metadata={
+        "help": "Sequence-classification reward model sharing the policy's vocabulary (scorer='reward_model')."})
+    value_model_path: str | None = field(default=None, metadata={
+        "help": "Warm start from a value model saved by `vgf-llm fit-value`."})
+    value_num_layers: int | None = field(default=None, metadata={"help": "Cut the value trunk after N blocks."})
+    value_lora_r: int = 8
+    value_learning_rate: float = 1e-3
+    value_epochs: int = field(default=2, metadata={"help": "Passes over the value buffer per step."})
+    value_batch_size: int = 16
+    value_buffer_steps: int = field(default=4, metadata={"help": "Recent micro-steps of rollouts the value fits."})
+
+    # -- distillation ---------------------------------------------------------------------------------------
+    distill_pool: str = field(default="union", metadata={
+        "help": "Targets: 'union' (original and transported responses) or 'moved' (transported only)."})
+    distill_weighting: str = field(default="softmax", metadata={
+        "help": "Weights within a group from the true rewards: 'softmax' (temperature distill_temperature), "
+                "'best' (argmax only) or 'advantage' (reward above the group mean)."})
+    distill_temperature: float = 0.1
+    skip_zero_std_groups: bool = field(default=True, metadata={
+        "help": "Skip groups whose rewards are all equal (no preference to distil, as GRPO's zero advantage)."})
+
+    # -- TrainingArguments defaults that suit VGF -----------------------------------------------------------
+    learning_rate: float = 2e-4
+    logging_steps: float = 1
+    per_device_train_batch_size: int = 4
+    remove_unused_columns: bool = False  # extra dataset columns go to the reward functions
+    report_to: str | list[str] | None = "none"
+    save_strategy: str = "steps"
+    save_steps: float = 50
+
+    def __post_init__(self):
+        super().__post_init__()
+        choices = {"particle_source": PARTICLE_SOURCES, "scorer": SCORERS, "decoder": DECODERS,
+                   "distill_weighting": DISTILL_WEIGHTINGS, "distill_pool": DISTILL_POOLS,
+                   "transport_step_rule": ("adam", "sgd"), "vllm_mode": ("colocate", "server")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r}; choose one of {allowed}")
+        if self.num_generations < 2:
+            raise ValueError("num_generations must be >= 2: transport and the distillation weights compare particles")
+        if self.transport_steps < 0 or self.transport_step_size < 0 or self.transport_alpha <= 0:
+            raise ValueError("transport_steps and transport_step_size must be >= 0 and transport_alpha > 0")
+        if self.scorer == "reward_model" and not self.reward_model_path:
+            raise ValueError("scorer='reward_model' needs reward_model_path")
+        if self.distill_temperature <= 0:
+            raise ValueError("distill_temperature must be > 0")
+
+    @property
+    def prompts_per_step(self) -> int:
+        """Prompts one optimizer step consumes (all processes)."""
+        return self.per_device_train_batch_size * self.gradient_accumulation_steps * self.world_size

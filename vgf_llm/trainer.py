@@ -1,0 +1,487 @@
+"""``VGFTrainer``: distil transported particles into a LoRA policy, on top of ``transformers.Trainer``.
+
+The Trainer supplies the loop, gradient accumulation, DDP/DeepSpeed, checkpoints, logging and the Hub; this file
+adds one training step (``_prepare_inputs`` builds the targets, ``compute_loss`` distils them):
+
+    rollouts (reference = base with adapters off, or the policy) -> true rewards -> value-model update on a buffer of
+    recent rollouts -> transport (``VGFSampler.move``) -> decode -> re-score with the true reward -> weighted
+    cross-entropy within each prompt group into the policy adapter.
+
+One base model carries two adapters: ``default`` (the policy, what is saved and pushed) and ``value`` (the value
+model's trunk). The base weights never change and there is no second copy of the model.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import defaultdict, deque
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedModel, Trainer
+from transformers.trainer_utils import get_last_checkpoint
+
+from vgf_llm.config import VGFConfig
+from vgf_llm.evaluation import policy_rewards
+from vgf_llm.rewards import combine_rewards, get_reward_func, reward_func_name
+from vgf_llm.rollout import HFGenerateBackend, Rollouts
+from vgf_llm.sampler import TransportBudget, VGFSampler
+from vgf_llm.scorers import RewardModelScorer, ValueModel, ValueModelConfig, active_adapter, pearson
+from vgf_llm.value_fitting import as_completion
+
+POLICY = "default"  # PEFT's name for a single adapter, so the saved folder loads with PeftModel.from_pretrained
+
+
+def default_lora_config():
+    """LoRA on every attention and MLP projection, rank 16: a common TRL/PEFT starting point."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, task_type="CAUSAL_LM",
+                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+
+
+def check_prompt_dataset(dataset, name: str) -> None:
+    if dataset is None:
+        return
+    columns = getattr(dataset, "column_names", None)
+    if columns is not None and "prompt" not in columns:
+        raise ValueError(f"the {name} needs a 'prompt' column (standard text or conversational messages, as TRL's "
+                         f"prompt-only datasets); it has {columns}")
+    if len(dataset) == 0:
+        raise ValueError(f"the {name} is empty")
+
+
+def pad_cat(tensors: list[torch.Tensor], value, left: bool = False) -> torch.Tensor:
+    """Concatenate along dim 0 tensors whose dim 1 differs, padding on the left or the right."""
+    width = max(t.shape[1] for t in tensors)
+    pads = [(width - t.shape[1], 0) if left else (0, width - t.shape[1]) for t in tensors]
+    return torch.cat([torch.nn.functional.pad(t, pad, value=value) for t, pad in zip(tensors, pads, strict=True)])
+
+
+def distill_weights(rewards: torch.Tensor, how: str, temperature: float) -> torch.Tensor:
+    """[G, K] target weights from true rewards (NaN = not a target), each group summing to 1 (or 0 if empty)."""
+    finite = torch.isfinite(rewards)
+    r = torch.where(finite, rewards, torch.full_like(rewards, -math.inf))
+    if how == "softmax":
+        w = torch.softmax(r / temperature, dim=-1)
+    elif how == "best":
+        w = torch.nn.functional.one_hot(r.argmax(-1), rewards.shape[-1]).to(rewards.dtype)
+    else:  # advantage: the part of the reward above the group mean
+        mean = torch.where(finite, rewards, 0).sum(-1, keepdim=True) / finite.sum(-1, keepdim=True).clamp_min(1)
+        w = torch.where(finite, (rewards - mean).clamp_min(0), 0)
+        w = w / w.sum(-1, keepdim=True).clamp_min(1e-12)
+    return torch.nan_to_num(torch.where(finite, w, 0), nan=0.0)
+
+
+def completion_logps(model, input_ids, attention_mask, completion_start: int) -> torch.Tensor:
+    """Per-token log-probabilities of ``input_ids[:, completion_start:]`` (prompts left-padded)."""
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions).logits
+    logits = logits[:, completion_start - 1:-1].float()
+    return torch.log_softmax(logits, -1).gather(-1, input_ids[:, completion_start:, None]).squeeze(-1)
+
+
+class VGFTrainer(Trainer):
+    """Fine-tune a LoRA policy with Value Gradient Flow; the surface follows TRL's ``GRPOTrainer``.
+
+    model: a hub id, a local path, an alias such as ``smollm2-135m-instruct``, or a ``PreTrainedModel`` (without
+        adapters: the trainer adds the policy adapter from ``peft_config``, default ``default_lora_config()``).
+    reward_funcs: one or a list of TRL reward functions (callables, registered names, ``pkg.module:function``) or
+        sequence-classification reward models (a model object or a path).
+    args: ``VGFConfig``. train_dataset / eval_dataset: prompt-only datasets with a ``prompt`` column (a string or
+        chat messages); every other column is passed to the reward functions by name.
+    """
+
+    def __init__(self, model, reward_funcs, args: VGFConfig | None = None, train_dataset=None, eval_dataset=None,
+                 processing_class=None, peft_config=None, callbacks=None, reward_processing_classes=None):
+        from vgf_llm.models import load_model, load_tokenizer
+
+        if args is None:
+            name = model if isinstance(model, str) else model.config._name_or_path
+            args = VGFConfig(output_dir=f"{Path(str(name)).name}-VGF")
+        if isinstance(model, (str, os.PathLike)):
+            base_name = os.fspath(model)
+            model = load_model(base_name, **(args.model_init_kwargs or {}))
+        elif isinstance(model, PreTrainedModel):
+            base_name = model.config._name_or_path
+        else:
+            raise TypeError("model must be a hub id, a local path or a PreTrainedModel (pass a PeftModel's "
+                            f"base model and its LoraConfig as peft_config), got {type(model).__name__}")
+        if getattr(model, "_hf_peft_config_loaded", False):
+            raise ValueError("the model already carries adapters: pass the plain base model and a peft_config")
+        self.base_model_name = base_name
+        if processing_class is None:
+            processing_class = load_tokenizer(base_name)
+        if processing_class.pad_token_id is None:
+            processing_class.pad_token = processing_class.eos_token
+        check_prompt_dataset(train_dataset, "train_dataset")
+        check_prompt_dataset(eval_dataset, "eval_dataset")
+
+        self.reward_funcs = self._reward_functions(reward_funcs, reward_processing_classes)
+        self.reward_names = [reward_func_name(f) for f in self.reward_funcs]
+        if args.reward_weights is not None and len(args.reward_weights) != len(self.reward_funcs):
+            raise ValueError(f"{len(args.reward_weights)} reward_weights for {len(self.reward_funcs)} reward functions")
+
+        self.scorer = self._scorer(model, args, processing_class)
+        peft_config = peft_config or default_lora_config()
+        peft_config.base_model_name_or_path = base_name
+        model.add_adapter(peft_config, adapter_name=POLICY)
+        model.enable_adapters()
+        model.set_adapter(POLICY)  # trainable: the policy adapter only (the value adapter trains in its own fit)
+
+        super().__init__(model=model, args=args, data_collator=lambda rows: rows, train_dataset=train_dataset,
+                         eval_dataset=eval_dataset, processing_class=processing_class, callbacks=callbacks)
+        self.backend = self._rollout_backend()
+        self.sampler = VGFSampler(
+            model, processing_class, self.scorer, num_particles=args.num_generations,
+            budget=TransportBudget(args.transport_steps, args.transport_step_size, args.transport_alpha,
+                                   args.transport_step_rule, args.transport_radius, args.repulsion),
+            decoder=args.decoder, topk=args.decoder_topk, max_edits=args.max_edits,
+            max_new_tokens=args.max_completion_length, temperature=args.temperature, top_p=args.top_p,
+            top_k=args.top_k, batch_size=args.generation_batch_size, backend=self.backend, progress=False)
+        self.value_buffer: deque = deque(maxlen=max(1, args.value_buffer_steps))
+        self._metrics: dict[str, list[float]] = defaultdict(list)
+        self._last_completions: list[tuple[str, str, str, float, float]] = []
+        self._micro_step = (-1, 0)  # (global step, micro-batch index): seeds rollouts reproducibly across resumes
+
+    # -- construction -------------------------------------------------------------------------------------------
+    @staticmethod
+    def _reward_functions(reward_funcs, processing_classes):
+        from vgf_llm.rewards import RewardModelReward
+
+        funcs = reward_funcs if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
+        if not funcs:
+            raise ValueError("at least one reward function is needed")
+        processing_classes = processing_classes or [None] * len(funcs)
+        out = []
+        for func, tok in zip(funcs, processing_classes, strict=True):
+            if isinstance(func, PreTrainedModel):
+                out.append(RewardModelReward(func, tok))
+            elif isinstance(func, (str, os.PathLike)) and (os.path.isdir(func)):
+                out.append(RewardModelReward(func, tok))
+            else:
+                out.append(get_reward_func(func))
+        return out
+
+    @staticmethod
+    def _scorer(model, args: VGFConfig, tokenizer):
+        if args.scorer == "reward_model":
+            from vgf_llm.models import load_tokenizer
+            from vgf_llm.rewards import RewardModelReward
+
+            rm = RewardModelReward(args.reward_model_path)
+            return RewardModelScorer(rm.model, load_tokenizer(args.reward_model_path), tokenizer)
+        if args.value_model_path:
+            return ValueModel.load(model, args.value_model_path)
+        return ValueModel(model, ValueModelConfig(num_layers=args.value_num_layers, lora_r=args.value_lora_r,
+                                                  lora_alpha=2 * args.value_lora_r))
+
+    def _rollout_backend(self):
+        a = self.args
+        if a.use_vllm:
+            from vgf_llm.vllm_backend import make_rollout_backend
+
+            return make_rollout_backend(self.model, self.processing_class, use_vllm=True, vllm_mode=a.vllm_mode,
+                                        max_new_tokens=a.max_completion_length, temperature=a.temperature,
+                                        top_p=a.top_p, top_k=a.top_k, batch_size=a.generation_batch_size,
+                                        gpu_memory_utilization=a.vllm_gpu_memory_utilization,
+                                        enable_sleep_mode=a.vllm_enable_sleep_mode, server_host=a.vllm_server_host,
+                                        server_port=a.vllm_server_port, server_timeout=a.vllm_server_timeout)
+        return HFGenerateBackend(self.model, self.processing_class, max_new_tokens=a.max_completion_length,
+                                 temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
+                                 batch_size=a.generation_batch_size)
+
+    # -- one step -----------------------------------------------------------------------------------------------
+    def _next_seed(self) -> int:
+        step, micro = self._micro_step
+        micro = micro + 1 if step == self.state.global_step else 0
+        self._micro_step = (self.state.global_step, micro)
+        return ((self.args.seed * 1_000_003 + self.state.global_step) * 101 + micro) * 1009 + \
+            self.accelerator.process_index
+
+    def _rewards(self, rows: list[dict], texts: list[str]) -> torch.Tensor:
+        """True rewards (NaN where every function returned None), TRL's call: extra columns + ``trainer_state``."""
+        prompts = [r["prompt"] for r in rows]
+        columns = {k: [r[k] for r in rows] for k in rows[0] if k != "prompt"}
+        try:
+            total, per_func = combine_rewards(self.reward_funcs, self.args.reward_weights, prompts,
+                                              [as_completion(p, t) for p, t in zip(prompts, texts, strict=True)],
+                                              trainer_state=self.state, **columns)
+        except Exception as err:
+            raise RuntimeError(f"a reward function failed at step {self.state.global_step}: {err}") from err
+        for name, col in zip(self.reward_names, per_func.T, strict=True):
+            if torch.isfinite(col).any():
+                self._metrics[f"rewards/{name}/mean"].append(float(col.nanmean()))
+        return torch.tensor([math.nan if v is None else v for v in total], dtype=torch.float32)
+
+    @contextmanager
+    def _gathered_parameters(self):
+        """Under DeepSpeed ZeRO-3, gather the sharded weights for generation, value fitting and transport (rank 0's
+        updates to the value adapter are kept); a no-op otherwise."""
+        if self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(self.model.parameters()), modifier_rank=0):
+                yield
+        else:
+            yield
+
+    def _prepare_inputs(self, rows: list[dict]) -> dict:
+        if not isinstance(rows, list):  # evaluation paths of the parent class
+            return super()._prepare_inputs(rows)
+        args, tok, model = self.args, self.processing_class, self.model
+        seed = self._next_seed()
+        prompts = [r["prompt"] for r in rows]
+        g, n = len(rows), args.num_generations
+        with self._gathered_parameters():
+            model.eval()
+            with active_adapter(model, None if args.particle_source == "reference" else POLICY):
+                ro = self.backend.generate(prompts, n, seed)
+            flat_rows = [r for r in rows for _ in range(n)]
+            rewards = self._rewards(flat_rows, [t for group in ro.texts for t in group]).view(g, n)
+            self._update_value_model(ro, rewards)
+            if args.transport_steps > 0:
+                new_ids, new_mask, disp = self.sampler.move(ro, seed)
+            else:
+                new_ids, new_mask, disp = ro.completion_ids, ro.completion_mask, torch.zeros(g, n)
+            moved = Rollouts(ro.prompt_ids, ro.prompt_mask, new_ids, new_mask,
+                             [[tok.decode(new_ids[i, j][new_mask[i, j].bool()], skip_special_tokens=True)
+                               for j in range(n)] for i in range(g)])
+            changed = self._tokens_changed(ro, moved)
+            moved_rewards = rewards.clone()
+            idx = changed.reshape(-1).nonzero().squeeze(1).tolist()
+            if idx:
+                texts = [moved.texts[i // n][i % n] for i in idx]
+                moved_rewards.view(-1)[idx] = self._rewards([flat_rows[i] for i in idx], texts)
+            targets = self._targets(ro, moved, rewards, moved_rewards, changed)
+            model.train()
+        self._log_step(ro, moved, rewards, moved_rewards, changed, disp)
+        return targets
+
+    def _update_value_model(self, ro: Rollouts, rewards: torch.Tensor) -> None:
+        if not isinstance(self.scorer, ValueModel):
+            return
+        g, n, _ = ro.shape
+        p_ids, p_mask = ro.prompt_ids.repeat_interleave(n, 0), ro.prompt_mask.repeat_interleave(n, 0)
+        c_ids, c_mask = ro.completion_ids.reshape(g * n, -1), ro.completion_mask.reshape(g * n, -1)
+        r = rewards.reshape(-1)
+        pred = self.scorer.score_ids(p_ids, p_mask, c_ids, c_mask)
+        ok = torch.isfinite(r)
+        if ok.sum() > 2 and r[ok].std() > 0:
+            self._metrics["value/corr"].append(pearson(pred[ok], r[ok]))  # on samples the value model never saw
+        self.value_buffer.append(self._gather((p_ids, p_mask, c_ids, c_mask, r)))
+        parts = list(zip(*self.value_buffer, strict=True))
+        pad = self.processing_class.pad_token_id
+        data = (pad_cat(list(parts[0]), pad, left=True), pad_cat(list(parts[1]), 0, left=True),
+                pad_cat(list(parts[2]), pad), pad_cat(list(parts[3]), 0), torch.cat(parts[4]))
+        if torch.isfinite(data[4]).sum() < 4:
+            return
+        stats = self.scorer.fit(*data, epochs=self.args.value_epochs, lr=self.args.value_learning_rate,
+                                batch_size=self.args.value_batch_size, val_fraction=0.0,
+                                seed=self.args.seed + self.state.global_step, progress=False)
+        self._metrics["value/loss"].append(stats["train_loss_last"])
+
+    def _gather(self, tensors: tuple) -> tuple:
+        """Every process fits the value model on every process's rollouts, so the copies stay identical."""
+        if self.accelerator.num_processes == 1:
+            return tensors
+        acc, pad = self.accelerator, self.processing_class.pad_token_id
+        p_ids, p_mask, c_ids, c_mask, r = tensors
+        return (acc.gather(acc.pad_across_processes(p_ids, dim=1, pad_index=pad, pad_first=True)),
+                acc.gather(acc.pad_across_processes(p_mask, dim=1, pad_index=0, pad_first=True)),
+                acc.gather(acc.pad_across_processes(c_ids, dim=1, pad_index=pad)),
+                acc.gather(acc.pad_across_processes(c_mask, dim=1, pad_index=0)), acc.gather(r))
+
+    @staticmethod
+    def _tokens_changed(ro: Rollouts, moved: Rollouts) -> torch.Tensor:
+        """[G, N] number of response tokens that differ after transport and decoding."""
+        a, b = ro.completion_ids * ro.completion_mask, moved.completion_ids * moved.completion_mask
+        width = max(a.shape[-1], b.shape[-1])
+        a = torch.nn.functional.pad(a, (0, width - a.shape[-1]))
+        b = torch.nn.functional.pad(b, (0, width - b.shape[-1]))
+        return (a != b).sum(-1)
+
+    def _targets(self, ro, moved, rewards, moved_rewards, changed) -> dict:
+        """The distillation batch: kept (prompt, response) sequences with their weights, and the reference's
+        log-probabilities of them (for the logged KL)."""
+        args, pad = self.args, self.processing_class.pad_token_id
+        g, n, _ = ro.shape
+        if args.distill_pool == "union":  # an unchanged transported particle is the original: count it once
+            ids = pad_cat([ro.completion_ids.reshape(g * n, -1), moved.completion_ids.reshape(g * n, -1)], pad)
+            masks = pad_cat([ro.completion_mask.reshape(g * n, -1), moved.completion_mask.reshape(g * n, -1)], 0)
+            ids, masks = ids.view(2, g, n, -1).transpose(0, 1), masks.view(2, g, n, -1).transpose(0, 1)
+            pool = torch.cat([rewards, torch.where(changed > 0, moved_rewards, math.nan)], 1)
+            ids, masks = ids.reshape(g, 2 * n, -1), masks.reshape(g, 2 * n, -1)
+        else:
+            ids, masks, pool = moved.completion_ids, moved.completion_mask, moved_rewards.clone()
+        finite = torch.isfinite(pool)
+        spread = torch.stack([pool[i][finite[i]].std() if finite[i].sum() > 1 else torch.tensor(0.0)
+                              for i in range(g)])
+        skip = (spread.nan_to_num(0) == 0) if args.skip_zero_std_groups else torch.zeros(g, dtype=torch.bool)
+        weights = distill_weights(pool, args.distill_weighting, args.distill_temperature)
+        weights[skip] = 0
+        self._metrics["frac_groups_skipped"].append(float(skip.float().mean()))
+        keep = (weights > 0).nonzero()
+        k = keep.shape[0]
+        prompt_ids, prompt_mask = ro.prompt_ids[keep[:, 0]], ro.prompt_mask[keep[:, 0]]
+        completion_ids, completion_mask = ids[keep[:, 0], keep[:, 1]], masks[keep[:, 0], keep[:, 1]]
+        input_ids = torch.cat([prompt_ids, completion_ids], 1)
+        attention_mask = torch.cat([prompt_mask, completion_mask], 1)
+        device = self.accelerator.device
+        batch = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device),
+                 "completion_mask": completion_mask.to(device), "weights": weights[keep[:, 0], keep[:, 1]].to(device),
+                 "completion_start": ro.prompt_ids.shape[1], "num_groups": g}
+        if k:
+            with torch.no_grad(), active_adapter(self.model, None):
+                batch["ref_logps"] = completion_logps(self.model, batch["input_ids"], batch["attention_mask"],
+                                                      batch["completion_start"])
+        return batch
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """Weighted cross-entropy of the kept targets (weights sum to 1 per group), averaged over the groups."""
+        if inputs["input_ids"].shape[0] == 0:  # every group skipped: a zero loss that still reaches every parameter
+            loss = sum(p.sum() * 0.0 for p in model.parameters() if p.requires_grad)
+            return (loss, None) if return_outputs else loss
+        with active_adapter(self.accelerator.unwrap_model(model), POLICY):
+            logps = completion_logps(model, inputs["input_ids"], inputs["attention_mask"], inputs["completion_start"])
+        mask = inputs["completion_mask"].to(logps.dtype)
+        nll = -(logps * mask).sum(-1) / mask.sum(-1).clamp_min(1)
+        loss = (inputs["weights"] * nll).sum() / inputs["num_groups"]
+        with torch.no_grad():
+            log_ratio = inputs["ref_logps"] - logps.detach()
+            k3 = (torch.exp(log_ratio) - log_ratio - 1) * mask  # TRL's per-token KL estimator
+            self._metrics["kl"].append(float(k3.sum() / mask.sum().clamp_min(1)))
+            self._metrics["distill/nll"].append(float((nll * inputs["weights"]).sum() / inputs["weights"].sum()))
+        return (loss, None) if return_outputs else loss
+
+    def _log_step(self, ro, moved, rewards, moved_rewards, changed, disp) -> None:
+        m = self._metrics
+        finite = torch.isfinite(rewards)
+        stds = torch.stack([rewards[i][finite[i]].std() if finite[i].sum() > 1 else torch.tensor(0.0)
+                            for i in range(rewards.shape[0])]).nan_to_num(0)
+        m["reward"].append(float(rewards.nanmean()))
+        m["reward_std"].append(float(stds.mean()))
+        m["frac_reward_zero_std"].append(float((stds == 0).float().mean()))
+        m["transport/reward_before"].append(float(rewards.nanmean()))
+        m["transport/reward_after"].append(float(moved_rewards.nanmean()))
+        m["transport/tokens_changed"].append(float(changed.float().mean()))
+        m["transport/displacement"].append(float(disp.float().mean()))
+        m["completions/mean_length"].append(float(ro.completion_mask.sum(-1).float().mean()))
+        self._last_completions = [(str(ro.texts[i][0]), moved.texts[i][0], float(rewards[i, 0]),
+                                   float(moved_rewards[i, 0])) for i in range(min(ro.shape[0], 4))]
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Adds the step metrics (averaged over the micro-batches and processes since the last log) to the logs."""
+        prefix = "eval_" if next(iter(logs), "").startswith("eval_") else ""
+        if not prefix:
+            for key, values in self._metrics.items():
+                if values:
+                    mean = torch.tensor(sum(values) / len(values), device=self.accelerator.device)
+                    logs[key] = float(self.accelerator.reduce(mean, reduction="mean"))
+            self._metrics.clear()
+            if self.args.log_completions and self._last_completions and self.is_world_process_zero():
+                rows = self._last_completions[: self.args.num_completions_to_print or 4]
+                for before, after, r0, r1 in rows:
+                    print(f"[step {self.state.global_step}] reward {r0:.3f} -> {r1:.3f}\n  before: {before!r}\n"
+                          f"  after:  {after!r}")
+        super().log(logs, start_time)
+
+    # -- evaluation -----------------------------------------------------------------------------------------------
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """Mean true reward of the policy's greedy completions on the evaluation prompts."""
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if dataset is None:
+            raise ValueError("evaluate() needs an eval_dataset")
+        rows = [dict(r) for r in dataset]
+        with self.accelerator.split_between_processes(rows) as local:
+            rewards, _ = policy_rewards(self.model, self.processing_class, local, self.reward_funcs,
+                                        self.args.reward_weights, adapter=POLICY,
+                                        max_new_tokens=self.args.max_completion_length,
+                                        batch_size=self.args.generation_batch_size, progress=False)
+        gathered = self.accelerator.gather_for_metrics(torch.tensor(rewards, device=self.accelerator.device))
+        metrics = {f"{metric_key_prefix}_reward": float(gathered.nanmean())}
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+    # -- checkpoints and the Hub ----------------------------------------------------------------------------------
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """The policy adapter only (PEFT format, loads with ``PeftModel.from_pretrained``), tokenizer, args."""
+        output_dir = output_dir or self.args.output_dir
+        os.makedirs(output_dir, exist_ok=True)
+        model = self.accelerator.unwrap_model(self.model)
+        with active_adapter(model, POLICY):
+            model.save_pretrained(output_dir, state_dict=state_dict)
+        if self.args.should_save:
+            self.processing_class.save_pretrained(output_dir)
+            torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """Adds the value model (adapter + head) and its rollout buffer to the Trainer's checkpoint."""
+        super()._save_checkpoint(model, trial)
+        if not self.args.should_save:
+            return
+        folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
+        if isinstance(self.scorer, ValueModel):
+            self.scorer.save(folder / "value_model")
+        torch.save({"value_buffer": list(self.value_buffer)}, folder / "vgf_state.pt")
+
+    def _load_vgf_state(self, checkpoint: str) -> None:
+        folder = Path(checkpoint)
+        if isinstance(self.scorer, ValueModel):
+            if not (folder / "value_model").is_dir():
+                raise FileNotFoundError(f"{folder} has no value_model/: not a VGF checkpoint")
+            self.scorer.load_weights(folder / "value_model")
+        if (folder / "vgf_state.pt").exists():
+            self.value_buffer.clear()
+            self.value_buffer.extend(torch.load(folder / "vgf_state.pt", weights_only=False)["value_buffer"])
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        """The policy adapter back into ``default`` (the parent only knows PeftModel-wrapped adapters)."""
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        model = self.accelerator.unwrap_model(model if model is not None else self.model)
+        file = Path(resume_from_checkpoint) / "adapter_model.safetensors"
+        if not file.exists():
+            raise FileNotFoundError(f"no adapter_model.safetensors in {resume_from_checkpoint}")
+        state = {k.removeprefix("base_model.model."): v for k, v in load_file(str(file)).items()}
+        result = set_peft_model_state_dict(model, state, adapter_name=POLICY)
+        if getattr(result, "unexpected_keys", None):
+            raise ValueError(f"the checkpoint's adapter does not fit this model: {result.unexpected_keys[:3]}")
+
+    def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
+        if resume_from_checkpoint:
+            if resume_from_checkpoint is True:
+                resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+                if resume_from_checkpoint is None:
+                    raise ValueError(f"no checkpoint to resume from in {self.args.output_dir}")
+            self._load_vgf_state(resume_from_checkpoint)
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial,
+                             ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
+
+    def init_hf_repo(self, token: str | None = None) -> None:
+        """Nothing at start-up: the repository is created when the adapter is pushed (works offline until then)."""
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        """On every save with ``hub_strategy='every_save'``: the adapter and the card, never the checkpoint."""
+        if self.args.hub_strategy == "every_save":
+            self.push_to_hub(commit_message=f"Training in progress, step {self.state.global_step}")
+
+    def push_to_hub(self, commit_message: str | None = "End of training", blocking: bool = True,
+                    token: str | None = None, revision: str | None = None, **kwargs):
+        """Upload the policy adapter and a model card, and nothing else."""
+        from vgf_llm.hub import upload_adapter
+
+        self.save_model(_internal_call=True)
+        if not self.is_world_process_zero():
+            return None
+        dataset_name = getattr(getattr(self.train_dataset, "info", None), "dataset_name", None)
+        return upload_adapter(self.args.output_dir, repo_id=self.args.hub_model_id or Path(self.args.output_dir).name,
+                              base_model=self.base_model_name, reward_names=self.reward_names, config=self.args,
+                              dataset_name=dataset_name, commit_message=commit_message,
+                              token=token or self.args.hub_token, revision=revision,
+                              private=self.args.hub_private_repo)
+
