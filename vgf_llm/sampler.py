@@ -205,6 +205,7 @@ class VGFSampler:
                 self.model, self.tokenizer, ro.prompt_ids, ro.prompt_mask, new_ids, ids, cmask, eos_ids=self.eos,
                 max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
                 top_k=self.top_k, seed=seed + 7)
+        self.last_trace = trace  # the trainer logs its non-finite count
         disp = trace.displacement[-1] if trace.displacement.shape[0] else torch.zeros(ids.shape[:2])
         return new_ids, new_mask, disp
 

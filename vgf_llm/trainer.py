@@ -244,6 +244,7 @@ class VGFTrainer(Trainer):
             self._update_value_model(ro, rewards)
             if args.transport_steps > 0:
                 new_ids, new_mask, disp = self.sampler.move(ro, seed)
+                self._metrics["transport/nonfinite"].append(float(self.sampler.last_trace.nonfinite.sum()))
             else:
                 new_ids, new_mask, disp = ro.completion_ids, ro.completion_mask, torch.zeros(g, n)
             moved = Rollouts(ro.prompt_ids, ro.prompt_mask, new_ids, new_mask,
@@ -361,11 +362,12 @@ class VGFTrainer(Trainer):
         finite = torch.isfinite(rewards)
         stds = torch.stack([rewards[i][finite[i]].std() if finite[i].sum() > 1 else torch.tensor(0.0)
                             for i in range(rewards.shape[0])]).nan_to_num(0)
-        m["reward"].append(float(rewards.nanmean()))
-        m["reward_std"].append(float(stds.mean()))
+        if finite.any():  # a batch where no reward applied (all None) has no reward to log
+            m["reward"].append(float(rewards.nanmean()))
+            m["reward_std"].append(float(stds.mean()))
+            m["transport/reward_before"].append(float(rewards.nanmean()))
+            m["transport/reward_after"].append(float(moved_rewards.nanmean()))
         m["frac_reward_zero_std"].append(float((stds == 0).float().mean()))
-        m["transport/reward_before"].append(float(rewards.nanmean()))
-        m["transport/reward_after"].append(float(moved_rewards.nanmean()))
         m["transport/tokens_changed"].append(float(changed.float().mean()))
         m["transport/displacement"].append(float(disp.float().mean()))
         m["completions/mean_length"].append(float(ro.completion_mask.sum(-1).float().mean()))
@@ -402,7 +404,7 @@ class VGFTrainer(Trainer):
                                         batch_size=self.args.generation_batch_size, progress=False)
         gathered = self.accelerator.gather_for_metrics(torch.tensor(rewards, device=self.accelerator.device))
         metrics = {f"{metric_key_prefix}_reward": float(gathered.nanmean())}
-        self.log(metrics)
+        self.log(dict(metrics))
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
 

@@ -1,0 +1,260 @@
+"""VGFTrainer on tiny local models: what one step changes, what it logs, data forms, rewards, resume, the Hub."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+from vgf_llm.config import VGFConfig
+from vgf_llm.trainer import POLICY, VGFTrainer, distill_weights
+
+STEP_METRICS = ["reward", "reward_std", "frac_reward_zero_std", "transport/reward_before", "transport/reward_after",
+                "transport/tokens_changed", "transport/displacement", "value/loss", "value/corr", "kl",
+                "completions/mean_length", "loss"]
+
+
+def length_reward(prompts, completions, **kwargs):
+    """A learnable reward: longer completions score higher (tiny random models emit varied lengths)."""
+    return [len(c if isinstance(c, str) else c[0]["content"]) / 20.0 for c in completions]
+
+
+def config(tmp_path, **overrides) -> VGFConfig:
+    values = dict(output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=2, num_generations=4,
+                  max_completion_length=6, transport_steps=2, transport_step_size=0.5, save_strategy="no",
+                  use_cpu=True, seed=0, learning_rate=1e-2, value_epochs=1, disable_tqdm=True)
+    values.update(overrides)
+    return VGFConfig(**values)
+
+
+def trainer(tiny_lm_dir, dataset, tmp_path, reward=length_reward, **overrides) -> VGFTrainer:
+    return VGFTrainer(str(tiny_lm_dir), reward, args=config(tmp_path, **overrides), train_dataset=dataset)
+
+
+def logged(tr: VGFTrainer) -> dict:
+    """The union of the per-step logs (the last one is the train summary)."""
+    out = {}
+    for entry in tr.state.log_history:
+        out.update(entry)
+    return out
+
+
+def test_training_changes_only_the_policy_adapter_and_logs_finite_metrics(tiny_lm_dir, standard_prompts, tmp_path):
+    tr = trainer(tiny_lm_dir, standard_prompts, tmp_path)
+    before = {n: p.detach().clone() for n, p in tr.model.named_parameters()}
+    tr.train()
+    changed = {n for n, p in tr.model.named_parameters() if not torch.equal(p, before[n])}
+    policy = {n for n in before if f"lora_A.{POLICY}." in n or f"lora_B.{POLICY}." in n}
+    assert policy and policy <= changed  # every policy LoRA matrix moved (B from zero, A after B did)
+    assert all("lora_" in n for n in changed), "base weights must never change"
+    log = logged(tr)
+    for key in STEP_METRICS + ["train_loss"]:
+        assert key in log and math.isfinite(log[key]), key
+    assert log["transport/displacement"] > 0
+
+
+def test_extra_columns_and_trainer_state_reach_the_reward(tiny_lm_dir, standard_prompts, tmp_path):
+    seen = []
+
+    def reward(prompts, completions, answer, trainer_state, **kwargs):
+        seen.append((list(prompts), list(answer), trainer_state.global_step))
+        return [1.0 if a else 0.0 for a in answer]
+
+    trainer(tiny_lm_dir, standard_prompts, tmp_path, reward=reward, max_steps=1).train()
+    rows = dict(zip(standard_prompts["prompt"], standard_prompts["answer"], strict=True))
+    prompts, answers, step = seen[0]
+    assert answers == [rows[p] for p in prompts] and step == 0
+
+
+def test_none_rewards_are_skipped(tiny_lm_dir, standard_prompts, tmp_path):
+    def maths_only(prompts, completions, answer, **kwargs):  # not applicable to the open-ended prompts
+        return [float(len(c)) if a else None for c, a in zip(completions, answer, strict=True)]
+
+    tr = trainer(tiny_lm_dir, standard_prompts, tmp_path, reward=maths_only, max_steps=2)
+    tr.train()
+    assert all(math.isfinite(v) for e in tr.state.log_history for k, v in e.items() if k in ("loss", "reward"))
+
+
+def test_conversational_prompts_and_a_reward_model(tiny_lm_dir, tiny_reward_model_dir, conversational_prompts,
+                                                    tmp_path):
+    tr = VGFTrainer(str(tiny_lm_dir), [length_reward, str(tiny_reward_model_dir)], train_dataset=conversational_prompts,
+                    args=config(tmp_path, max_steps=1, reward_weights=[1.0, 0.5]))
+    tr.train()
+    log = logged(tr)
+    assert "rewards/length_reward/mean" in log and f"rewards/{tiny_reward_model_dir.name}/mean" in log
+
+
+def test_reward_model_as_scorer(tiny_lm_dir, tiny_reward_model_dir, standard_prompts, tmp_path):
+    tr = trainer(tiny_lm_dir, standard_prompts, tmp_path, max_steps=1, scorer="reward_model",
+                 reward_model_path=str(tiny_reward_model_dir))
+    tr.train()
+    assert "value/loss" not in logged(tr) and math.isfinite(logged(tr)["loss"])
+
+
+def test_budget_zero_distils_best_of_n_without_moving(tiny_lm_dir, standard_prompts, tmp_path):
+    tr = trainer(tiny_lm_dir, standard_prompts, tmp_path, max_steps=1, transport_steps=0)
+    tr.train()
+    log = logged(tr)
+    assert log["transport/tokens_changed"] == 0 and log["transport/reward_after"] == log["transport/reward_before"]
+
+
+def test_policy_particles(tiny_lm_dir, standard_prompts, tmp_path):
+    tr = trainer(tiny_lm_dir, standard_prompts, tmp_path, particle_source="policy")
+    tr.train()
+    assert math.isfinite(logged(tr)["loss"])
+
+
+def test_saved_adapter_loads_with_peft_and_reproduces_the_policy(tiny_lm_dir, standard_prompts, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    tr = trainer(tiny_lm_dir, standard_prompts, tmp_path)
+    tr.train()
+    tr.save_model()
+    out = tmp_path / "out"
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(out))
+    assert not (out / "model.safetensors").exists()  # adapter only, never the base weights
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_lm_dir), out).eval()
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    tr.model.eval()
+    with torch.no_grad():
+        expected = tr.model(input_ids=ids).logits  # the policy adapter is the active one after training
+        base = loaded.get_base_model()
+        with loaded.disable_adapter():
+            reference = base(input_ids=ids).logits
+        assert torch.allclose(loaded(input_ids=ids).logits, expected, atol=1e-5)
+    assert not torch.allclose(reference, expected, atol=1e-4)  # the adapter does something
+
+
+def test_two_plus_two_steps_with_resume_equal_four_steps(tiny_lm_dir, standard_prompts, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    straight = trainer(tiny_lm_dir, standard_prompts, tmp_path / "a", max_steps=4, save_strategy="steps",
+                       save_steps=2)
+    straight.train()
+    # an interrupted run: only its first checkpoint exists
+    shutil.copytree(tmp_path / "a" / "out" / "checkpoint-2", tmp_path / "b" / "out" / "checkpoint-2")
+    resumed = trainer(tiny_lm_dir, standard_prompts, tmp_path / "b", max_steps=4, save_strategy="steps",
+                      save_steps=2)
+    resumed.train(resume_from_checkpoint=True)
+    a = load_file(str(tmp_path / "a" / "out" / "checkpoint-4" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "out" / "checkpoint-4" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    va = load_file(str(tmp_path / "a" / "out" / "checkpoint-4" / "value_model" / "value_model.safetensors"))
+    vb = load_file(str(tmp_path / "b" / "out" / "checkpoint-4" / "value_model" / "value_model.safetensors"))
+    for k in va:
+        torch.testing.assert_close(va[k], vb[k], rtol=1e-5, atol=1e-6)
+
+
+def test_push_uploads_the_adapter_and_card_only(tiny_lm_dir, standard_prompts, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    uploads = []
+
+    def fake_upload_folder(self, *, repo_id, folder_path, **kwargs):
+        uploads.append((repo_id, sorted(os.listdir(folder_path)), (tmp_path / "card.md").write_text(
+            open(os.path.join(folder_path, "README.md")).read())))
+        return "https://huggingface.co/fake/commit"
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, repo_id, **kw: repo_id)
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", fake_upload_folder)
+    tr = trainer(tiny_lm_dir, standard_prompts, tmp_path, max_steps=1, push_to_hub=True, hub_model_id="me/vgf-tiny")
+    tr.train()
+    tr.push_to_hub()
+    repo, files, _ = uploads[-1]
+    assert repo == "me/vgf-tiny"
+    assert files == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    card = (tmp_path / "card.md").read_text()
+    for needle in ("vgf-llm", "- vgf", "base_model:", "length_reward", "arXiv:2604.14265", "2 steps x step size"):
+        assert needle in card, needle
+
+
+def test_evaluate_scores_greedy_completions(tiny_lm_dir, standard_prompts, tmp_path):
+    tr = VGFTrainer(str(tiny_lm_dir), length_reward, args=config(tmp_path), train_dataset=standard_prompts,
+                    eval_dataset=standard_prompts)
+    metrics = tr.evaluate()
+    assert set(metrics) == {"eval_reward"} and metrics["eval_reward"] > 0
+
+
+@pytest.mark.parametrize("weighting", ["softmax", "best", "advantage"])
+def test_distill_weights_sum_to_one_and_skip_missing(weighting):
+    rewards = torch.tensor([[0.0, 1.0, float("nan"), 0.5], [2.0, 2.0, 1.0, float("nan")]])
+    w = distill_weights(rewards, weighting, temperature=0.1)
+    torch.testing.assert_close(w.sum(-1), torch.ones(2))
+    assert (w[:, 2][0] == 0) and (w[1, 3] == 0)  # None rewards are never targets
+    assert int(w[0].argmax()) == 1  # the best response gets the most weight
+
+
+# -- bad inputs -------------------------------------------------------------------------------------------------
+def test_dataset_without_prompt_column(tiny_lm_dir, tmp_path):
+    from datasets import Dataset
+
+    with pytest.raises(ValueError, match="needs a 'prompt' column"):
+        trainer(tiny_lm_dir, Dataset.from_dict({"question": ["What is 1 + 1?"]}), tmp_path)
+
+
+def test_empty_dataset(tiny_lm_dir, tmp_path):
+    from datasets import Dataset
+
+    with pytest.raises(ValueError, match="is empty"):
+        trainer(tiny_lm_dir, Dataset.from_dict({"prompt": []}), tmp_path)
+
+
+def test_reward_function_that_raises(tiny_lm_dir, standard_prompts, tmp_path):
+    def broken(prompts, completions, **kwargs):
+        raise KeyError("score")
+
+    with pytest.raises(RuntimeError, match="reward function failed at step 0"):
+        trainer(tiny_lm_dir, standard_prompts, tmp_path, reward=broken).train()
+
+
+def test_nan_rewards(tiny_lm_dir, standard_prompts, tmp_path):
+    def nan_reward(prompts, completions, **kwargs):
+        return [float("nan")] * len(completions)
+
+    with pytest.raises(RuntimeError, match="return None"):
+        trainer(tiny_lm_dir, standard_prompts, tmp_path, reward=nan_reward).train()
+
+
+def test_reward_model_scorer_with_another_vocabulary(tiny_lm_dir, other_vocab_reward_model_dir, standard_prompts,
+                                                     tmp_path):
+    with pytest.raises(ValueError, match="vocabulary differs"):
+        trainer(tiny_lm_dir, standard_prompts, tmp_path, scorer="reward_model",
+                reward_model_path=str(other_vocab_reward_model_dir))
+
+
+def test_non_finite_transport_is_skipped_and_logged(tiny_lm_dir, standard_prompts, tmp_path, monkeypatch):
+    tr = trainer(tiny_lm_dir, standard_prompts, tmp_path, max_steps=1)
+    grad_fn = tr.sampler._grad_fn
+
+    def poisoned(*args):
+        inner = grad_fn(*args)
+
+        def fn(u):
+            values, grad = inner(u)
+            return values, torch.full_like(grad, float("nan"))
+
+        return fn
+
+    monkeypatch.setattr(tr.sampler, "_grad_fn", poisoned)
+    tr.train()
+    log = logged(tr)
+    assert log["transport/nonfinite"] > 0 and log["transport/tokens_changed"] == 0 and math.isfinite(log["loss"])
+
+
+@pytest.mark.parametrize("bad", [dict(num_generations=1), dict(particle_source="nope"), dict(scorer="reward_model"),
+                                 dict(transport_alpha=0.0), dict(distill_weighting="mean")])
+def test_config_rejects_bad_values(tmp_path, bad):
+    with pytest.raises(ValueError):
+        config(tmp_path, **bad)
+
+
+def test_batch_semantics(tmp_path):
+    args = config(tmp_path, per_device_train_batch_size=3, gradient_accumulation_steps=2)
+    assert args.prompts_per_step == 6
