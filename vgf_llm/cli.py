@@ -440,6 +440,9 @@ def build_parser() -> argparse.ArgumentParser:
         "passed to it (e.g. --steps 0 --no_plot --out DIR).",
     )
     demo.set_defaults(func=cmd_demo)
+    add_vllm_serve_parser(sub)
+    sub.add_parser("train", add_help=False, help="fine-tune a LoRA policy with VGF from a YAML recipe "
+                   "(vgf-llm train --help lists every option)")
     return parser
 
 
@@ -792,12 +795,145 @@ def cmd_demo(args) -> int:
 
 
 # ------------------------------------------------------------------------------------------------------------------
+# vllm-serve (server mode of the vLLM rollout backend; see docs/vllm.md)
+
+
+def add_vllm_serve_parser(sub) -> None:
+    serve = sub.add_parser(
+        "vllm-serve",
+        help="serve a model with vLLM for rollouts (vllm_mode='server')",
+        formatter_class=_HelpFormatter,
+        description="Start a vLLM engine behind a small HTTP server that VLLMBackend(vllm_mode='server') "
+        "generates from and pushes the policy weights to after each update (docs/vllm.md). Needs vLLM "
+        "(on CPU: scripts/install_vllm.sh).",
+    )
+    serve.add_argument("--model", required=True, help="model alias, local folder, or cached Hub id")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for other nodes)")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on")
+    serve.add_argument("--dtype", default="auto", help="vLLM dtype: auto, bfloat16, float16, float32")
+    serve.add_argument("--tensor_parallel_size", type=_positive_int, default=1, help="GPUs per engine")
+    serve.add_argument("--gpu_memory_utilization", type=float, default=0.9, help="GPU memory share for vLLM")
+    serve.add_argument("--max_model_len", type=_positive_int, default=None, help="context length (default: model's)")
+    serve.add_argument("--kv_cache_memory_bytes", type=_positive_int, default=None,
+                       help="KV-cache size in bytes (CPU default: 1 GiB)")
+    serve.add_argument("--enforce_eager", action=argparse.BooleanOptionalAction, default=None,
+                       help="disable CUDA graphs / compilation (default: on for CPU, off for GPU)")
+    serve.add_argument("--enable_sleep_mode", action="store_true", help="allow /sleep and /wake_up")
+    serve.add_argument("--seed", type=int, default=0, help="engine seed (requests carry their own seeds)")
+    serve.add_argument("--ready_file", default=None, help="write the server's URL to this file once it listens")
+    serve.set_defaults(func=cmd_vllm_serve)
+
+
+def cmd_vllm_serve(args) -> int:
+    from vgf_llm.models import prepare_model
+    from vgf_llm.vllm_backend import VLLMUnavailableError, require_vllm
+    from vgf_llm.vllm_server import serve
+
+    try:
+        require_vllm()
+    except VLLMUnavailableError as err:
+        raise CLIError(str(err)) from err
+    serve(prepare_model(args.model), host=args.host, port=args.port, ready_file=args.ready_file, dtype=args.dtype,
+          tensor_parallel_size=args.tensor_parallel_size, gpu_memory_utilization=args.gpu_memory_utilization,
+          max_model_len=args.max_model_len, kv_cache_memory_bytes=args.kv_cache_memory_bytes,
+          enforce_eager=args.enforce_eager, enable_sleep_mode=args.enable_sleep_mode, seed=args.seed)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------------------------
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# train
+
+ACCELERATE_CONFIGS = ("multi_gpu", "zero2", "zero3")
+
+
+def recipes_dir() -> Path:
+    return Path(__file__).resolve().parents[1] / "recipes"
+
+
+def _pop_option(argv: list[str], name: str) -> str | None:
+    """Remove ``--name value`` (or ``--name=value``) from argv and return the value."""
+    for i, arg in enumerate(argv):
+        if arg == name:
+            if i + 1 >= len(argv):
+                raise CLIError(f"{name} needs a value")
+            value = argv[i + 1]
+            del argv[i:i + 2]
+            return value
+        if arg.startswith(name + "="):
+            del argv[i]
+            return arg.split("=", 1)[1]
+    return None
+
+
+def launch_command(argv: list[str], accelerate_config: str, num_processes: int, cuda: bool) -> list[str]:
+    """The command that re-runs ``vgf-llm train argv`` in ``num_processes`` processes.
+
+    With CUDA: ``accelerate launch`` with the named config (recipes/accelerate/NAME.yaml) or a path. Without
+    (CPU machines, CI): ``torchrun`` over gloo, the named DeepSpeed config passed to the Trainer as
+    ``--deepspeed recipes/deepspeed/NAME.json``, since accelerate's CPU launcher starts a single process.
+    """
+    train = ["-m", "vgf_llm.cli", "train", *argv]
+    named = accelerate_config in ACCELERATE_CONFIGS
+    if cuda:
+        path = recipes_dir() / "accelerate" / f"{accelerate_config}.yaml" if named else Path(accelerate_config)
+        if not path.exists():
+            raise CLIError(f"no accelerate config {path} (names: {', '.join(ACCELERATE_CONFIGS)}, or a path)")
+        return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(path),
+                "--num_processes", str(num_processes), *train]
+    if not named:
+        raise CLIError(f"without CUDA, --accelerate_config takes one of {ACCELERATE_CONFIGS} (run torchrun or "
+                       "accelerate launch yourself for a custom config)")
+    extra = ["--use_cpu", "true", "--ddp_backend", "gloo"]
+    if accelerate_config.startswith("zero"):
+        extra += ["--deepspeed", str(recipes_dir() / "deepspeed" / f"{accelerate_config}.json")]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(num_processes), *train, *extra]
+
+
+def cmd_train(argv: list[str]) -> int:
+    """``vgf-llm train --config recipe.yaml [--key value ...] [--accelerate_config NAME --num_processes N]``."""
+    from trl import ModelConfig, TrlParser
+
+    from vgf_llm.config import VGFConfig
+    from vgf_llm.recipe import RecipeArguments, run
+
+    argv = list(argv)
+    accelerate_config = _pop_option(argv, "--accelerate_config")
+    num_processes = _pop_option(argv, "--num_processes")
+    if accelerate_config and "LOCAL_RANK" not in os.environ:
+        import subprocess
+
+        import torch
+
+        cmd = launch_command(argv, accelerate_config, int(num_processes or max(torch.cuda.device_count(), 2)),
+                             torch.cuda.is_available())
+        print("launching:", " ".join(cmd), file=sys.stderr)
+        return subprocess.call(cmd)
+    parser = TrlParser((RecipeArguments, VGFConfig, ModelConfig), prog="vgf-llm train",
+                       description="Fine-tune a LoRA policy with Value Gradient Flow. Options come from --config "
+                       "recipe.yaml; --key value on the command line overrides the file.")
+    recipe, args, model_args = parser.parse_args_and_config(argv)
+    if not model_args.model_name_or_path:
+        raise CLIError("set model_name_or_path (in the recipe or with --model_name_or_path)")
+    run(recipe, args, model_args)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     """Parse ``argv`` (default: sys.argv[1:]) and run the command; bad inputs raise SystemExit(2)."""
     from vgf_llm.models import ModelNotAvailableError
 
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["train"]:  # TRL's parser owns train's options (the whole VGFConfig)
+        try:
+            return cmd_train(argv[1:])
+        except (CLIError, ModelNotAvailableError, FileNotFoundError, ValueError) as err:
+            if os.environ.get("VGF_LLM_DEBUG", "") not in ("", "0"):
+                raise
+            print(f"vgf-llm train: error: {err}", file=sys.stderr)
+            raise SystemExit(2) from err
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and args.command != "demo":

@@ -92,8 +92,6 @@ class VGFConfig(TrainingArguments):
     logging_steps: float = 1
     per_device_train_batch_size: int = 4
     remove_unused_columns: bool = False  # extra dataset columns go to the reward functions
-    report_to: str | list[str] | None = "none"
-    save_strategy: str = "steps"
     save_steps: float = 50
 
     def __post_init__(self):

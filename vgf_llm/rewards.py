@@ -222,9 +222,78 @@ class RewardModelReward:
 # Registry and combination
 
 
+_GSM8K_ANSWER = re.compile(r"####\s*(-?[\d,]*\.?\d+)")
+
+
+def _number(text: str | None) -> float | None:
+    try:
+        return float(text.replace(",", "").replace("$", "").strip()) if text is not None else None
+    except ValueError:
+        return None
+
+
+def gsm8k_reward(prompts, completions, answer, **kwargs) -> list[float | None]:
+    """1.0 when the completion's final number equals the GSM8K reference after ``####`` in ``answer``.
+
+    The completion may end with ``#### 42`` (the dataset's own format) or just state the number last. None for rows
+    whose ``answer`` has no ``####`` line (the reward does not apply to them).
+    """
+    out = []
+    for completion, reference in zip(completions, answer, strict=True):
+        ref = _GSM8K_ANSWER.search(reference or "")
+        if ref is None:
+            out.append(None)
+            continue
+        text = completion_text(completion)
+        own = _GSM8K_ANSWER.findall(text)
+        got = _number(own[-1]) if own else _number(extract_final_answer(text))
+        out.append(float(got is not None and math.isclose(got, _number(ref.group(1)), abs_tol=1e-6)))
+    return out
+
+
+def last_boxed(text: str) -> str | None:
+    """The content of the last ``\\boxed{...}``, braces balanced."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    depth, i = 0, start + len("\\boxed")
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i + 1:j]
+    return None
+
+
+def _boxed_equal(got: str, reference: str) -> bool:
+    try:  # math-verify when installed; its signal-based timeouts are off so it also runs off the main thread
+        from math_verify import parse, verify
+    except ImportError:
+        a, b = _number(got), _number(reference)
+        if a is not None and b is not None:
+            return math.isclose(a, b, abs_tol=1e-6)
+        return re.sub(r"\s+", "", got) == re.sub(r"\s+", "", reference)
+    gold = parse(f"${reference}$", parsing_timeout=None)
+    return bool(verify(gold, parse(f"$\\boxed{{{got}}}$", parsing_timeout=None), timeout_seconds=None))
+
+
+def boxed_reward(prompts, completions, answer, **kwargs) -> list[float | None]:
+    """1.0 when the last ``\\boxed{}`` of the completion equals ``answer`` (math-verify if installed, else numeric or
+    exact string comparison); 0.0 without a box; None where ``answer`` is empty."""
+    out = []
+    for completion, reference in zip(completions, answer, strict=True):
+        if reference is None or str(reference).strip() == "":
+            out.append(None)
+            continue
+        got = last_boxed(completion_text(completion))
+        out.append(0.0 if got is None else float(_boxed_equal(got, str(reference))))
+    return out
+
+
 REWARD_FUNCS: dict[str, RewardFunc] = {
     "vader": vader_sentiment,
     "reasoning_gym": reasoning_gym_reward,
+    "gsm8k": gsm8k_reward,
+    "boxed": boxed_reward,
 }
 
 

@@ -1,0 +1,108 @@
+"""`vgf-llm train`: recipes from YAML with command-line overrides, clear errors, and the two-process runs (DDP and
+DeepSpeed ZeRO-2 over gloo, started by the CLI itself through torchrun)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from vgf_llm.cli import launch_command, main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_recipe(tmp_path, tiny_lm_dir, **overrides) -> Path:
+    data = tmp_path / "prompts.jsonl"
+    rows = [{"prompt": f"Write one sentence about a {w}."} for w in ("chair", "river", "garden", "road") * 2]
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    recipe = dict(model_name_or_path=str(tiny_lm_dir), dataset_name=str(data), train_size=8, eval_size=4,
+                  reward_funcs=["vader"], output_dir=str(tmp_path / "out"), max_steps=2,
+                  per_device_train_batch_size=2, num_generations=4, max_completion_length=6, transport_steps=2,
+                  transport_step_size=0.5, value_epochs=1, save_steps=2, use_cpu=True, disable_tqdm=True,
+                  report_to="none", plot=False)
+    recipe.update(overrides)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def test_train_help_lists_vgf_and_trl_options(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for option in ("--config", "--transport_steps", "--num_generations", "--lora_r", "--task", "--push_to_hub"):
+        assert option in out, option
+
+
+def test_recipe_with_override_trains_and_reports(tmp_path, tiny_lm_dir, capsys):
+    recipe = tiny_recipe(tmp_path, tiny_lm_dir, plot=True)
+    assert main(["train", "--config", str(recipe), "--max_steps", "1", "--lora_r", "4"]) == 0
+    out = tmp_path / "out"
+    summary = json.loads((out / "eval_results.json").read_text())
+    assert {"base_reward", "trained_reward", "per_prompt"} <= set(summary) and len(summary["per_prompt"]) == 4
+    history = json.loads((out / "log_history.json").read_text())
+    assert max(e.get("step", 0) for e in history) == 1  # the command line beat the file's max_steps: 2
+    assert json.loads((out / "adapter_config.json").read_text())["r"] == 4
+    assert (out / "training_curves.png").stat().st_size > 0
+    assert "held-out reward on 4 prompts" in capsys.readouterr().out
+
+
+def test_unknown_key_in_recipe_fails_clearly(tmp_path, tiny_lm_dir, capsys):
+    recipe = tiny_recipe(tmp_path, tiny_lm_dir, transport_stepz=3)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--config", str(recipe)])
+    assert exit_info.value.code == 2
+    assert "transport_stepz" in capsys.readouterr().err
+
+
+def test_unknown_command_line_option_fails(tmp_path, tiny_lm_dir, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--config", str(tiny_recipe(tmp_path, tiny_lm_dir)), "--no_such_option", "1"])
+    assert exit_info.value.code == 2
+    assert "no_such_option" in capsys.readouterr().err
+
+
+def test_missing_local_dataset_says_how_to_provide_it(tmp_path, tiny_lm_dir, capsys):
+    recipe = tiny_recipe(tmp_path, tiny_lm_dir, dataset_name="nobody/not-cached-dataset")
+    with pytest.raises(SystemExit):
+        main(["train", "--config", str(recipe)])
+    assert "save_to_disk" in capsys.readouterr().err
+
+
+def test_launch_command_on_cpu_uses_torchrun_and_deepspeed_json():
+    cmd = launch_command(["--config", "r.yaml"], "zero2", 2, cuda=False)
+    assert cmd[1:5] == ["-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    assert cmd[cmd.index("--deepspeed") + 1].endswith("recipes/deepspeed/zero2.json")
+    assert Path(cmd[cmd.index("--deepspeed") + 1]).exists()
+    gpu = launch_command(["--config", "r.yaml"], "zero3", 8, cuda=True)
+    assert "accelerate.commands.launch" in gpu and gpu[gpu.index("--config_file") + 1].endswith("zero3.yaml")
+
+
+def _run_two_processes(tmp_path, tiny_lm_dir, accelerate_config: str) -> dict:
+    recipe = tiny_recipe(tmp_path, tiny_lm_dir)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", MASTER_PORT=str(29500 + os.getpid() % 1000))
+    proc = subprocess.run([sys.executable, "-m", "vgf_llm.cli", "train", "--config", str(recipe),
+                           "--accelerate_config", accelerate_config, "--num_processes", "2"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return json.loads((tmp_path / "out" / "eval_results.json").read_text())
+
+
+def test_two_process_ddp(tmp_path, tiny_lm_dir):
+    summary = _run_two_processes(tmp_path, tiny_lm_dir, "multi_gpu")
+    assert summary["world_size"] == 2 and summary["prompts_per_step"] == 4
+    assert (tmp_path / "out" / "adapter_model.safetensors").exists()
+
+
+def test_two_process_deepspeed_zero2(tmp_path, tiny_lm_dir):
+    pytest.importorskip("deepspeed")
+    summary = _run_two_processes(tmp_path, tiny_lm_dir, "zero2")
+    assert summary["world_size"] == 2
+    assert (tmp_path / "out" / "adapter_model.safetensors").exists()

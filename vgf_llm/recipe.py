@@ -1,0 +1,171 @@
+"""Run a training recipe: data, rewards and LoRA from the recipe's arguments, ``VGFTrainer``, then the held-out
+comparison of the base model and the trained adapter, the logs and a PNG of the reward/KL curves.
+
+This is what ``vgf-llm train --config recipes/<name>.yaml`` runs (the CLI only parses); it also runs under
+``accelerate launch`` / ``torchrun``: every process trains, the main process writes the reports.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vgf_llm.config import VGFConfig
+
+
+@dataclass
+class RecipeArguments:
+    """Where the prompts and rewards come from, and what to report."""
+
+    task: str | None = field(default="chain_sum", metadata={
+        "help": "A built-in task: 'sentiment' or a reasoning-gym task name (chain_sum, basic_arithmetic, ...). "
+                "Ignored when dataset_name is set."})
+    task_config: dict | str | None = field(default=None, metadata={
+        "help": "kwargs of the task's dataset builder: a YAML mapping, or JSON on the command line."})
+    dataset_name: str | None = field(default=None, metadata={
+        "help": "A local dataset: a folder from Dataset.save_to_disk, or a .json/.jsonl/.parquet file, with a "
+                "'prompt' column. Hub names work only if already in the local cache (HF_HUB_OFFLINE)."})
+    dataset_train_split: str = "train"
+    dataset_test_split: str = "test"
+    train_size: int = field(default=256, metadata={"help": "Training prompts (built-in tasks, or a cap)."})
+    eval_size: int = field(default=32, metadata={"help": "Held-out prompts for the base-vs-trained comparison."})
+    reward_funcs: list[str] | None = field(default=None, metadata={
+        "help": "Reward names (vader, reasoning_gym, gsm8k, boxed), 'pkg.module:function' or reward-model paths. "
+                "Default: the task's own reward."})
+    compare_base: bool = field(default=True, metadata={
+        "help": "Score the base model and the trained adapter on the held-out prompts (greedy) and print both."})
+    plot: bool = field(default=True, metadata={"help": "Write training_curves.png (reward and KL per step)."})
+
+
+def load_datasets(recipe: RecipeArguments, seed: int):
+    """(train, held-out) prompt-only datasets."""
+    from vgf_llm.tasks import task_dataset
+
+    if recipe.dataset_name:
+        return (_local_split(recipe.dataset_name, recipe.dataset_train_split, recipe.train_size),
+                _local_split(recipe.dataset_name, recipe.dataset_test_split, recipe.eval_size))
+    if not recipe.task:
+        raise ValueError("the recipe needs a task or a dataset_name")
+    kwargs = json.loads(recipe.task_config) if isinstance(recipe.task_config, str) else (recipe.task_config or {})
+    return (task_dataset(recipe.task, size=recipe.train_size, seed=seed, split="train", **kwargs),
+            task_dataset(recipe.task, size=recipe.eval_size, seed=seed, split="test", **kwargs))
+
+
+def _local_split(name: str, split: str, size: int):
+    import datasets
+
+    path = Path(name)
+    if path.is_dir():
+        data = datasets.load_from_disk(str(path))
+        data = data[split] if isinstance(data, datasets.DatasetDict) else data
+    elif path.is_file():
+        kind = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}.get(path.suffix)
+        if kind is None:
+            raise ValueError(f"{name}: give a .json/.jsonl/.parquet/.csv file or a save_to_disk folder")
+        data = datasets.load_dataset(kind, data_files=str(path), split="train")
+    else:
+        try:
+            data = datasets.load_dataset(name, split=split)
+        except Exception as err:  # offline: the Hub is unreachable
+            raise FileNotFoundError(
+                f"dataset {name!r} is neither a local file/folder nor in the local Hugging Face cache ({err}). "
+                "Download it where there is network (datasets.load_dataset(...).save_to_disk(DIR)) and set "
+                "dataset_name to DIR.") from err
+    return data.select(range(min(size, len(data)))) if size else data
+
+
+def reward_functions(recipe: RecipeArguments) -> list:
+    from vgf_llm.rewards import get_reward_func
+    from vgf_llm.tasks import task_reward_names
+
+    names = recipe.reward_funcs or (task_reward_names(recipe.task) if recipe.task else None)
+    if not names:
+        raise ValueError("set reward_funcs (no built-in task to take the reward from)")
+    return [n if os.path.isdir(str(n)) else get_reward_func(n) for n in names]
+
+
+def peft_config_from(model_args):
+    """TRL's ``ModelConfig`` LoRA fields as a ``LoraConfig`` (the trainer's default if LoRA fields are unset)."""
+    from peft import LoraConfig
+
+    from vgf_llm.trainer import default_lora_config
+
+    if not model_args.lora_target_modules:
+        cfg = default_lora_config()
+        cfg.r, cfg.lora_alpha, cfg.lora_dropout = model_args.lora_r, model_args.lora_alpha, model_args.lora_dropout
+        return cfg
+    return LoraConfig(r=model_args.lora_r, lora_alpha=model_args.lora_alpha, lora_dropout=model_args.lora_dropout,
+                      target_modules=model_args.lora_target_modules, task_type="CAUSAL_LM",
+                      use_rslora=model_args.use_rslora, use_dora=model_args.use_dora)
+
+
+def held_out_reward(trainer, rows: list[dict], adapter: str | None) -> tuple[float, list[float]]:
+    from vgf_llm.evaluation import policy_rewards
+
+    rewards, _ = policy_rewards(trainer.model, trainer.processing_class, rows, trainer.reward_funcs,
+                                trainer.args.reward_weights, adapter=adapter,
+                                max_new_tokens=trainer.args.max_completion_length,
+                                batch_size=trainer.args.generation_batch_size,
+                                progress=trainer.is_world_process_zero())
+    finite = [r for r in rewards if not math.isnan(r)]
+    return (sum(finite) / len(finite) if finite else math.nan), rewards
+
+
+def plot_curves(log_history: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [e for e in log_history if "reward" in e]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    for ax, keys, title in ((axes[0], ("reward", "transport/reward_after"), "true reward"),
+                            (axes[1], ("kl",), "KL(policy || base) on targets")):
+        for key in keys:
+            points = [(e["step"], e[key]) for e in steps if key in e]
+            if points:
+                ax.plot(*zip(*points, strict=True), marker=".", label=key)
+        ax.set_xlabel("step")
+        ax.set_title(title)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run(recipe: RecipeArguments, args: VGFConfig, model_args) -> dict:
+    """Train, save the adapter, compare with the base model on held-out prompts; returns the summary."""
+    from vgf_llm.trainer import POLICY, VGFTrainer
+
+    train_data, eval_data = load_datasets(recipe, args.seed)
+    trainer = VGFTrainer(model_args.model_name_or_path, reward_functions(recipe), args=args,
+                         train_dataset=train_data, peft_config=peft_config_from(model_args))
+    rows = [dict(r) for r in eval_data]
+    summary: dict = {"model": model_args.model_name_or_path, "held_out_prompts": len(rows),
+                     "world_size": args.world_size, "prompts_per_step": args.prompts_per_step}
+    if recipe.compare_base and rows:
+        summary["base_reward"], base = held_out_reward(trainer, rows, None)
+    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    trainer.save_model()
+    if recipe.compare_base and rows:
+        summary["trained_reward"], trained = held_out_reward(trainer, rows, POLICY)
+        summary["per_prompt"] = [{"prompt": r["prompt"], "base": b, "trained": t}
+                                 for r, b, t in zip(rows, base, trained, strict=True)]
+    summary["train_runtime_s"] = next((e["train_runtime"] for e in trainer.state.log_history
+                                       if "train_runtime" in e), None)
+    if trainer.is_world_process_zero():
+        out = Path(args.output_dir)
+        (out / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=2))
+        (out / "eval_results.json").write_text(json.dumps(summary, indent=2, default=str))
+        if recipe.plot:
+            plot_curves(trainer.state.log_history, out / "training_curves.png")
+        if "trained_reward" in summary:
+            print(f"\nheld-out reward on {len(rows)} prompts (greedy): base {summary['base_reward']:.3f} | "
+                  f"trained adapter {summary['trained_reward']:.3f}")
+        print(f"adapter, logs and plots in {out}")
+    if args.push_to_hub:
+        trainer.push_to_hub()
+    return summary
