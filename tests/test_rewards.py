@@ -233,3 +233,21 @@ def test_reward_model_reward_from_loaded_model(tiny_reward_model_dir, tokenizer)
     assert grad_modes == [False]  # scored without building a graph
     with pytest.raises(ValueError, match="batch_size"):
         RewardModelReward(model, tokenizer, batch_size=0)
+
+
+def test_gsm8k_reward_reads_the_reference_after_hashes():
+    from vgf_llm.rewards import gsm8k_reward
+
+    completions = ["3 + 4 = 7\n#### 7", "So the total is 1,200.", "I cannot tell.", "#### 5"]
+    answers = ["Natalia sold 3 + 4 = 7 clips.\n#### 7", "#### 1200", "#### 3", "no hashes here"]
+    assert gsm8k_reward(None, completions, answer=answers) == [1.0, 1.0, 0.0, None]
+
+
+def test_boxed_reward_compares_the_last_box():
+    from vgf_llm.rewards import boxed_reward, get_reward_func, last_boxed
+
+    assert last_boxed(r"first \boxed{1} then \boxed{x^{2}+1}") == "x^{2}+1"
+    completions = [r"so \boxed{42}", r"\boxed{41}", "42 without a box", r"\boxed{\frac{1}{2}}"]
+    assert boxed_reward(None, completions, answer=["42.0", "42", "42", r"\frac{1}{2}"]) == [1.0, 0.0, 0.0, 1.0]
+    assert boxed_reward(None, [r"\boxed{1}"], answer=[""]) == [None]
+    assert get_reward_func("boxed") is boxed_reward and get_reward_func("gsm8k").__name__ == "gsm8k_reward"

@@ -106,3 +106,16 @@ def test_two_process_deepspeed_zero2(tmp_path, tiny_lm_dir):
     summary = _run_two_processes(tmp_path, tiny_lm_dir, "zero2")
     assert summary["world_size"] == 2
     assert (tmp_path / "out" / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_quickstart_recipe_on_smollm2(tmp_path, smollm2_dir):
+    """The README's main job, shrunk to two steps: real SmolLM2, real chain_sum checker, base vs trained."""
+    args = ["train", "--config", str(ROOT / "recipes" / "quickstart.yaml"), "--output_dir", str(tmp_path / "out"),
+            "--max_steps", "2", "--train_size", "8", "--eval_size", "4", "--per_device_train_batch_size", "2",
+            "--num_generations", "4", "--max_completion_length", "16", "--disable_tqdm", "true"]
+    assert main(args) == 0
+    summary = json.loads((tmp_path / "out" / "eval_results.json").read_text())
+    assert 0.0 <= summary["base_reward"] <= 1.0 and 0.0 <= summary["trained_reward"] <= 1.0
+    assert (tmp_path / "out" / "adapter_model.safetensors").exists()
+    assert (tmp_path / "out" / "training_curves.png").exists()

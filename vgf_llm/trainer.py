@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from collections import defaultdict, deque
 from contextlib import contextmanager
 from pathlib import Path
@@ -143,6 +144,8 @@ class VGFTrainer(Trainer):
             top_k=args.top_k, batch_size=args.generation_batch_size, backend=self.backend, progress=False)
         self.value_buffer: deque = deque(maxlen=max(1, args.value_buffer_steps))
         self._metrics: dict[str, list[float]] = defaultdict(list)
+        self._phase_seconds: dict[str, float] = {}
+        self._micro_batches = 0
         self._last_completions: list[tuple[str, str, str, float, float]] = []
         self._micro_step = (-1, 0)  # (global step, micro-batch index): seeds rollouts reproducibly across resumes
 
@@ -228,35 +231,50 @@ class VGFTrainer(Trainer):
         else:
             yield
 
+    @contextmanager
+    def _timed(self, phase: str):
+        """Adds the phase's wall-clock to ``timing/<phase>`` (seconds per micro-batch, summed within it)."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._phase_seconds[phase] = self._phase_seconds.get(phase, 0.0) + time.perf_counter() - start
+
     def _prepare_inputs(self, rows: list[dict]) -> dict:
         if not isinstance(rows, list):  # evaluation paths of the parent class
             return super()._prepare_inputs(rows)
         args, tok, model = self.args, self.processing_class, self.model
         seed = self._next_seed()
+        self._micro_batches += 1
         prompts = [r["prompt"] for r in rows]
         g, n = len(rows), args.num_generations
         with self._gathered_parameters():
             model.eval()
-            with active_adapter(model, None if args.particle_source == "reference" else POLICY):
+            with self._timed("rollout"), active_adapter(model, None if args.particle_source == "reference" else POLICY):
                 ro = self.backend.generate(prompts, n, seed)
             flat_rows = [r for r in rows for _ in range(n)]
-            rewards = self._rewards(flat_rows, [t for group in ro.texts for t in group]).view(g, n)
-            self._update_value_model(ro, rewards)
-            if args.transport_steps > 0:
-                new_ids, new_mask, disp = self.sampler.move(ro, seed)
-                self._metrics["transport/nonfinite"].append(float(self.sampler.last_trace.nonfinite.sum()))
-            else:
-                new_ids, new_mask, disp = ro.completion_ids, ro.completion_mask, torch.zeros(g, n)
-            moved = Rollouts(ro.prompt_ids, ro.prompt_mask, new_ids, new_mask,
-                             [[tok.decode(new_ids[i, j][new_mask[i, j].bool()], skip_special_tokens=True)
-                               for j in range(n)] for i in range(g)])
-            changed = self._tokens_changed(ro, moved)
+            with self._timed("reward"):
+                rewards = self._rewards(flat_rows, [t for group in ro.texts for t in group]).view(g, n)
+            with self._timed("value_fit"):
+                self._update_value_model(ro, rewards)
+            with self._timed("transport"):
+                if args.transport_steps > 0:
+                    new_ids, new_mask, disp = self.sampler.move(ro, seed)
+                    self._metrics["transport/nonfinite"].append(float(self.sampler.last_trace.nonfinite.sum()))
+                else:
+                    new_ids, new_mask, disp = ro.completion_ids, ro.completion_mask, torch.zeros(g, n)
+                moved = Rollouts(ro.prompt_ids, ro.prompt_mask, new_ids, new_mask,
+                                 [[tok.decode(new_ids[i, j][new_mask[i, j].bool()], skip_special_tokens=True)
+                                   for j in range(n)] for i in range(g)])
+                changed = self._tokens_changed(ro, moved)
             moved_rewards = rewards.clone()
             idx = changed.reshape(-1).nonzero().squeeze(1).tolist()
             if idx:
-                texts = [moved.texts[i // n][i % n] for i in idx]
-                moved_rewards.view(-1)[idx] = self._rewards([flat_rows[i] for i in idx], texts)
-            targets = self._targets(ro, moved, rewards, moved_rewards, changed)
+                with self._timed("reward"):
+                    texts = [moved.texts[i // n][i % n] for i in idx]
+                    moved_rewards.view(-1)[idx] = self._rewards([flat_rows[i] for i in idx], texts)
+            with self._timed("distill"):  # the reference's log-probabilities of the targets (for the KL)
+                targets = self._targets(ro, moved, rewards, moved_rewards, changed)
             model.train()
         self._log_step(ro, moved, rewards, moved_rewards, changed, disp)
         return targets
@@ -345,7 +363,7 @@ class VGFTrainer(Trainer):
         if inputs["input_ids"].shape[0] == 0:  # every group skipped: a zero loss that still reaches every parameter
             loss = sum(p.sum() * 0.0 for p in model.parameters() if p.requires_grad)
             return (loss, None) if return_outputs else loss
-        with active_adapter(self.accelerator.unwrap_model(model), POLICY):
+        with self._timed("distill"), active_adapter(self.accelerator.unwrap_model(model), POLICY):
             logps = completion_logps(model, inputs["input_ids"], inputs["attention_mask"], inputs["completion_start"])
         mask = inputs["completion_mask"].to(logps.dtype)
         nll = -(logps * mask).sum(-1) / mask.sum(-1).clamp_min(1)
@@ -378,6 +396,10 @@ class VGFTrainer(Trainer):
         """Adds the step metrics (averaged over the micro-batches and processes since the last log) to the logs."""
         prefix = "eval_" if next(iter(logs), "").startswith("eval_") else ""
         if not prefix:
+            steps = max(1.0, self._micro_batches / self.args.gradient_accumulation_steps)
+            for phase, seconds in self._phase_seconds.items():  # per optimizer step, averaged since the last log
+                self._metrics[f"timing/{phase}"].append(seconds / steps)
+            self._phase_seconds, self._micro_batches = {}, 0
             for key, values in self._metrics.items():
                 if values:
                     mean = torch.tensor(sum(values) / len(values), device=self.accelerator.device)
