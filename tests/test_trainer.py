@@ -258,3 +258,16 @@ def test_config_rejects_bad_values(tmp_path, bad):
 def test_batch_semantics(tmp_path):
     args = config(tmp_path, per_device_train_batch_size=3, gradient_accumulation_steps=2)
     assert args.prompts_per_step == 6
+
+
+def test_completion_logps_match_a_full_forward(tiny_lm):
+    from vgf_llm.trainer import completion_logps
+
+    ids = torch.randint(5, 300, (3, 10))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0  # a left-padded prompt
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    with torch.no_grad():
+        logits = tiny_lm(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, 5:-1]
+        expected = torch.log_softmax(logits.float(), -1).gather(-1, ids[:, 6:, None]).squeeze(-1)
+        torch.testing.assert_close(completion_logps(tiny_lm, ids, mask, 6), expected)

@@ -32,6 +32,7 @@ from vgf_llm.sampler import TransportBudget, VGFSampler
 from vgf_llm.scorers import RewardModelScorer, ValueModel, ValueModelConfig, active_adapter, pearson
 from vgf_llm.value_fitting import as_completion
 
+MIN_TARGET_WEIGHT = 1e-3  # targets below this weight within their group are dropped (and the rest renormalised)
 POLICY = "default"  # PEFT's name for a single adapter, so the saved folder loads with PeftModel.from_pretrained
 
 
@@ -77,10 +78,12 @@ def distill_weights(rewards: torch.Tensor, how: str, temperature: float) -> torc
 
 
 def completion_logps(model, input_ids, attention_mask, completion_start: int) -> torch.Tensor:
-    """Per-token log-probabilities of ``input_ids[:, completion_start:]`` (prompts left-padded)."""
+    """Per-token log-probabilities of ``input_ids[:, completion_start:]`` (prompts left-padded). Only the
+    completion's logits are computed (``logits_to_keep``): the vocabulary projection dominates small models."""
     positions = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions).logits
-    logits = logits[:, completion_start - 1:-1].float()
+    width = input_ids.shape[1] - completion_start
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                   logits_to_keep=width + 1).logits[:, :-1].float()
     return torch.log_softmax(logits, -1).gather(-1, input_ids[:, completion_start:, None]).squeeze(-1)
 
 
@@ -341,6 +344,8 @@ class VGFTrainer(Trainer):
         skip = (spread.nan_to_num(0) == 0) if args.skip_zero_std_groups else torch.zeros(g, dtype=torch.bool)
         weights = distill_weights(pool, args.distill_weighting, args.distill_temperature)
         weights[skip] = 0
+        weights[weights < MIN_TARGET_WEIGHT] = 0  # negligible targets cost a forward and backward each
+        weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-12)
         self._metrics["frac_groups_skipped"].append(float(skip.float().mean()))
         keep = (weights > 0).nonzero()
         k = keep.shape[0]
