@@ -271,3 +271,21 @@ def test_completion_logps_match_a_full_forward(tiny_lm):
         logits = tiny_lm(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, 5:-1]
         expected = torch.log_softmax(logits.float(), -1).gather(-1, ids[:, 6:, None]).squeeze(-1)
         torch.testing.assert_close(completion_logps(tiny_lm, ids, mask, 6), expected)
+
+
+def test_policy_rollouts_on_a_vllm_backend_sync_the_policy_after_every_step(tiny_lm_dir, standard_prompts, tmp_path,
+                                                                            tokenizer):
+    from test_vllm import fake_backend  # the engine contract with seeded tokens; the real engine: tests/test_vllm.py
+
+    backend = fake_backend(tokenizer, max_new_tokens=6)
+    tr = VGFTrainer(str(tiny_lm_dir), length_reward, args=config(tmp_path, particle_source="policy", max_steps=2),
+                    train_dataset=standard_prompts, rollout_backend=backend)
+    tr.train()
+    sent = backend.engine.updates
+    assert len(sent) == 3  # at the start, then after each of the 2 optimizer steps
+    assert not any("lora" in k for k in sent[-1])  # merged weights, not adapters
+    lora_b = [p for n, p in tr.model.named_parameters() if f"lora_B.{POLICY}." in n]
+    assert any(p.abs().sum() > 0 for p in lora_b)
+    first, last = sent[0], sent[-1]
+    assert any(not torch.equal(first[k], last[k]) for k in first)  # the trained policy reached the engine
+    assert "lm_head.weight" in last  # tied embeddings: the output head is sent too

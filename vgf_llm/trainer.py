@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from transformers import PreTrainedModel, Trainer
+from transformers import PreTrainedModel, Trainer, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from vgf_llm.config import VGFConfig
@@ -87,6 +87,24 @@ def completion_logps(model, input_ids, attention_mask, completion_start: int) ->
     return torch.log_softmax(logits, -1).gather(-1, input_ids[:, completion_start:, None]).squeeze(-1)
 
 
+class SyncPolicyWeights(TrainerCallback):
+    """With rollouts from the policy on an engine holding its own weights (vLLM), push the policy (LoRA merged) at
+    the start of training (a resumed adapter) and after every optimizer step. Reference rollouts need no sync."""
+
+    def __init__(self, trainer: VGFTrainer):
+        self.trainer = trainer
+
+    def _sync(self):
+        self.trainer.backend.sync_weights(self.trainer.accelerator.unwrap_model(self.trainer.model),
+                                          adapter_names=[POLICY])
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._sync()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._sync()
+
+
 class VGFTrainer(Trainer):
     """Fine-tune a LoRA policy with Value Gradient Flow; the surface follows TRL's ``GRPOTrainer``.
 
@@ -96,10 +114,13 @@ class VGFTrainer(Trainer):
         sequence-classification reward models (a model object or a path).
     args: ``VGFConfig``. train_dataset / eval_dataset: prompt-only datasets with a ``prompt`` column (a string or
         chat messages); every other column is passed to the reward functions by name.
+    rollout_backend: replaces the backend chosen by ``use_vllm``: any object with ``generate(prompts, n, seed) ->
+        Rollouts`` (and ``sync_weights(model, adapter_names=...)`` when rollouts come from the policy).
     """
 
     def __init__(self, model, reward_funcs, args: VGFConfig | None = None, train_dataset=None, eval_dataset=None,
-                 processing_class=None, peft_config=None, callbacks=None, reward_processing_classes=None):
+                 processing_class=None, peft_config=None, callbacks=None, reward_processing_classes=None,
+                 rollout_backend=None):
         from vgf_llm.models import load_model, load_tokenizer
 
         if args is None:
@@ -137,7 +158,9 @@ class VGFTrainer(Trainer):
 
         super().__init__(model=model, args=args, data_collator=lambda rows: rows, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class, callbacks=callbacks)
-        self.backend = self._rollout_backend()
+        self.backend = rollout_backend or self._rollout_backend()
+        if args.particle_source == "policy" and hasattr(self.backend, "sync_weights"):
+            self.add_callback(SyncPolicyWeights(self))
         self.sampler = VGFSampler(
             model, processing_class, self.scorer, num_particles=args.num_generations,
             budget=TransportBudget(args.transport_steps, args.transport_step_size, args.transport_alpha,
