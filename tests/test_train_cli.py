@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -88,10 +89,17 @@ def test_launch_command_on_cpu_uses_torchrun_and_deepspeed_json():
 def _run_two_processes(tmp_path, tiny_lm_dir, accelerate_config: str) -> dict:
     recipe = tiny_recipe(tmp_path, tiny_lm_dir)
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", MASTER_PORT=str(29500 + os.getpid() % 1000))
-    proc = subprocess.run([sys.executable, "-m", "vgf_llm.cli", "train", "--config", str(recipe),
-                           "--accelerate_config", accelerate_config, "--num_processes", "2"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    proc = subprocess.Popen([sys.executable, "-m", "vgf_llm.cli", "train", "--config", str(recipe),
+                             "--accelerate_config", accelerate_config, "--num_processes", "2"],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=600)
+    except subprocess.TimeoutExpired:  # a hang (e.g. mismatched collectives): kill torchrun and its workers
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail("the two-process run hung for 10 minutes:\n" + out[-5000:])
+    assert proc.returncode == 0, out[-6000:]
     return json.loads((tmp_path / "out" / "eval_results.json").read_text())
 
 

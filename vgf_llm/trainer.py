@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from accelerate.utils import gather_object
 from transformers import PreTrainedModel, Trainer, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
@@ -371,7 +372,8 @@ class VGFTrainer(Trainer):
         weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-12)
         self._metrics["frac_groups_skipped"].append(float(skip.float().mean()))
         keep = (weights > 0).nonzero()
-        k = keep.shape[0]
+        if keep.shape[0] == 0:  # nothing to distil: one zero-weight row, so every process still runs the forward
+            keep = torch.zeros(1, 2, dtype=torch.long)  # and backward its DDP/DeepSpeed collectives expect
         prompt_ids, prompt_mask = ro.prompt_ids[keep[:, 0]], ro.prompt_mask[keep[:, 0]]
         completion_ids, completion_mask = ids[keep[:, 0], keep[:, 1]], masks[keep[:, 0], keep[:, 1]]
         input_ids = torch.cat([prompt_ids, completion_ids], 1)
@@ -380,23 +382,19 @@ class VGFTrainer(Trainer):
         batch = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device),
                  "completion_mask": completion_mask.to(device), "weights": weights[keep[:, 0], keep[:, 1]].to(device),
                  "completion_start": ro.prompt_ids.shape[1], "num_groups": g}
-        if k:
-            with torch.no_grad(), active_adapter(self.model, None):
-                batch["ref_logps"] = completion_logps(self.model, batch["input_ids"], batch["attention_mask"],
-                                                      batch["completion_start"])
+        with torch.no_grad(), active_adapter(self.model, None):
+            batch["ref_logps"] = completion_logps(self.model, batch["input_ids"], batch["attention_mask"],
+                                                  batch["completion_start"])
         return batch
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """Weighted cross-entropy of the kept targets (weights sum to 1 per group), averaged over the groups."""
-        if inputs["input_ids"].shape[0] == 0:  # every group skipped: a zero loss that still reaches every parameter
-            loss = sum(p.sum() * 0.0 for p in model.parameters() if p.requires_grad)
-            return (loss, None) if return_outputs else loss
         with self._timed("distill"), active_adapter(self.accelerator.unwrap_model(model), POLICY):
             logps = completion_logps(model, inputs["input_ids"], inputs["attention_mask"], inputs["completion_start"])
         mask = inputs["completion_mask"].to(logps.dtype)
         nll = -(logps * mask).sum(-1) / mask.sum(-1).clamp_min(1)
         loss = (inputs["weights"] * nll).sum() / inputs["num_groups"]
-        with torch.no_grad():
+        if inputs["weights"].sum() > 0:
             log_ratio = inputs["ref_logps"] - logps.detach()
             k3 = (torch.exp(log_ratio) - log_ratio - 1) * mask  # TRL's per-token KL estimator
             self._metrics["kl"].append(float(k3.sum() / mask.sum().clamp_min(1)))
@@ -428,10 +426,12 @@ class VGFTrainer(Trainer):
             for phase, seconds in self._phase_seconds.items():  # per optimizer step, averaged since the last log
                 self._metrics[f"timing/{phase}"].append(seconds / steps)
             self._phase_seconds, self._micro_batches = {}, 0
-            for key, values in self._metrics.items():
-                if values:
-                    mean = torch.tensor(sum(values) / len(values), device=self.accelerator.device)
-                    logs[key] = float(self.accelerator.reduce(mean, reduction="mean"))
+            local = {key: sum(values) / len(values) for key, values in self._metrics.items() if values}
+            # processes may hold different keys (e.g. no value/corr where rewards tied): gather objects, not tensors
+            per_process = gather_object([local]) if self.accelerator.num_processes > 1 else [local]
+            for key in sorted({k for d in per_process for k in d}):
+                values = [d[key] for d in per_process if key in d]
+                logs[key] = sum(values) / len(values)
             self._metrics.clear()
             if self.args.log_completions and self._last_completions and self.is_world_process_zero():
                 rows = self._last_completions[: self.args.num_completions_to_print or 4]
