@@ -289,3 +289,11 @@ def test_policy_rollouts_on_a_vllm_backend_sync_the_policy_after_every_step(tiny
     first, last = sent[0], sent[-1]
     assert any(not torch.equal(first[k], last[k]) for k in first)  # the trained policy reached the engine
     assert "lm_head.weight" in last  # tied embeddings: the output head is sent too
+
+
+def test_zero3_is_refused_with_a_reason(tiny_lm_dir, standard_prompts, tmp_path, monkeypatch):
+    import vgf_llm.trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "is_deepspeed_zero3_enabled", lambda: True)  # as a stage-3 config sets it
+    with pytest.raises(NotImplementedError, match="ZeRO-3 is not supported yet.*Use ZeRO-2"):
+        trainer(tiny_lm_dir, standard_prompts, tmp_path)

@@ -15,7 +15,8 @@ from vgf_llm.value_fitting import as_completion
 
 @torch.no_grad()
 def policy_rewards(model, tokenizer, rows: list[dict], reward_funcs, reward_weights=None, *, adapter: str | None,
-                   max_new_tokens: int = 64, batch_size: int = 8, progress: bool = True) -> tuple[list[float], list[str]]:
+                   max_new_tokens: int = 64, batch_size: int = 8,
+                   progress: bool = True) -> tuple[list[float], list[str]]:
     """True reward of one greedy completion per row (NaN where no reward applies) and the completions.
 
     ``adapter=None`` scores the base model (adapters off); a name scores the model with that adapter active.

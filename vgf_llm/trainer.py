@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from accelerate.utils import gather_object
 from transformers import PreTrainedModel, Trainer, TrainerCallback
+from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.trainer_utils import get_last_checkpoint
 
 from vgf_llm.config import VGFConfig
@@ -127,6 +128,11 @@ class VGFTrainer(Trainer):
         if args is None:
             name = model if isinstance(model, str) else model.config._name_or_path
             args = VGFConfig(output_dir=f"{Path(str(name)).name}-VGF")
+        if is_deepspeed_zero3_enabled():
+            raise NotImplementedError(
+                "DeepSpeed ZeRO-3 is not supported yet: the particle decoders and the value model hold the embedding "
+                "table and the base weights, which ZeRO-3 shards. Use ZeRO-2 (the base model is frozen and only LoRA "
+                "trains, so ZeRO-2 already shards what grows: gradients and optimizer states).")
         if isinstance(model, (str, os.PathLike)):
             base_name = os.fspath(model)
             model = load_model(base_name, **(args.model_init_kwargs or {}))
@@ -247,18 +253,6 @@ class VGFTrainer(Trainer):
         return torch.tensor([math.nan if v is None else v for v in total], dtype=torch.float32)
 
     @contextmanager
-    def _gathered_parameters(self):
-        """Under DeepSpeed ZeRO-3, gather the sharded weights for generation, value fitting and transport (rank 0's
-        updates to the value adapter are kept); a no-op otherwise."""
-        if self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3:
-            import deepspeed
-
-            with deepspeed.zero.GatheredParameters(list(self.model.parameters()), modifier_rank=0):
-                yield
-        else:
-            yield
-
-    @contextmanager
     def _timed(self, phase: str):
         """Adds the phase's wall-clock to ``timing/<phase>`` (seconds per micro-batch, summed within it)."""
         start = time.perf_counter()
@@ -275,34 +269,33 @@ class VGFTrainer(Trainer):
         self._micro_batches += 1
         prompts = [r["prompt"] for r in rows]
         g, n = len(rows), args.num_generations
-        with self._gathered_parameters():
-            model.eval()
-            with self._timed("rollout"), active_adapter(model, None if args.particle_source == "reference" else POLICY):
-                ro = self.backend.generate(prompts, n, seed)
-            flat_rows = [r for r in rows for _ in range(n)]
+        model.eval()
+        with self._timed("rollout"), active_adapter(model, None if args.particle_source == "reference" else POLICY):
+            ro = self.backend.generate(prompts, n, seed)
+        flat_rows = [r for r in rows for _ in range(n)]
+        with self._timed("reward"):
+            rewards = self._rewards(flat_rows, [t for group in ro.texts for t in group]).view(g, n)
+        with self._timed("value_fit"):
+            self._update_value_model(ro, rewards)
+        with self._timed("transport"):
+            if args.transport_steps > 0:
+                new_ids, new_mask, disp = self.sampler.move(ro, seed)
+                self._metrics["transport/nonfinite"].append(float(self.sampler.last_trace.nonfinite.sum()))
+            else:
+                new_ids, new_mask, disp = ro.completion_ids, ro.completion_mask, torch.zeros(g, n)
+            moved = Rollouts(ro.prompt_ids, ro.prompt_mask, new_ids, new_mask,
+                             [[tok.decode(new_ids[i, j][new_mask[i, j].bool()], skip_special_tokens=True)
+                               for j in range(n)] for i in range(g)])
+            changed = self._tokens_changed(ro, moved)
+        moved_rewards = rewards.clone()
+        idx = changed.reshape(-1).nonzero().squeeze(1).tolist()
+        if idx:
             with self._timed("reward"):
-                rewards = self._rewards(flat_rows, [t for group in ro.texts for t in group]).view(g, n)
-            with self._timed("value_fit"):
-                self._update_value_model(ro, rewards)
-            with self._timed("transport"):
-                if args.transport_steps > 0:
-                    new_ids, new_mask, disp = self.sampler.move(ro, seed)
-                    self._metrics["transport/nonfinite"].append(float(self.sampler.last_trace.nonfinite.sum()))
-                else:
-                    new_ids, new_mask, disp = ro.completion_ids, ro.completion_mask, torch.zeros(g, n)
-                moved = Rollouts(ro.prompt_ids, ro.prompt_mask, new_ids, new_mask,
-                                 [[tok.decode(new_ids[i, j][new_mask[i, j].bool()], skip_special_tokens=True)
-                                   for j in range(n)] for i in range(g)])
-                changed = self._tokens_changed(ro, moved)
-            moved_rewards = rewards.clone()
-            idx = changed.reshape(-1).nonzero().squeeze(1).tolist()
-            if idx:
-                with self._timed("reward"):
-                    texts = [moved.texts[i // n][i % n] for i in idx]
-                    moved_rewards.view(-1)[idx] = self._rewards([flat_rows[i] for i in idx], texts)
-            with self._timed("distill"):  # the reference's log-probabilities of the targets (for the KL)
-                targets = self._targets(ro, moved, rewards, moved_rewards, changed)
-            model.train()
+                texts = [moved.texts[i // n][i % n] for i in idx]
+                moved_rewards.view(-1)[idx] = self._rewards([flat_rows[i] for i in idx], texts)
+        with self._timed("distill"):  # the reference's log-probabilities of the targets (for the KL)
+            targets = self._targets(ro, moved, rewards, moved_rewards, changed)
+        model.train()
         self._log_step(ro, moved, rewards, moved_rewards, changed, disp)
         return targets
 
