@@ -297,3 +297,16 @@ def test_zero3_is_refused_with_a_reason(tiny_lm_dir, standard_prompts, tmp_path,
     monkeypatch.setattr(trainer_module, "is_deepspeed_zero3_enabled", lambda: True)  # as a stage-3 config sets it
     with pytest.raises(NotImplementedError, match="ZeRO-3 is not supported yet.*Use ZeRO-2"):
         trainer(tiny_lm_dir, standard_prompts, tmp_path)
+
+
+def test_async_trl_reward_functions_work_unchanged(tiny_lm_dir, standard_prompts, tmp_path):
+    calls = []
+
+    async def remote_judge(prompts, completions, **kwargs):  # e.g. an HTTP judge, as TRL allows
+        calls.append(len(completions))
+        return [0.1 * len(c) for c in completions]
+
+    tr = trainer(tiny_lm_dir, standard_prompts, tmp_path, reward=[remote_judge, length_reward], max_steps=1)
+    tr.train()
+    assert calls and calls[0] == 2 * 4  # 2 prompts x 4 particles in the first call
+    assert "rewards/remote_judge/mean" in logged(tr)
