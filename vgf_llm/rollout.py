@@ -20,6 +20,8 @@ class Rollouts:
     prompt_ids [G, P] (left-padded), prompt_mask [G, P];
     completion_ids [G, N, T] (right-padded with pad_token_id), completion_mask [G, N, T] (1 = generated token,
     including the final EOS); texts[g][n] is the decoded completion without special tokens.
+    logprobs [G, N, T] (optional, float, 0 at padding): the sampled tokens' log-probabilities when the backend
+    was asked for them (``VLLMBackend(return_logprobs=True)``); None otherwise.
     """
 
     prompt_ids: torch.Tensor
@@ -27,6 +29,7 @@ class Rollouts:
     completion_ids: torch.Tensor
     completion_mask: torch.Tensor
     texts: list[list[str]]
+    logprobs: torch.Tensor | None = None
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -35,7 +38,8 @@ class Rollouts:
     def __getitem__(self, groups: slice) -> Rollouts:
         """A slice of prompts (groups), e.g. to process a large set of rollouts in chunks."""
         return Rollouts(self.prompt_ids[groups], self.prompt_mask[groups], self.completion_ids[groups],
-                        self.completion_mask[groups], self.texts[groups])
+                        self.completion_mask[groups], self.texts[groups],
+                        None if self.logprobs is None else self.logprobs[groups])
 
 
 class RolloutBackend(Protocol):
@@ -120,3 +124,9 @@ class HFGenerateBackend:
         texts = [[tok.decode(completion[g, n][cmask[g, n].bool()], skip_special_tokens=True)
                   for n in range(num_generations)] for g in range(len(prompts))]
         return Rollouts(prompt_ids, prompt_mask, completion, cmask, texts)
+
+    def sync_weights(self, model=None, **kwargs) -> None:
+        """Nothing to do: ``generate`` runs the live model (the same call on ``VLLMBackend`` pushes the weights)."""
+
+    def close(self) -> None:
+        """Nothing to release (``VLLMBackend.close`` stops its engine)."""
