@@ -108,7 +108,7 @@ def held_out_reward(trainer, rows: list[dict], adapter: str | None) -> tuple[flo
     rewards, _ = policy_rewards(trainer.model, trainer.processing_class, rows, trainer.reward_funcs,
                                 trainer.args.reward_weights, adapter=adapter,
                                 max_new_tokens=trainer.args.max_completion_length,
-                                batch_size=trainer.args.generation_batch_size,
+                                batch_size=trainer.args.per_device_eval_batch_size,
                                 progress=trainer.is_world_process_zero())
     finite = [r for r in rewards if not math.isnan(r)]
     return (sum(finite) / len(finite) if finite else math.nan), rewards

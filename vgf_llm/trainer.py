@@ -444,7 +444,7 @@ class VGFTrainer(Trainer):
             rewards, _ = policy_rewards(self.model, self.processing_class, local, self.reward_funcs,
                                         self.args.reward_weights, adapter=POLICY,
                                         max_new_tokens=self.args.max_completion_length,
-                                        batch_size=self.args.generation_batch_size, progress=False)
+                                        batch_size=self.args.per_device_eval_batch_size, progress=False)
         gathered = self.accelerator.gather_for_metrics(torch.tensor(rewards, device=self.accelerator.device))
         metrics = {f"{metric_key_prefix}_reward": float(gathered.nanmean())}
         self.log(dict(metrics))
