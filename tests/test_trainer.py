@@ -98,6 +98,7 @@ def test_budget_zero_distils_best_of_n_without_moving(tiny_lm_dir, standard_prom
     tr.train()
     log = logged(tr)
     assert log["transport/tokens_changed"] == 0 and log["transport/reward_after"] == log["transport/reward_before"]
+    assert "value/loss" not in log and "timing/value_fit" not in log  # no value model to fit without transport
 
 
 def test_policy_particles(tiny_lm_dir, standard_prompts, tmp_path):

@@ -275,8 +275,9 @@ class VGFTrainer(Trainer):
         flat_rows = [r for r in rows for _ in range(n)]
         with self._timed("reward"):
             rewards = self._rewards(flat_rows, [t for group in ro.texts for t in group]).view(g, n)
-        with self._timed("value_fit"):
-            self._update_value_model(ro, rewards)
+        if args.transport_steps > 0:  # budget 0 (best-of-N distillation) never reads the value model
+            with self._timed("value_fit"):
+                self._update_value_model(ro, rewards)
         with self._timed("transport"):
             if args.transport_steps > 0:
                 new_ids, new_mask, disp = self.sampler.move(ro, seed)
