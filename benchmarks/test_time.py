@@ -2,14 +2,21 @@
 
 SmolLM2-135M-Instruct (offline), two kinds of task: exact-answer math (reasoning-gym chain_sum, 1 digit, 2 terms)
 and a smooth preference-style reward (VADER positivity of "Write one sentence about <topic>."). Per task:
-1. reference rollouts on train prompts, true rewards, value models fitted to them (plain / decode-consistent /
-   ensemble, only those the variants need);
-2. per seed: N reference samples per held-out prompt, shared by every arm; arms are a single sample, best-of-N
-   with the value-model selector, and VGF variants with the *same* selector (the plain value model).
-Prints a table and writes JSON + Markdown (``--write_docs`` puts it in docs/benchmarks.md).
+1. reference rollouts on train prompts with their true rewards (drawn once, cached under ``--cache``), and the
+   value models fitted to them: by default ``ridge`` (frozen backbone cut at a cross-validated layer + a
+   closed-form linear head; held-out correlation by prompt), or the LoRA ``plain`` / decode-consistent / ensemble
+   models (only those the variants need);
+2. per seed: 2N reference samples per held-out prompt (cached; the first N are the particles), shared by every
+   arm; arms are a single sample, best-of-N and best-of-2N with the value-model selector, and VGF variants with
+   the *same* selector. Each arm also gets its paired per-seed difference to best-of-N.
+Prints a table and writes JSON + Markdown (``--write_docs`` puts it in docs/benchmarks.md; ``--render`` merges
+result files of runs over the same cache).
 
-    python benchmarks/test_time.py                       # defaults, ~20 min on 2 CPU cores
-    python benchmarks/test_time.py --variants all        # every variant (longer)
+    python benchmarks/test_time.py --threads 1           # defaults, ~20 min per task on 2 busy CPU cores
+    python benchmarks/test_time.py --variants all        # every variant (much longer)
+    # the recorded run 4 (docs/benchmarks.md), one task at a time:
+    python benchmarks/test_time.py --tasks sentiment --threads 1 --num_train_prompts 128 --num_test_prompts 24 \
+        --ridge_layers 4,8,12,16,20,24,30 --variants verified3-top2-c4-b1+union,verified5-top1-c4-b1+union
 """
 
 from __future__ import annotations
@@ -51,7 +58,13 @@ class Variant:
     # reference top-k candidates from one pass over the original response (exact for the first edit, which is
     # all re-generation keeps; an approximation after it otherwise): ~T times cheaper than sequential decoding
     sequential: bool = False
-    max_edits: int = 1  # for decoder="reference_gain"
+    max_edits: int = 1  # for decoder="reference_gain" / "verified" (rounds)
+    verify_candidates: int = 8  # decoder="verified": exact value checks per response and round
+    verify_top: int | None = None  # decoder="verified": only the best originals of each prompt are edited
+    union_margin: float = 0.0  # selection="union": a moved particle must beat the best original by this much
+    # control: "random_direction" replaces each row's transport displacement by a random vector of the same norm
+    # before decoding (does the value gradient's direction matter, or only the exact value checks?)
+    control: str = ""
 
 
 def B(steps, eps):  # noqa: N802 - a budget literal
@@ -78,21 +91,120 @@ VARIANTS = {
         # first-order value gain of reference top-k swaps along the displacement (HotFlip-style), capped edits
         Variant("gain1+union", decoder="reference_gain", selection="union", budget=B(8, 0.05)),
         Variant("gain3+union", decoder="reference_gain", selection="union", max_edits=3, budget=B(8, 0.05)),
+        # verified edits: the transport proposes reference top-k swaps, exact value passes accept them
+        Variant("verified3+union", decoder="verified", selection="union", max_edits=3, budget=B(8, 0.05)),
+        Variant("verified3-b2+union", decoder="verified", selection="union", max_edits=3, budget=B(2, 0.05)),
+        Variant("verified3-top3+union", decoder="verified", selection="union", max_edits=3, verify_top=3,
+                budget=B(2, 0.05)),
+        Variant("verified5-top2+union", decoder="verified", selection="union", max_edits=5, verify_top=2,
+                budget=B(2, 0.05)),
+        Variant("verified3-top2-c4-b1+union", decoder="verified", selection="union", max_edits=3, verify_top=2,
+                verify_candidates=4, budget=B(1, 0.05)),
+        Variant("verified5-top1-c4-b1+union", decoder="verified", selection="union", max_edits=5, verify_top=1,
+                verify_candidates=4, budget=B(1, 0.05)),
+        Variant("verified5-top1-c4-b1+union-m0.05", decoder="verified", selection="union", max_edits=5,
+                verify_top=1, verify_candidates=4, union_margin=0.05, budget=B(1, 0.05)),
+        Variant("verified5-top1-c4-b1+union-random", decoder="verified", selection="union", max_edits=5,
+                verify_top=1, verify_candidates=4, budget=B(1, 0.05), control="random_direction"),
+        Variant("verified3-top2-c4-b1+union-m0.05", decoder="verified", selection="union", max_edits=3,
+                verify_top=2, verify_candidates=4, union_margin=0.05, budget=B(1, 0.05)),
+        Variant("verified3-b2+union-m0.05", decoder="verified", selection="union", max_edits=3, union_margin=0.05,
+                budget=B(2, 0.05)),
+        Variant("gain3+union-m0.05", decoder="reference_gain", selection="union", max_edits=3, union_margin=0.05,
+                budget=B(8, 0.05)),
         Variant("dc+nearest", scorer="dc", budget=B(8, 0.05)),
         Variant("ensemble+nearest", scorer="ensemble", budget=B(8, 0.05)),
     ]
 }
-DEFAULT_VARIANTS = ["plain", "ref_topk+union", "gain1+union", "gain3+union"]
+DEFAULT_VARIANTS = ["verified5-top1-c4-b1+union"]
 
+
+
+def random_direction(decode, seed: int):
+    """Control: the decoder sees each moved row as start + a random vector with the displacement's norm."""
+    gen = torch.Generator().manual_seed(seed + 12345)
+
+    def wrapped(moved, start, *args, **kwargs):
+        delta = moved - start
+        noise = torch.randn(delta.shape, generator=gen, dtype=delta.dtype)
+        noise = torch.nn.functional.normalize(noise, dim=-1) * delta.norm(dim=-1, keepdim=True)
+        return decode(start + noise, start, *args, **kwargs)
+
+    return wrapped
 
 
 def value_configs(layers: int) -> dict[str, tuple[ValueModelConfig, int]]:
     """Value-model variants: (config, decode-consistent noisy copies)."""
     return {
+        "ridge": (ValueModelConfig(adapter_name="value_ridge"), 0),  # layer chosen by CV (fit_value_head)
         "plain": (ValueModelConfig(num_layers=layers, adapter_name="value"), 0),
         "dc": (ValueModelConfig(num_layers=layers, adapter_name="value_dc"), 1),
         "ensemble": (ValueModelConfig(num_layers=layers, num_heads=4, aggregate="min", adapter_name="value_ens"), 0),
     }
+
+
+def cached_rollouts(path: Path, make) -> tuple[Rollouts, torch.Tensor]:
+    """Rollouts + true rewards, drawn once and kept on disk (train samples for the value models, test samples per
+    seed), so value models and variants run in separate processes reuse exactly the same samples."""
+    if path.exists():
+        d = torch.load(path, weights_only=True)
+        return Rollouts(**d["rollouts"]), d["rewards"]
+    t0 = time.time()
+    ro, rewards = make()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(dict(rollouts=asdict(ro), rewards=rewards), path)
+    print(f"rollouts {path.name}: {ro.shape} in {time.time() - t0:.0f}s, reward mean {float(rewards.nanmean()):.3f}",
+          flush=True)
+    return ro, rewards
+
+
+def train_rollouts(task, args, model, tok, reward, train, cache: Path):
+    tag = f"{task}-train-n{args.num_train_prompts}x{args.train_generations}-t{args.max_new_tokens}"
+
+    def make():
+        backend = HFGenerateBackend(model, tok, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                    batch_size=8)
+        with active_adapter(model, None):
+            ro = backend.generate([r["prompt"] for r in train], args.train_generations, 0)
+        return ro, reward_rollouts(reward, None, train, ro)
+
+    return cached_rollouts(cache / "rollouts" / f"{tag}.pt", make)
+
+
+def test_rollouts(task, args, model, tok, reward, test, seed: int, cache: Path):
+    """2N reference samples per held-out prompt (the first N are the particles)."""
+    n2 = 2 * args.num_particles
+    tag = (f"{task}-test-n{args.num_test_prompts}x{n2}-t{args.max_new_tokens}-T{args.temperature}"
+           f"-b{args.batch_size}-s{seed}")
+
+    def make():
+        backend = HFGenerateBackend(model, tok, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                                    temperature=args.temperature)
+        t0 = time.time()
+        with active_adapter(model, None):
+            ro = backend.generate([r["prompt"] for r in test], n2, seed)
+        rewards = reward_rollouts(reward, None, test, ro)
+        meta = cache / "rollouts" / f"{tag}.seconds"
+        meta.parent.mkdir(parents=True, exist_ok=True)
+        meta.write_text(str(time.time() - t0))
+        return ro, rewards
+
+    ro, rewards = cached_rollouts(cache / "rollouts" / f"{tag}.pt", make)
+    seconds_file = cache / "rollouts" / f"{tag}.seconds"
+    seconds = float(seconds_file.read_text()) if seconds_file.exists() else float("nan")
+    return ro, rewards, seconds
+
+
+def prepare_task(task: str, args, cache: Path) -> None:
+    """Only draw (and cache) the train and test rollouts of a task."""
+    model = load_model(args.model)
+    tok = load_tokenizer(args.model)
+    reward = [get_reward_func(name) for name in task_reward_names(task)]
+    train = list(task_dataset(task, args.num_train_prompts, 0, "train"))
+    test = list(task_dataset(task, args.num_test_prompts, 0, "test"))
+    train_rollouts(task, args, model, tok, reward, train, cache)
+    for seed in args.seeds:
+        test_rollouts(task, args, model, tok, reward, test, seed, cache)
 
 
 def run_task(task: str, args, variants: list[Variant], cache: Path, out: Path) -> dict:
@@ -104,14 +216,17 @@ def run_task(task: str, args, variants: list[Variant], cache: Path, out: Path) -
     test = list(task_dataset(task, args.num_test_prompts, 0, "test"))
     gen = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature)
 
-    # value models (cached by configuration)
-    needed = {"plain"} | {v.scorer for v in variants}
-    value_models, value_stats, train_ro, train_rewards = {}, {}, None, None
+    # value models (cached by configuration), fitted on cached train rollouts
+    train_ro, train_rewards = train_rollouts(task, args, model, tok, reward, train, cache)
+    needed = {args.selector} | {v.scorer for v in variants if v.scorer != "plain"}
+    value_models, value_stats = {}, {}
     for key, (cfg, copies) in value_configs(args.value_layers).items():
         if key not in needed:
             continue
-        tag = (f"{task}-{key}-L{args.value_layers}-n{args.num_train_prompts}x{args.train_generations}"
-               f"-e{args.value_epochs}")
+        method = "ridge" if key == "ridge" else "lora"
+        layers = args.value_layers if method == "lora" else "cv" + args.ridge_layers.replace(",", "-")
+        tag = (f"{task}-{key}-L{layers}-n{args.num_train_prompts}x"
+               f"{args.train_generations}" + (f"-e{args.value_epochs}" if method == "lora" else ""))
         path = cache / tag
         if (path / "value_model.json").exists():
             value_models[key] = ValueModel.load(model, path)
@@ -119,70 +234,104 @@ def run_task(task: str, args, variants: list[Variant], cache: Path, out: Path) -
             print(f"value model {key}: loaded from cache ({value_stats[key].get('val_corr', float('nan')):.3f} corr)")
             continue
         t0 = time.time()
-        vm, stats, train_ro, train_rewards = fit_value_model(
+        vm, stats, _, _ = fit_value_model(
             model, tok, reward, train, config=cfg, num_generations=args.train_generations, epochs=args.value_epochs,
             decode_consistent_copies=copies, max_row_shift=args.dc_max_shift, rollouts=train_ro,
-            rewards=train_rewards, seed=0, lr=args.value_lr, **gen)
+            rewards=train_rewards, seed=0, lr=args.value_lr, method=method, progress=False,
+            ridge_layers=[int(x) for x in args.ridge_layers.split(",")], **gen)
         stats["fit_seconds"] = time.time() - t0
         vm.save(path)
         (path / "stats.json").write_text(json.dumps(stats, indent=2))
         value_models[key], value_stats[key] = vm, stats
-        shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in stats.items()}
+        shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in stats.items() if k != "cv"}
         print(f"value model {key}: {json.dumps(shown)}", flush=True)
-    selector = value_models["plain"]
+    selector = value_models[args.selector]
+    others = {k: vm for k, vm in value_models.items() if k != args.selector}
+    for extra in filter(None, args.compare_value_models.split(",")):  # e.g. an earlier run's value model
+        others[Path(extra).name] = ValueModel.load(model, extra)
 
     arms: dict[str, list[dict]] = {}
-    backend = HFGenerateBackend(model, tok, batch_size=args.batch_size, **gen)
     prompts = [r["prompt"] for r in test]
     for seed in args.seeds:
-        t0 = time.time()
         n, n2 = args.num_particles, 2 * args.num_particles
-        with active_adapter(model, None):
-            ro2 = backend.generate(prompts, n2, seed)  # 2N samples: the first N are the particles
-        gen_time = (time.time() - t0) / len(prompts) / 2
-        true2 = reward_rollouts(reward, None, test, ro2)  # [G, 2N]
-        sel2 = torch.stack([
-            selector.score_ids(ro2[s:s + 1].prompt_ids.repeat_interleave(n2, 0),
-                               ro2[s:s + 1].prompt_mask.repeat_interleave(n2, 0),
-                               ro2.completion_ids[s], ro2.completion_mask[s]) for s in range(len(prompts))])
+        ro2, true2, gen_seconds = test_rollouts(task, args, model, tok, reward, test, seed, cache)
+        gen_time = gen_seconds / len(prompts) / 2  # seconds per prompt for N samples
+
+        def scores(vm, ro2=ro2, n2=n2):
+            return torch.stack([
+                vm.score_ids(ro2[s:s + 1].prompt_ids.repeat_interleave(n2, 0),
+                             ro2[s:s + 1].prompt_mask.repeat_interleave(n2, 0),
+                             ro2.completion_ids[s], ro2.completion_mask[s]) for s in range(len(prompts))])
+
+        t0 = time.time()
+        sel2 = scores(selector)
+        score_time = (time.time() - t0) / len(prompts) / 2
         ro = Rollouts(ro2.prompt_ids, ro2.prompt_mask, ro2.completion_ids[:, :n], ro2.completion_mask[:, :n],
                       [t[:n] for t in ro2.texts])
         true, sel = true2[:, :n], sel2[:, :n]
-        bon_time = gen_time
+        rows = torch.arange(len(prompts))
+        bon_time = gen_time + score_time
         arms.setdefault("best-of-2N (same selector)", []).append(dict(
-            reward=float(true2[torch.arange(len(prompts)), sel2.argmax(1)].nanmean()), seconds=2 * gen_time))
-        arms.setdefault("single sample", []).append(dict(reward=float(true[:, 0].nanmean()), seconds=gen_time / 8))
+            reward=float(true2[rows, sel2.argmax(1)].nanmean()), seconds=2 * bon_time,
+            per_prompt=true2[rows, sel2.argmax(1)].tolist()))
+        arms.setdefault("single sample", []).append(dict(reward=float(true[:, 0].nanmean()), seconds=gen_time / n,
+                                                         per_prompt=true[:, 0].tolist()))
         arms.setdefault("pass@N (oracle)", []).append(dict(reward=float(true.max(1).values.nanmean()),
-                                                           seconds=gen_time))
+                                                           seconds=gen_time, per_prompt=true.max(1).values.tolist()))
         arms.setdefault("best-of-N", []).append(dict(
-            reward=float(true[torch.arange(len(prompts)), sel.argmax(1)].nanmean()), seconds=bon_time))
+            reward=float(true[rows, sel.argmax(1)].nanmean()), seconds=bon_time,
+            per_prompt=true[rows, sel.argmax(1)].tolist()))
+        for key, vm in others.items():  # the other value models as selectors (how good is each selector alone)
+            other = scores(vm)[:, :n]
+            arms.setdefault(f"best-of-N (selector: {key})", []).append(dict(
+                reward=float(true[rows, other.argmax(1)].nanmean()), seconds=bon_time,
+                per_prompt=true[rows, other.argmax(1)].tolist()))
         for v in variants:
-            sampler = VGFSampler(model, tok, value_models[v.scorer], selector=selector,
+            scorer = selector if v.scorer == "plain" else value_models[v.scorer]  # "plain": the selector
+            sampler = VGFSampler(model, tok, scorer, selector=selector,
                                  num_particles=args.num_particles, budget=v.budget, decoder=v.decoder,
                                  regenerate=v.regenerate, selection=v.selection, fluency_weight=v.fluency_weight,
                                  sequential_decoding=v.sequential, max_edits=v.max_edits,
-                                 batch_size=args.batch_size, progress=False, **gen)
+                                 verify_candidates=v.verify_candidates, verify_top=v.verify_top,
+                                 union_margin=v.union_margin, batch_size=args.batch_size, progress=False, **gen)
+            if v.control == "random_direction":
+                sampler.decoder.decode = random_direction(sampler.decoder.decode, seed)
+            elif v.control:
+                raise ValueError(f"unknown control {v.control!r}")
             t1 = time.time()
             results = []
             for s in range(0, len(prompts), args.batch_size):
                 results += sampler.transport_rollouts(prompts[s:s + args.batch_size], ro[s:s + args.batch_size],
                                                       seed=seed)
-            vgf_time = (time.time() - t1) / len(prompts) + gen_time
+            vgf_time = (time.time() - t1) / len(prompts) + gen_time  # transport, decode, re-score and select
             chosen = reward_texts(reward, None, test, [r.response for r in results])
             moved = reward_texts(reward, None, [row for row in test for _ in range(args.num_particles)],
                                  [p.text_after for r in results for p in r.particles])
             changed = [p.tokens_changed for r in results for p in r.particles]
             arms.setdefault(v.name, []).append(dict(
-                reward=float(chosen.nanmean()), seconds=vgf_time,
+                reward=float(chosen.nanmean()), seconds=vgf_time, per_prompt=chosen.tolist(),
                 moved_particle_reward=float(moved.nanmean()), original_particle_reward=float(true.nanmean()),
                 tokens_changed=statistics.mean(changed),
                 frac_particles_changed=sum(c > 0 for c in changed) / len(changed),
                 frac_chosen_moved=sum(r.chosen_moved for r in results) / len(results),
                 displacement=statistics.mean(p.displacement for r in results for p in r.particles)))
+            if v.selection == "union":  # the same particles under stricter union margins (selection only)
+                for m in [float(x) for x in args.extra_margins.split(",") if x]:
+                    picks = []
+                    for r in results:
+                        best_b = max(range(len(r.particles)), key=lambda i, r=r: r.particles[i].score_before)
+                        best_a = max(range(len(r.particles)), key=lambda i, r=r: r.particles[i].score_after)
+                        take = r.particles[best_a].score_after > r.particles[best_b].score_before + m
+                        picks.append(r.particles[best_a].text_after if take else r.particles[best_b].text_before)
+                    got = reward_texts(reward, None, test, picks)
+                    arms.setdefault(f"{v.name} (union margin {m:g})", []).append(dict(
+                        reward=float(got.nanmean()), seconds=vgf_time, per_prompt=got.tolist()))
             print(f"seed {seed} {v.name:32s} reward {arms[v.name][-1]['reward']:.3f} "
                   f"(best-of-N {arms['best-of-N'][-1]['reward']:.3f}) tokens changed "
                   f"{arms[v.name][-1]['tokens_changed']:.2f} {vgf_time:.1f}s/prompt", flush=True)
-        result = dict(task=task, value_models=value_stats, arms=arms, variants={v.name: asdict(v) for v in variants},
+        result = dict(task=task, selector=args.selector,
+                      value_models={k: {a: b for a, b in v.items() if a != "cv"} for k, v in value_stats.items()},
+                      arms=arms, variants={v.name: asdict(v) for v in variants},
                       seeds_done=args.seeds[: args.seeds.index(seed) + 1])
         (out / f"partial_{task}.json").write_text(json.dumps(result, indent=2))  # a stopped run stays usable
     return result
@@ -198,31 +347,62 @@ def summarise(result: dict) -> list[dict]:
                   "frac_chosen_moved", "displacement"):
             if k in runs[0]:
                 row[k] = statistics.mean(r[k] for r in runs)
+        base = result["arms"].get("best-of-N")
+        if base and name != "best-of-N" and len(base) == len(runs):
+            diffs = [r["reward"] - b["reward"] for r, b in zip(runs, base, strict=True)]
+            row["diff_per_seed"] = diffs
+            row["diff_mean"] = statistics.mean(diffs)
+            row["diff_std"] = statistics.pstdev(diffs) if len(diffs) > 1 else 0.0
         rows.append(row)
     return rows
+
+
+def merge_results(results: list[dict]) -> list[dict]:
+    """One result per task: arms of several runs on the same cached samples (same seeds) are put together; an arm
+    present in several runs keeps its first copy (baselines are identical across runs on the same cache)."""
+    merged: dict[str, dict] = {}
+    for res in results:
+        task = res["task"]
+        if task not in merged:
+            merged[task] = json.loads(json.dumps(res))
+            continue
+        m = merged[task]
+        for name, runs in res["arms"].items():
+            m["arms"].setdefault(name, runs)
+        m.setdefault("variants", {}).update(res.get("variants", {}))
+        m["value_models"].update(res.get("value_models", {}))
+    return list(merged.values())
 
 
 def markdown(results: list[dict], args, seeds=None) -> str:
     lines = [f"Command: `python benchmarks/test_time.py {' '.join(sys.argv[1:])}`".rstrip(),
              f"Model {args.model}, {args.num_test_prompts} held-out prompts x {args.num_particles} particles, seeds "
              f"{seeds or args.seeds}, "
-             f"temperature {args.temperature}, max {args.max_new_tokens} new tokens; value model: "
-             f"{args.value_layers} layers + LoRA + head, fitted on {args.num_train_prompts} train prompts x "
-             f"{args.train_generations} samples. Selector for every arm: the plain value model. "
+             f"temperature {args.temperature}, max {args.max_new_tokens} new tokens; value models fitted on "
+             f"{args.num_train_prompts} train prompts x {args.train_generations} samples "
+             + ("(ridge: frozen backbone cut at the cross-validated layer + closed-form linear head on pooled "
+                "response states). " if args.selector == "ridge" else f"({args.value_layers} layers + LoRA + head). ")
+             + f"Selector for every arm, and gradient of every VGF arm: the {args.selector} value model. "
              f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
              f"torch {torch.__version__}.", ""]
     for res in results:
         vs = res["value_models"]
-        lines += [f"### {res['task']}", "", "Value models (held-out correlation with the true reward): " + ", ".join(
-            f"{k} {v.get('val_corr', float('nan')):.3f}" for k, v in vs.items()), "",
-            "| arm | true reward (mean ± std over seeds) | per seed | tokens changed / particle | particles changed "
+        lines += [f"### {res['task']}", "", "Value models (held-out correlation with the true reward, split by "
+                  "prompt): " + ", ".join(
+            f"{k} {v.get('val_corr', float('nan')):.3f}"
+            + (f" (layer {v['layer']}, {v['pooling']} pooling, ridge {v['ridge']}, {v['num_samples']} samples)"
+               if v.get("method") == "ridge" else "") for k, v in vs.items()), "",
+            "| arm | true reward (mean ± std over seeds) | per seed | minus best-of-N: per seed | mean ± std "
+            "| tokens changed / particle | particles changed "
             "| reward of moved particles (vs originals) | chosen is moved | s / prompt |",
-            "|---|---|---|---|---|---|---|---|"]
+            "|---|---|---|---|---|---|---|---|---|---|"]
         for r in summarise(res):
             moved = (f"{r['moved_particle_reward']:.3f} ({r['original_particle_reward']:.3f})"
                      if "moved_particle_reward" in r else "")
             lines.append(
                 f"| {r['arm']} | {r['mean']:.3f} ± {r['std']:.3f} | {', '.join(f'{x:.3f}' for x in r['per_seed'])} | "
+                f"{', '.join(f'{x:+.3f}' for x in r.get('diff_per_seed', []))} | "
+                + (f"{r['diff_mean']:+.3f} ± {r['diff_std']:.3f}" if "diff_mean" in r else "") + " | "
                 f"{r.get('tokens_changed', 0):.2f} | {r.get('frac_particles_changed', 0):.2f} | {moved} | "
                 f"{r.get('frac_chosen_moved', 0):.2f} | {r['seconds']:.2f} |")
         lines.append("")
@@ -249,25 +429,36 @@ def main(argv=None) -> None:
     p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"comma list or 'all': {list(VARIANTS)}")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--num_train_prompts", type=int, default=64)
-    p.add_argument("--train_generations", type=int, default=4)
-    p.add_argument("--num_test_prompts", type=int, default=12)
+    p.add_argument("--train_generations", type=int, default=8)
+    p.add_argument("--num_test_prompts", type=int, default=16)
     p.add_argument("--num_particles", type=int, default=8)
     p.add_argument("--max_new_tokens", type=int, default=32)
     p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--value_layers", type=int, default=12)
+    p.add_argument("--value_layers", type=int, default=12, help="layers of the LoRA ('plain') value model")
+    p.add_argument("--selector", default="ridge", choices=["ridge", "plain"],
+                   help="value model that selects for every arm (and gives the gradient of 'plain' variants): ridge "
+                        "(frozen backbone + closed-form head, layer by CV) or plain (LoRA + head, SGD)")
     p.add_argument("--value_epochs", type=int, default=3)
     p.add_argument("--value_lr", type=float, default=1e-3)
     p.add_argument("--dc_max_shift", type=float, default=2.0, help="decode-consistent noise: max row shift")
     p.add_argument("--batch_size", type=int, default=4)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "test_time"))
+    p.add_argument("--ridge_layers", default="4,8,12",
+                   help="layer cuts the ridge value model's cross-validation chooses from (deeper: slower features)")
+    p.add_argument("--extra_margins", default="0.05",
+                   help="comma list: also report every union variant's selection with these union margins")
+    p.add_argument("--compare_value_models", default="",
+                   help="comma list of saved value-model folders: also report best-of-N with each as the selector")
     p.add_argument("--write_docs", action="store_true")
+    p.add_argument("--prepare_only", action="store_true", help="only draw and cache train/test rollouts")
+    p.add_argument("--cache", default="", help="cache folder (rollouts, value models); default OUT/cache")
     p.add_argument("--render", default="", help="comma list of results/partial JSON files: print their tables, "
                                                 "no compute (e.g. for a run stopped after some seeds)")
     args = p.parse_args(argv)
     if args.render:
         results = [json.loads(Path(f).read_text()) for f in args.render.split(",")]
-        results = [r for res in results for r in (res["results"] if "results" in res else [res])]
+        results = merge_results([r for res in results for r in (res["results"] if "results" in res else [res])])
         print(markdown(results, args, seeds=sorted({s for r in results for s in r.get("seeds_done", [])})))
         return
     args.seeds = [int(s) for s in args.seeds.split(",")]
@@ -277,12 +468,17 @@ def main(argv=None) -> None:
         p.error(f"unknown variants {unknown}; known: {list(VARIANTS)}")
     variants = [VARIANTS[n] for n in names]
     out = Path(args.out)
-    cache = out / "cache"
+    out.mkdir(parents=True, exist_ok=True)
+    cache = Path(args.cache) if args.cache else out / "cache"
     cache.mkdir(parents=True, exist_ok=True)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     t0 = time.time()
+    if args.prepare_only:
+        for t in args.tasks.split(","):
+            prepare_task(t, args, cache)
+        return
     results = [run_task(t, args, variants, cache, out) for t in args.tasks.split(",")]
     md = markdown(results, args) + f"\nTotal wall-clock: {(time.time() - t0) / 60:.1f} min.\n"
     print("\n" + md)

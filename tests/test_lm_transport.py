@@ -4,11 +4,17 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from vgf_llm.decoding import ReferenceGainDecoder, ReferenceTopKDecoder, regenerate_after_first_change
+from vgf_llm.decoding import (
+    ReferenceGainDecoder,
+    ReferenceTopKDecoder,
+    VerifiedGainDecoder,
+    regenerate_after_first_change,
+)
 from vgf_llm.particles import NearestTokenDecoder, lift, movable_mask
 from vgf_llm.rollout import HFGenerateBackend, eos_token_ids
 from vgf_llm.sampler import TransportBudget, VGFSampler, best_of_n, special_token_ids
 from vgf_llm.scorers import RewardModelScorer, ValueModel, ValueModelConfig, active_adapter
+from vgf_llm.value_fitting import fit_value_head, pooled_features, prompt_groups
 
 PROMPTS = [[{"role": "user", "content": "What is 3 + 4?"}], [{"role": "user", "content": "Say something nice."}],
            [{"role": "user", "content": "What is 2 + 2?"}]]
@@ -249,7 +255,7 @@ def test_budget_zero_equals_best_of_n(value_sampler_parts):
 
 @pytest.mark.parametrize("decoder,regenerate,selection,fluency", [
     ("nearest", False, "final", 0.0), ("reference_topk", True, "union", 0.5), ("nearest", False, "union", 0.0),
-    ("reference_gain", False, "union", 0.0)])
+    ("reference_gain", False, "union", 0.0), ("verified", False, "union", 0.0)])
 def test_sampler_moves_particles_and_reports_every_field(value_sampler_parts, decoder, regenerate, selection,
                                                          fluency):
     model, tok, vm = value_sampler_parts
@@ -270,3 +276,88 @@ def test_sampler_moves_particles_and_reports_every_field(value_sampler_parts, de
         assert (chosen.score_after if r.chosen_moved else chosen.score_before) == pytest.approx(best)
     assert sum(p.tokens_changed for r in results for p in r.particles) > 0
     assert all(p.displacement > 0 for r in results for p in r.particles)
+
+
+def test_grouped_validation_holds_out_whole_prompts(tiny_lm, tokenizer):
+    backend = HFGenerateBackend(tiny_lm, tokenizer, max_new_tokens=8, batch_size=8)
+    ro = backend.generate(PROMPTS * 4, num_generations=4, seed=0)  # every prompt text appears 4 times
+    groups = prompt_groups(ro)
+    assert len(groups.unique()) == 3 and groups.shape == (48,)
+    assert torch.equal(groups[:16].unique(), torch.tensor([0, 1, 2]))  # repeats of a text share its group
+    vm = ValueModel(tiny_lm, ValueModelConfig(lora_r=4))
+    stats = vm.fit(*_value_data(tiny_lm, tokenizer, ro), epochs=1, batch_size=8, progress=False, groups=groups)
+    assert stats["num_val"] == 16 and stats["num_train"] == 32  # one whole prompt text held out
+
+
+def test_ridge_value_head_reproduces_its_regression_and_picks_the_informative_layer(tiny_lm, tokenizer):
+    backend = HFGenerateBackend(tiny_lm, tokenizer, max_new_tokens=10, batch_size=8)
+    ro = backend.generate(PROMPTS * 8, num_generations=4, seed=0)
+    g, n, t = ro.shape
+    args = (ro.prompt_ids.repeat_interleave(n, 0), ro.prompt_mask.repeat_interleave(n, 0),
+            ro.completion_ids.reshape(g * n, t), ro.completion_mask.reshape(g * n, t))
+    feats = pooled_features(tiny_lm, *args, layers=[1, 2])
+    w0 = torch.randn(feats[(1, "mean")].shape[1], generator=torch.Generator().manual_seed(0)).double()
+    reward = (feats[(1, "mean")] @ w0).float().view(g, n)  # a reward linear in layer-1 mean-pooled states
+    vm, stats = fit_value_head(tiny_lm, ro, reward, layers=[1, 2], lambdas=(1e-6, 1.0), folds=3)
+    assert (stats["layer"], stats["pooling"]) == (1, "mean") and stats["val_corr"] > 0.95
+    assert stats["num_prompts"] == 3
+    # the fitted ValueModel scores token ids through its own (cut, adapter-on) forward pass exactly like the fit
+    torch.testing.assert_close(vm.score_ids(*args), reward.reshape(-1), rtol=1e-3, atol=1e-3 * reward.abs().max())
+    # a reward of noise has no out-of-fold correlation
+    _, noise = fit_value_head(tiny_lm, ro, torch.randn(g, n), layers=[1], folds=3, adapter_name="noise")
+    assert noise["val_corr"] < 0.5
+
+
+def _verified_setup(tiny_lm, tokenizer, rollouts):
+    special = special_token_ids(tokenizer)
+    weight = tiny_lm.get_input_embeddings().weight.detach()
+    ids, cmask = rollouts.completion_ids, rollouts.completion_mask
+    movable = movable_mask(ids, cmask, special)
+    return special, weight, ids, cmask, movable, lift(weight, ids)
+
+
+def test_verified_decoder_only_keeps_swaps_that_really_raise_the_value(tiny_lm, tokenizer, rollouts):
+    special, weight, ids, cmask, movable, start = _verified_setup(tiny_lm, tokenizer, rollouts)
+    prompt = (rollouts.prompt_ids, rollouts.prompt_mask)
+    favourite = torch.zeros(weight.shape[0])
+    favourite[torch.randperm(weight.shape[0], generator=torch.Generator().manual_seed(1))[:150]] = 1.0
+    calls = []
+
+    def value_fn(p_ids, p_mask, seq, mask):  # the count of "favourite" tokens: an exact, known value
+        calls.append(len(seq))
+        return (favourite[seq] * mask).sum(-1)
+
+    noisy = start + 3 * torch.randn_like(start) * movable[..., None]
+    dec = VerifiedGainDecoder(tiny_lm, value_fn, k=8, max_edits=3, candidates=6, exclude_ids=special)
+    new = dec.decode(noisy, start, ids, movable, *prompt, cmask)
+    before, after = value_fn(None, None, ids.flatten(0, 1), cmask.flatten(0, 1)), value_fn(
+        None, None, new.flatten(0, 1), cmask.flatten(0, 1))
+    assert (after >= before).all() and (after > before).any()  # never worse, sometimes better
+    changed = (new != ids).sum(-1).flatten()
+    assert (changed <= 3).all() and ((after - before) == changed).all()  # every kept swap gained exactly one
+    assert torch.equal(new[movable == 0], ids[movable == 0])
+    assert dec.last_stats["evaluated"] <= 6 * 3 * ids.shape[0] * ids.shape[1]
+    torch.testing.assert_close(dec.last_stats["value_after"].flatten(), after)
+    # a margin no swap can clear, or no movement at all: nothing changes
+    strict = VerifiedGainDecoder(tiny_lm, value_fn, k=8, max_edits=3, candidates=6, margin=1.5, exclude_ids=special)
+    assert torch.equal(strict.decode(noisy, start, ids, movable, *prompt, cmask), ids)
+    assert torch.equal(dec.decode(start, start, ids, movable, *prompt, cmask), ids)
+    # top=1: only the best original of each prompt may be edited
+    top1 = VerifiedGainDecoder(tiny_lm, value_fn, k=8, max_edits=3, candidates=6, top=1, exclude_ids=special)
+    new1 = top1.decode(noisy, start, ids, movable, *prompt, cmask)
+    assert ((new1 != ids).any(-1).sum(-1) <= 1).all()
+
+
+def test_union_margin_keeps_the_best_original_unless_a_moved_particle_clearly_wins(value_sampler_parts):
+    model, tok, vm = value_sampler_parts
+    kw = dict(num_particles=4, max_new_tokens=10, batch_size=2, progress=False, selection="union",
+              budget=TransportBudget(steps=2, step_size=2.0, step_rule="sgd", alpha=0.01), decoder="verified",
+              max_edits=2, verify_candidates=4)
+    plain = VGFSampler(model, tok, vm, **kw).sample(PROMPTS, seed=1)
+    assert any(r.chosen_moved for r in plain)  # verified edits raise the value, so union picks them
+    for r in plain:
+        assert all(p.score_after >= p.score_before - 1e-4 for p in r.particles)
+    strict = VGFSampler(model, tok, vm, union_margin=1e6, **kw).sample(PROMPTS, seed=1)
+    for r in strict:
+        best = max(range(4), key=lambda i: r.particles[i].score_before)
+        assert not r.chosen_moved and r.chosen == best and r.response == r.particles[best].text_before

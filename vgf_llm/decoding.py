@@ -90,9 +90,11 @@ class ReferenceTopKDecoder:
         full_ids = torch.cat([p_ids, ids.to(p_ids.device)], 1)
         full_mask = torch.cat([p_mask, torch.ones_like(ids, device=p_mask.device)], 1)
         with active_adapter(self.model, None):
+            # only the T + 1 last positions go through the LM head (the prompt's logits are never needed)
             logits = self.model(input_ids=full_ids, attention_mask=full_mask,
-                                position_ids=(full_mask.cumsum(-1) - 1).clamp_min(0)).logits
-        return logits[:, p_ids.shape[1] - 1:-1]  # position t is predicted from everything before it
+                                position_ids=(full_mask.cumsum(-1) - 1).clamp_min(0),
+                                logits_to_keep=ids.shape[1] + 1).logits
+        return logits[:, :-1]  # position t is predicted from everything before it
 
     def _decode_teacher_forced(self, rows, ids, changed, p_ids, p_mask):
         """Candidates for every position from one reference pass over [prompt | original response]."""
@@ -186,3 +188,79 @@ class ReferenceGainDecoder(ReferenceTopKDecoder):
                 if value > 0:
                     new[i, pos] = cand[i, pos, best_c[i, pos]]
         return new.reshape(g, n, t)
+
+
+class VerifiedGainDecoder(ReferenceTopKDecoder):
+    """Greedy coordinate ascent on the value, proposed by the transport and checked with real forward passes.
+
+    The value gradient moves rows off the token manifold, where the value model can be fooled (docs/benchmarks.md).
+    Here the transport only *proposes*: each round, every reference top-k swap (c at position t) is ranked by its
+    first-order gain towards the moved row, <u_t - e_cur_t, e_c - e_cur_t> / ||e_c - e_cur_t||, the ``candidates``
+    best swaps of each response are scored exactly by ``value_fn`` on real tokens (one batched no-grad pass), and
+    the best one is kept only if it raises the value by more than ``margin``. Up to ``max_edits`` rounds; a response
+    stops at its first round without an improving swap, so the decoded response never scores lower than the
+    original under ``value_fn``. The reference's top-k is recomputed on the current tokens every round.
+    ``top`` (optional): only the ``top`` responses of each prompt with the highest original value are edited.
+    """
+
+    def __init__(self, model, value_fn, *, k: int = 8, max_edits: int = 3, candidates: int = 8, margin: float = 0.0,
+                 top: int | None = None, exclude_ids=(), embedding_weight=None):
+        super().__init__(model, k=k, exclude_ids=exclude_ids, embedding_weight=embedding_weight, sequential=False)
+        if max_edits < 1 or candidates < 1 or (top is not None and top < 1):
+            raise ValueError(f"max_edits, candidates and top must be >= 1, got {max_edits}, {candidates}, {top}")
+        self.value_fn, self.max_edits, self.candidates = value_fn, max_edits, candidates
+        self.margin, self.top = margin, top
+        self.last_stats: dict = {}
+
+    @torch.no_grad()
+    def decode(self, moved, start, ids, movable, prompt_ids, prompt_mask, completion_mask) -> torch.Tensor:
+        g, n, t = ids.shape
+        b = g * n
+        cur = ids.reshape(b, t).clone()
+        mask = completion_mask.reshape(b, t)
+        mov = movable.reshape(b, t).bool()
+        p_ids, p_mask = prompt_ids.repeat_interleave(n, 0), prompt_mask.repeat_interleave(n, 0)
+        device = self.model.device
+        target = moved.reshape(b, t, -1).float().cpu()
+        table = self.nearest.weight.float().cpu()
+        allowed = self.nearest.allowed.cpu()
+        value = self.value_fn(p_ids, p_mask, cur, mask).float().cpu()
+        active = (moved != start).reshape(b, t, -1).any(-1).any(-1).cpu() & mov.any(-1)
+        if self.top is not None and self.top < n:
+            ranks = value.view(g, n).argsort(-1, descending=True).argsort(-1).reshape(b)
+            active &= ranks < self.top
+        start_value, evaluated, rounds = value.clone(), 0, 0
+        for _ in range(self.max_edits):
+            idx = active.nonzero().squeeze(1)
+            if not len(idx):
+                break
+            rounds += 1
+            logits = self._teacher_forced_logits(cur[idx], p_ids[idx].to(device), p_mask[idx].to(device))
+            logits = logits.float().cpu().masked_fill(~allowed, -float("inf"))
+            cand = logits.topk(min(self.k, int(allowed.sum())), -1).indices  # [A, T, k]
+            e_cur = table[cur[idx]]  # [A, T, d]
+            diff = table[cand] - e_cur[:, :, None]
+            gain = (diff * (target[idx] - e_cur)[:, :, None]).sum(-1) / diff.norm(dim=-1).clamp_min(1e-6)
+            ok = mov[idx][:, :, None] & (cand != cur[idx][:, :, None]) & (gain > 0)
+            flat = gain.masked_fill(~ok, -float("inf")).reshape(len(idx), -1)
+            top = flat.topk(min(self.candidates, flat.shape[1]), -1)
+            a, c = torch.isfinite(top.values).nonzero(as_tuple=True)
+            if not len(a):
+                break
+            which = top.indices[a, c]
+            pos, tok = which // cand.shape[-1], cand.reshape(len(idx), -1)[a, which]
+            seqs = cur[idx[a]].clone()
+            seqs[torch.arange(len(a)), pos] = tok
+            vals = self.value_fn(p_ids[idx[a]], p_mask[idx[a]], seqs, mask[idx[a]]).float().cpu()
+            evaluated += len(a)
+            best = torch.full((len(idx),), -float("inf"))
+            best.scatter_reduce_(0, a, vals, reduce="amax")
+            improved = best > value[idx] + self.margin
+            for j in improved.nonzero().squeeze(1).tolist():
+                pick = ((a == j) & (vals == best[j])).nonzero()[0, 0]
+                cur[idx[j]] = seqs[pick]
+                value[idx[j]] = best[j]
+            active[idx[~improved]] = False
+        self.last_stats = dict(value_before=start_value.view(g, n), value_after=value.view(g, n),
+                               evaluated=evaluated, rounds=rounds)
+        return cur.reshape(g, n, t)

@@ -10,7 +10,12 @@ from typing import Literal
 import torch
 from tqdm.auto import tqdm
 
-from vgf_llm.decoding import ReferenceGainDecoder, ReferenceTopKDecoder, regenerate_after_first_change
+from vgf_llm.decoding import (
+    ReferenceGainDecoder,
+    ReferenceTopKDecoder,
+    VerifiedGainDecoder,
+    regenerate_after_first_change,
+)
 from vgf_llm.flow import transport
 from vgf_llm.particles import NearestTokenDecoder, lift, movable_mask
 from vgf_llm.rollout import HFGenerateBackend, Rollouts, eos_token_ids
@@ -62,33 +67,41 @@ class VGFSampler:
     selector: picks the response at test time (default: the scorer). Never a checker that needs the answer.
     decoder:  "nearest" (nearest embedding row), "reference_topk" (the reference's top-k candidate nearest to the
         moved row, COLD-style) or "reference_gain" (the ``max_edits`` top-k swaps with the largest first-order value
-        gain along the displacement).
+        gain along the displacement) or "verified" (``VerifiedGainDecoder``: the transport proposes reference
+        top-k swaps, ``verify_candidates`` of them per response are scored exactly by the scorer on real tokens and
+        the best is kept only if the value rises by more than ``verify_margin``; up to ``max_edits`` rounds;
+        ``verify_top`` limits editing to the best ``verify_top`` originals of each prompt).
     sequential_decoding: reference top-k conditioned on the decoded prefix (exact, one reference step per position)
         or on the original prefix (one pass). Default: sequential unless ``regenerate``, where both are identical.
     regenerate: after decoding, the reference re-samples everything after the first edited token.
     fluency_weight: adds ``w * grad log mu(y | x)`` of the reference (current tokens as targets) to the value
         gradient, i.e. targets mu^w exp(V / alpha): a deviation from the paper's untilted target.
     selection: "final" picks among transported particles only; "union" among originals and transported ones.
+    union_margin: with "union", a transported particle is chosen only if its selector score beats the best
+        original by more than this margin (0: plain argmax over the union, ties to the original).
     """
 
     def __init__(self, model, tokenizer, scorer, *, selector=None, num_particles: int = 8,
                  budget: TransportBudget | None = None,
-                 decoder: Literal["nearest", "reference_topk", "reference_gain"] = "nearest", max_edits: int = 1,
+                 decoder: Literal["nearest", "reference_topk", "reference_gain", "verified"] = "nearest",
+                 max_edits: int = 1,
                  topk: int = 8, metric: Literal["l2", "cosine"] = "l2", regenerate: bool = False,
                  sequential_decoding: bool | None = None,
                  fluency_weight: float = 0.0, selection: Literal["final", "union"] = "final",
                  max_new_tokens: int = 64, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-                 batch_size: int = 4, backend=None, progress: bool = True):
+                 batch_size: int = 4, backend=None, progress: bool = True, verify_candidates: int = 8,
+                 verify_margin: float = 0.0, verify_top: int | None = None, union_margin: float = 0.0):
         if num_particles < 1:
             raise ValueError("num_particles must be >= 1")
-        if selection not in ("final", "union") or decoder not in ("nearest", "reference_topk", "reference_gain"):
+        if selection not in ("final", "union") or decoder not in ("nearest", "reference_topk", "reference_gain",
+                                                                      "verified"):
             raise ValueError(f"bad selection/decoder: {selection!r}/{decoder!r}")
         self.model, self.tokenizer, self.scorer = model, tokenizer, scorer
         self.selector = selector or scorer
         self.num_particles, self.budget = num_particles, budget or TransportBudget()
         self.regenerate, self.fluency_weight, self.selection = regenerate, fluency_weight, selection
         self.max_new_tokens, self.temperature, self.top_p, self.top_k = max_new_tokens, temperature, top_p, top_k
-        self.batch_size, self.progress = batch_size, progress
+        self.batch_size, self.progress, self.union_margin = batch_size, progress, union_margin
         self.special = special_token_ids(tokenizer)
         self.eos = eos_token_ids(model, tokenizer)
         self.backend = backend or HFGenerateBackend(model, tokenizer, max_new_tokens=max_new_tokens,
@@ -97,7 +110,11 @@ class VGFSampler:
         weight = scorer.embedding_weight
         self._fluency_targets = NearestTokenDecoder(model.get_input_embeddings().weight) if fluency_weight else None
         sequential = (not regenerate) if sequential_decoding is None else sequential_decoding
-        if decoder == "reference_gain":
+        if decoder == "verified":
+            self.decoder = VerifiedGainDecoder(model, self._value_of_ids, k=topk, max_edits=max_edits,
+                                               candidates=verify_candidates, margin=verify_margin, top=verify_top,
+                                               exclude_ids=self.special, embedding_weight=weight)
+        elif decoder == "reference_gain":
             self.decoder = ReferenceGainDecoder(model, k=topk, max_edits=max_edits, exclude_ids=self.special,
                                                 embedding_weight=weight)
         elif decoder == "reference_topk":
@@ -115,6 +132,10 @@ class VGFSampler:
         g, n, t = ids.shape
         return scorer.score_ids(ro_prompt_ids.repeat_interleave(n, 0), ro_prompt_mask.repeat_interleave(n, 0),
                                 ids.reshape(g * n, t), mask.reshape(g * n, t)).reshape(g, n).float().cpu()
+
+    def _value_of_ids(self, prompt_ids, prompt_mask, ids, mask) -> torch.Tensor:
+        """[B] scorer values of real token sequences (one prompt row per sequence)."""
+        return self.scorer.score_ids(prompt_ids, prompt_mask, ids, mask).float().cpu()
 
     def _grad_fn(self, prompt_ids, prompt_mask, completion_mask):
         g, n, t = completion_mask.shape
@@ -174,9 +195,8 @@ class VGFSampler:
             changed = [int(_tokens_changed(ids[g, n], cmask[g, n], new_ids[g, n], new_mask[g, n]))
                        for n in range(ids.shape[1])]
             if self.selection == "union":
-                pool = torch.cat([before[g], after[g]])
-                k = int(pool.argmax())
-                chosen, moved = k % ids.shape[1], k >= ids.shape[1]
+                moved = bool(after[g].max() > before[g].max() + self.union_margin)
+                chosen = int(after[g].argmax()) if moved else int(before[g].argmax())
             else:
                 chosen, moved = int(after[g].argmax()), new_ids is not ids
             response = texts_after[chosen] if moved else ro.texts[g][chosen]
@@ -195,7 +215,9 @@ class VGFSampler:
         moved, trace = transport(start, grad_fn=self._grad_fn(ro.prompt_ids, ro.prompt_mask, cmask),
                                  steps=b.steps, step_size=b.step_size, alpha=b.alpha, step_rule=b.step_rule,
                                  radius=b.radius, repulsion=b.repulsion, mask=movable)
-        if isinstance(self.decoder, ReferenceTopKDecoder):
+        if isinstance(self.decoder, VerifiedGainDecoder):
+            new_ids = self.decoder.decode(moved, start, ids, movable, ro.prompt_ids, ro.prompt_mask, cmask)
+        elif isinstance(self.decoder, ReferenceTopKDecoder):
             new_ids = self.decoder.decode(moved, start, ids, movable, ro.prompt_ids, ro.prompt_mask)
         else:
             new_ids = self.decoder.decode(moved, start, ids, movable)
