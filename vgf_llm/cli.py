@@ -22,12 +22,16 @@ from pathlib import Path
 # from ``VGFSampler``/``TransportBudget`` (see ``_sampler_default``). These are the arm "gain3+union" of
 # benchmarks/test_time.py: it beat best-of-N with the same selector on the sentiment task and lost on chain_sum
 # (docs/benchmarks.md). With a weak value model on exact-answer tasks, use --transport_steps 0 (best-of-N).
+# the winner of benchmarks/test_time.py run 4 (docs/benchmarks.md): verified edits, union selection
 SAMPLER_DEFAULTS = {
-    "decoder": "reference_gain",
-    "max_edits": 3,
+    "decoder": "verified",
+    "max_edits": 5,
+    "verify_top": 1,
+    "verify_candidates": 4,
+    "union_margin": 0.0,
     "regenerate": False,
     "selection": "union",
-    "transport_steps": 8,
+    "transport_steps": 1,
     "step_size": 0.05,
     "step_rule": "adam",
 }
@@ -352,11 +356,19 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(repulsion=_budget_default("repulsion"))
     gen.add_argument(
         "--decoder",
-        choices=("reference_gain", "reference_topk", "nearest"),
+        choices=("verified", "reference_gain", "reference_topk", "nearest"),
         default=SAMPLER_DEFAULTS["decoder"],
-        help="moved rows back to tokens: the reference top-k swaps with the largest value gain along the move "
+        help="moved rows back to tokens: reference top-k swaps proposed by the value gain along the move and kept "
+        "only if the value model really rises (verified), the swaps with the largest first-order gain "
         "(reference_gain), the top-k candidate nearest to the moved row (reference_topk), or the nearest row",
     )
+    gen.add_argument("--verify_top", type=_positive_int, default=SAMPLER_DEFAULTS["verify_top"],
+                     help="verified decoder: edit only the best N originals of each prompt")
+    gen.add_argument("--verify_candidates", type=_positive_int, default=SAMPLER_DEFAULTS["verify_candidates"],
+                     help="verified decoder: swaps scored with real value-model passes per round")
+    gen.add_argument("--union_margin", type=float, default=SAMPLER_DEFAULTS["union_margin"],
+                     help="--selection union picks an edited response only if it beats the best original by this; "
+                     "use >= 0.05 (or --transport_steps 0) for exact-answer rewards")
     gen.add_argument(
         "--topk",
         type=_positive_int,
@@ -367,7 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--max_edits",
         type=_positive_int,
         default=SAMPLER_DEFAULTS["max_edits"],
-        help="tokens edited per response by --decoder reference_gain",
+        help="tokens edited per response (reference_gain), or rounds of verified edits (verified)",
     )
     gen.add_argument(
         "--metric", choices=("l2", "cosine"), default=_sampler_default("metric"), help="distance used by the decoder"
@@ -697,6 +709,9 @@ def cmd_generate(args) -> int:
         regenerate=args.regenerate,
         fluency_weight=args.fluency_weight,
         selection=args.selection,
+        verify_top=args.verify_top,
+        verify_candidates=args.verify_candidates,
+        union_margin=args.union_margin,
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
         top_p=args.top_p,
