@@ -368,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="verified decoder: swaps scored with real value-model passes per round")
     gen.add_argument("--union_margin", type=float, default=SAMPLER_DEFAULTS["union_margin"],
                      help="--selection union picks an edited response only if it beats the best original by this; "
-                     "use >= 0.05 (or --transport_steps 0) for exact-answer rewards")
+                     "use >= 0.1 (or --transport_steps 0) for exact-answer rewards")
     gen.add_argument(
         "--topk",
         type=_positive_int,
