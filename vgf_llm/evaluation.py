@@ -7,10 +7,9 @@ from __future__ import annotations
 
 import torch
 
-from vgf_llm.rewards import combine_rewards
 from vgf_llm.rollout import HFGenerateBackend
 from vgf_llm.scorers import active_adapter
-from vgf_llm.value_fitting import as_completion
+from vgf_llm.value_fitting import reward_texts
 
 
 @torch.no_grad()
@@ -33,8 +32,4 @@ def policy_rewards(model, tokenizer, rows: list[dict], reward_funcs, reward_weig
     finally:
         model.train(was_training)
     texts = [group[0] for group in ro.texts]
-    prompts = [r["prompt"] for r in rows]
-    columns = {k: [r[k] for r in rows] for k in rows[0] if k != "prompt"}
-    total, _ = combine_rewards(reward_funcs, reward_weights, prompts,
-                               [as_completion(p, t) for p, t in zip(prompts, texts, strict=True)], **columns)
-    return [float("nan") if v is None else float(v) for v in total], texts
+    return reward_texts(reward_funcs, reward_weights, rows, texts).tolist(), texts

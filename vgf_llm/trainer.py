@@ -28,11 +28,11 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from vgf_llm.config import VGFConfig
 from vgf_llm.evaluation import policy_rewards
-from vgf_llm.rewards import combine_rewards, get_reward_func, reward_func_name
+from vgf_llm.rewards import get_reward_func, reward_func_name
 from vgf_llm.rollout import HFGenerateBackend, Rollouts
 from vgf_llm.sampler import TransportBudget, VGFSampler
 from vgf_llm.scorers import RewardModelScorer, ValueModel, ValueModelConfig, active_adapter, pearson
-from vgf_llm.value_fitting import as_completion
+from vgf_llm.value_fitting import reward_texts_and_parts
 
 MIN_TARGET_WEIGHT = 1e-3  # targets below this weight within their group are dropped (and the rest renormalised)
 POLICY = "default"  # PEFT's name for a single adapter, so the saved folder loads with PeftModel.from_pretrained
@@ -62,6 +62,13 @@ def pad_cat(tensors: list[torch.Tensor], value, left: bool = False) -> torch.Ten
     width = max(t.shape[1] for t in tensors)
     pads = [(width - t.shape[1], 0) if left else (0, width - t.shape[1]) for t in tensors]
     return torch.cat([torch.nn.functional.pad(t, pad, value=value) for t, pad in zip(tensors, pads, strict=True)])
+
+
+def group_std(rewards: torch.Tensor) -> torch.Tensor:
+    """[G] standard deviation of each group's finite rewards (0 for groups with fewer than two)."""
+    finite = torch.isfinite(rewards)
+    return torch.stack([rewards[i][finite[i]].std() if finite[i].sum() > 1 else torch.tensor(0.0)
+                        for i in range(rewards.shape[0])]).nan_to_num(0)
 
 
 def distill_weights(rewards: torch.Tensor, how: str, temperature: float) -> torch.Tensor:
@@ -239,18 +246,15 @@ class VGFTrainer(Trainer):
 
     def _rewards(self, rows: list[dict], texts: list[str]) -> torch.Tensor:
         """True rewards (NaN where every function returned None), TRL's call: extra columns + ``trainer_state``."""
-        prompts = [r["prompt"] for r in rows]
-        columns = {k: [r[k] for r in rows] for k in rows[0] if k != "prompt"}
         try:
-            total, per_func = combine_rewards(self.reward_funcs, self.args.reward_weights, prompts,
-                                              [as_completion(p, t) for p, t in zip(prompts, texts, strict=True)],
-                                              trainer_state=self.state, **columns)
+            total, per_func = reward_texts_and_parts(self.reward_funcs, self.args.reward_weights, rows, texts,
+                                                     trainer_state=self.state)
         except Exception as err:
             raise RuntimeError(f"a reward function failed at step {self.state.global_step}: {err}") from err
         for name, col in zip(self.reward_names, per_func.T, strict=True):
             if torch.isfinite(col).any():
                 self._metrics[f"rewards/{name}/mean"].append(float(col.nanmean()))
-        return torch.tensor([math.nan if v is None else v for v in total], dtype=torch.float32)
+        return total
 
     @contextmanager
     def _timed(self, phase: str):
@@ -356,10 +360,7 @@ class VGFTrainer(Trainer):
             ids, masks = ids.reshape(g, 2 * n, -1), masks.reshape(g, 2 * n, -1)
         else:
             ids, masks, pool = moved.completion_ids, moved.completion_mask, moved_rewards.clone()
-        finite = torch.isfinite(pool)
-        spread = torch.stack([pool[i][finite[i]].std() if finite[i].sum() > 1 else torch.tensor(0.0)
-                              for i in range(g)])
-        skip = (spread.nan_to_num(0) == 0) if args.skip_zero_std_groups else torch.zeros(g, dtype=torch.bool)
+        skip = (group_std(pool) == 0) if args.skip_zero_std_groups else torch.zeros(g, dtype=torch.bool)
         weights = distill_weights(pool, args.distill_weighting, args.distill_temperature)
         weights[skip] = 0
         weights[weights < MIN_TARGET_WEIGHT] = 0  # negligible targets cost a forward and backward each
@@ -398,8 +399,7 @@ class VGFTrainer(Trainer):
     def _log_step(self, ro, moved, rewards, moved_rewards, changed, disp) -> None:
         m = self._metrics
         finite = torch.isfinite(rewards)
-        stds = torch.stack([rewards[i][finite[i]].std() if finite[i].sum() > 1 else torch.tensor(0.0)
-                            for i in range(rewards.shape[0])]).nan_to_num(0)
+        stds = group_std(rewards)
         if finite.any():  # a batch where no reward applied (all None) has no reward to log
             m["reward"].append(float(rewards.nanmean()))
             m["reward_std"].append(float(stds.mean()))

@@ -27,13 +27,21 @@ def as_completion(prompt, text: str):
     return text if isinstance(prompt, str) else [{"role": "assistant", "content": text}]
 
 
-def reward_texts(reward_funcs, weights, rows: list[dict], texts: list[str]) -> torch.Tensor:
-    """True rewards of ``texts[i]`` for dataset row ``rows[i]`` (other columns forwarded); NaN where None."""
+def reward_texts_and_parts(reward_funcs, weights, rows: list[dict], texts: list[str],
+                           **extra) -> tuple[torch.Tensor, torch.Tensor]:
+    """True rewards of ``texts[i]`` for dataset row ``rows[i]`` (other columns and ``extra`` keywords such as
+    ``trainer_state`` forwarded, as TRL does): the total (NaN where None) and each function's [B, F] part."""
     prompts = [r["prompt"] for r in rows]
     columns = {k: [r[k] for r in rows] for k in rows[0] if k != "prompt"} if rows else {}
-    total, _ = combine_rewards(reward_funcs, weights, prompts,
-                               [as_completion(p, t) for p, t in zip(prompts, texts, strict=True)], **columns)
-    return torch.tensor([float("nan") if v is None else v for v in total], dtype=torch.float32)
+    total, per_func = combine_rewards(reward_funcs, weights, prompts,
+                                      [as_completion(p, t) for p, t in zip(prompts, texts, strict=True)],
+                                      **columns, **extra)
+    return torch.tensor([float("nan") if v is None else v for v in total], dtype=torch.float32), per_func
+
+
+def reward_texts(reward_funcs, weights, rows: list[dict], texts: list[str]) -> torch.Tensor:
+    """True rewards of ``texts[i]`` for dataset row ``rows[i]`` (other columns forwarded); NaN where None."""
+    return reward_texts_and_parts(reward_funcs, weights, rows, texts)[0]
 
 
 def reward_rollouts(reward_funcs, weights, rows: list[dict], ro: Rollouts) -> torch.Tensor:
