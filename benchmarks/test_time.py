@@ -7,8 +7,10 @@ and a smooth preference-style reward (VADER positivity of "Write one sentence ab
    closed-form linear head; held-out correlation by prompt), or the LoRA ``plain`` / decode-consistent / ensemble
    models (only those the variants need);
 2. per seed: 2N reference samples per held-out prompt (cached; the first N are the particles), shared by every
-   arm; arms are a single sample, best-of-N and best-of-2N with the value-model selector, and VGF variants with
-   the *same* selector. Each arm also gets its paired per-seed difference to best-of-N.
+   arm; arms are a single sample, best-of-n (``--bon_sizes``, default 4, 8, 16) with the value-model selector, VGF
+   variants with the *same* selector, and for each VGF variant best-of-n at the same wall-clock per prompt
+   (sampling is re-timed in this run, ``--retime_prompts``, so both sides are timed under the same load). Each
+   arm also gets its paired per-seed difference to best-of-N.
 Prints a table and writes JSON + Markdown (``--write_docs`` puts it in docs/benchmarks.md; ``--render`` merges
 result files of runs over the same cache).
 
@@ -102,6 +104,11 @@ VARIANTS = {
                 verify_candidates=4, budget=B(1, 0.05)),
         Variant("verified5-top1-c4-b1+union", decoder="verified", selection="union", max_edits=5, verify_top=1,
                 verify_candidates=4, budget=B(1, 0.05)),
+        # the same at other transport budgets (steps x Adam step size), for the budget sweep
+        Variant("verified5-top1-c4-b3+union", decoder="verified", selection="union", max_edits=5, verify_top=1,
+                verify_candidates=4, budget=B(3, 0.05)),
+        Variant("verified5-top1-c4-b1x0.2+union", decoder="verified", selection="union", max_edits=5, verify_top=1,
+                verify_candidates=4, budget=B(1, 0.2)),
         Variant("verified5-top1-c4-b1+union-m0.05", decoder="verified", selection="union", max_edits=5,
                 verify_top=1, verify_candidates=4, union_margin=0.05, budget=B(1, 0.05)),
         Variant("verified5-top1-c4-b1+union-random", decoder="verified", selection="union", max_edits=5,
@@ -195,6 +202,18 @@ def test_rollouts(task, args, model, tok, reward, test, seed: int, cache: Path):
     return ro, rewards, seconds
 
 
+def time_generation(args, model, tok, test) -> float:
+    """Seconds per reference sample of one prompt, measured in this process (so best-of-n and VGF arms are timed
+    under the same machine load): N samples for the first few held-out prompts."""
+    prompts = [r["prompt"] for r in test[: args.retime_prompts]]
+    backend = HFGenerateBackend(model, tok, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                                temperature=args.temperature)
+    t0 = time.time()
+    with active_adapter(model, None):
+        backend.generate(prompts, args.num_particles, 999)
+    return (time.time() - t0) / len(prompts) / args.num_particles
+
+
 def prepare_task(task: str, args, cache: Path) -> None:
     """Only draw (and cache) the train and test rollouts of a task."""
     model = load_model(args.model)
@@ -252,10 +271,18 @@ def run_task(task: str, args, variants: list[Variant], cache: Path, out: Path) -
 
     arms: dict[str, list[dict]] = {}
     prompts = [r["prompt"] for r in test]
+    n, n2 = args.num_particles, 2 * args.num_particles
+    bon_sizes = sorted({int(x) for x in args.bon_sizes.split(",")} | {n})
+    if max(bon_sizes) > n2:
+        raise SystemExit(f"--bon_sizes go up to {max(bon_sizes)}, but only 2N = {n2} samples per prompt are drawn")
+    sample_seconds = time_generation(args, model, tok, test) if args.retime_prompts else None
+    seconds_per_sample = []  # per seed: generating and scoring one sample of one prompt
     for seed in args.seeds:
-        n, n2 = args.num_particles, 2 * args.num_particles
         ro2, true2, gen_seconds = test_rollouts(task, args, model, tok, reward, test, seed, cache)
-        gen_time = gen_seconds / len(prompts) / 2  # seconds per prompt for N samples
+        if sample_seconds is not None:
+            gen_time = sample_seconds * n  # seconds per prompt for N samples, timed in this run
+        else:
+            gen_time = gen_seconds / len(prompts) / 2  # as timed when the cached samples were drawn
 
         def scores(vm, ro2=ro2, n2=n2):
             return torch.stack([
@@ -268,22 +295,26 @@ def run_task(task: str, args, variants: list[Variant], cache: Path, out: Path) -
         score_time = (time.time() - t0) / len(prompts) / 2
         ro = Rollouts(ro2.prompt_ids, ro2.prompt_mask, ro2.completion_ids[:, :n], ro2.completion_mask[:, :n],
                       [t[:n] for t in ro2.texts])
-        true, sel = true2[:, :n], sel2[:, :n]
+        true = true2[:, :n]
         rows = torch.arange(len(prompts))
         bon_time = gen_time + score_time
-        arms.setdefault("best-of-2N (same selector)", []).append(dict(
-            reward=float(true2[rows, sel2.argmax(1)].nanmean()), seconds=2 * bon_time,
-            per_prompt=true2[rows, sel2.argmax(1)].tolist()))
+        per_sample = bon_time / n  # one more sample for best-of-n: generate it and score it
+        seconds_per_sample.append(per_sample)
+
+        def best_of(k: int, true2=true2, sel2=sel2, rows=rows, per_sample=per_sample) -> dict:
+            """Best of the first k samples of each prompt, with the selector."""
+            pick = true2[rows, sel2[:, :k].argmax(1)]
+            return dict(reward=float(pick.nanmean()), seconds=k * per_sample, per_prompt=pick.tolist(), n=k)
+
         arms.setdefault("single sample", []).append(dict(reward=float(true[:, 0].nanmean()), seconds=gen_time / n,
                                                          per_prompt=true[:, 0].tolist()))
-        arms.setdefault("pass@N (oracle)", []).append(dict(reward=float(true.max(1).values.nanmean()),
-                                                           seconds=gen_time, per_prompt=true.max(1).values.tolist()))
-        arms.setdefault("best-of-N", []).append(dict(
-            reward=float(true[rows, sel.argmax(1)].nanmean()), seconds=bon_time,
-            per_prompt=true[rows, sel.argmax(1)].tolist()))
+        arms.setdefault(f"pass@{n} (oracle)", []).append(dict(
+            reward=float(true.max(1).values.nanmean()), seconds=gen_time, per_prompt=true.max(1).values.tolist()))
+        for k in bon_sizes:
+            arms.setdefault(f"best-of-{k}", []).append(best_of(k))
         for key, vm in others.items():  # the other value models as selectors (how good is each selector alone)
             other = scores(vm)[:, :n]
-            arms.setdefault(f"best-of-N (selector: {key})", []).append(dict(
+            arms.setdefault(f"best-of-{n} (selector: {key})", []).append(dict(
                 reward=float(true[rows, other.argmax(1)].nanmean()), seconds=bon_time,
                 per_prompt=true[rows, other.argmax(1)].tolist()))
         for v in variants:
@@ -315,6 +346,10 @@ def run_task(task: str, args, variants: list[Variant], cache: Path, out: Path) -
                 frac_particles_changed=sum(c > 0 for c in changed) / len(changed),
                 frac_chosen_moved=sum(r.chosen_moved for r in results) / len(results),
                 displacement=statistics.mean(p.displacement for r in results for p in r.particles)))
+            # best-of-n given the same seconds per prompt as this VGF arm (n capped by the samples drawn)
+            k = int(vgf_time // per_sample)
+            arms.setdefault(f"best-of-n at {v.name}'s wall-clock", []).append(
+                dict(best_of(max(1, min(k, n2))), capped=k > n2))
             if v.selection == "union":  # the same particles under stricter union margins (selection only)
                 for m in [float(x) for x in args.extra_margins.split(",") if x]:
                     picks = []
@@ -327,9 +362,10 @@ def run_task(task: str, args, variants: list[Variant], cache: Path, out: Path) -
                     arms.setdefault(f"{v.name} (union margin {m:g})", []).append(dict(
                         reward=float(got.nanmean()), seconds=vgf_time, per_prompt=got.tolist()))
             print(f"seed {seed} {v.name:32s} reward {arms[v.name][-1]['reward']:.3f} "
-                  f"(best-of-N {arms['best-of-N'][-1]['reward']:.3f}) tokens changed "
+                  f"(best-of-{n} {arms[f'best-of-{n}'][-1]['reward']:.3f}) tokens changed "
                   f"{arms[v.name][-1]['tokens_changed']:.2f} {vgf_time:.1f}s/prompt", flush=True)
-        result = dict(task=task, selector=args.selector,
+        result = dict(task=task, selector=args.selector, baseline=f"best-of-{n}",
+                      seconds_per_sample=seconds_per_sample, generation_timed_in_run=sample_seconds is not None,
                       value_models={k: {a: b for a, b in v.items() if a != "cv"} for k, v in value_stats.items()},
                       arms=arms, variants={v.name: asdict(v) for v in variants},
                       seeds_done=args.seeds[: args.seeds.index(seed) + 1])
@@ -347,8 +383,12 @@ def summarise(result: dict) -> list[dict]:
                   "frac_chosen_moved", "displacement"):
             if k in runs[0]:
                 row[k] = statistics.mean(r[k] for r in runs)
-        base = result["arms"].get("best-of-N")
-        if base and name != "best-of-N" and len(base) == len(runs):
+        baseline = result.get("baseline", "best-of-N")
+        base = result["arms"].get(baseline)
+        if "n" in runs[0] and name.startswith("best-of-n at"):  # equal wall-clock: which n each seed got
+            row["arm"] = f"{name} (n = {', '.join(str(r['n']) for r in runs)}" + (
+                ", capped" if any(r.get("capped") for r in runs) else "") + ")"
+        if base and name != baseline and len(base) == len(runs):
             diffs = [r["reward"] - b["reward"] for r, b in zip(runs, base, strict=True)]
             row["diff_per_seed"] = diffs
             row["diff_mean"] = statistics.mean(diffs)
@@ -392,7 +432,8 @@ def markdown(results: list[dict], args, seeds=None) -> str:
             f"{k} {v.get('val_corr', float('nan')):.3f}"
             + (f" (layer {v['layer']}, {v['pooling']} pooling, ridge {v['ridge']}, {v['num_samples']} samples)"
                if v.get("method") == "ridge" else "") for k, v in vs.items()), "",
-            "| arm | true reward (mean ± std over seeds) | per seed | minus best-of-N: per seed | mean ± std "
+            f"| arm | true reward (mean ± std over seeds) | per seed | minus {res.get('baseline', 'best-of-N')}: "
+            "per seed | mean ± std "
             "| tokens changed / particle | particles changed "
             "| reward of moved particles (vs originals) | chosen is moved | s / prompt |",
             "|---|---|---|---|---|---|---|---|---|---|"]
@@ -442,6 +483,10 @@ def main(argv=None) -> None:
     p.add_argument("--value_lr", type=float, default=1e-3)
     p.add_argument("--dc_max_shift", type=float, default=2.0, help="decode-consistent noise: max row shift")
     p.add_argument("--batch_size", type=int, default=4)
+    p.add_argument("--bon_sizes", default="4,8,16", help="best-of-n arms (n <= 2N; N is always one of them)")
+    p.add_argument("--retime_prompts", type=int, default=8,
+                   help="time reference sampling in this run on this many prompts (0: use the seconds recorded when "
+                        "the cached samples were drawn, which may be from another machine load)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "test_time"))
     p.add_argument("--ridge_layers", default="4,8,12",

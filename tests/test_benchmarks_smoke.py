@@ -57,3 +57,34 @@ def test_train_tiny(tiny_lm_dir, tmp_path):
     assert saved["partial"] is False
     assert (tmp_path / "smoke.md").read_text().count("|") > 10
     assert (tmp_path / "smoke.png").stat().st_size > 1000
+
+
+def test_test_time_tiny(tiny_lm_dir, tmp_path):
+    """Every arm of the test-time benchmark in one run: best-of-n for each n, the VGF variant, and best-of-n at the
+    VGF variant's wall-clock (n from the seconds both sides took in this run)."""
+    import test_time
+
+    variant = "verified5-top1-c4-b1+union"
+    test_time.main(["--model", str(tiny_lm_dir), "--tasks", "sentiment", "--num_train_prompts", "4",
+                    "--train_generations", "2", "--num_test_prompts", "2", "--num_particles", "2", "--bon_sizes",
+                    "1,2,4", "--max_new_tokens", "4", "--seeds", "0,1", "--ridge_layers", "1,2", "--variants", variant,
+                    "--retime_prompts", "1", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "results.json").read_text())
+    (res,) = saved["results"]
+    arms = res["arms"]
+    assert res["baseline"] == "best-of-2" and res["generation_timed_in_run"]
+    assert {"single sample", "pass@2 (oracle)", "best-of-1", "best-of-2", "best-of-4", variant} <= set(arms)
+    for k in (1, 2, 4):
+        assert [r["n"] for r in arms[f"best-of-{k}"]] == [k, k]
+        assert [r["seconds"] for r in arms[f"best-of-{k}"]] == pytest.approx(
+            [k * t for t in res["seconds_per_sample"]])
+    equal = arms[f"best-of-n at {variant}'s wall-clock"]
+    for seed, (vgf, bon) in enumerate(zip(arms[variant], equal, strict=True)):
+        want = int(vgf["seconds"] // res["seconds_per_sample"][seed])
+        assert bon["n"] == max(1, min(want, 4)) and bon["capped"] == (want > 4)
+        assert bon["seconds"] == pytest.approx(bon["n"] * res["seconds_per_sample"][seed])
+        assert bon["seconds"] <= vgf["seconds"] or bon["n"] == 1
+    rows = {r["arm"].split(" (n =")[0]: r for r in saved["summary"]["sentiment"]}
+    assert rows[variant]["diff_per_seed"] == pytest.approx(
+        [a["reward"] - b["reward"] for a, b in zip(arms[variant], arms["best-of-2"], strict=True)])
+    assert "best-of-n at" in (tmp_path / "results.md").read_text()

@@ -3,6 +3,7 @@
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers.utils import logging as transformers_logging
 
 from vgf_llm.decoding import (
     ReferenceGainDecoder,
@@ -11,7 +12,7 @@ from vgf_llm.decoding import (
     regenerate_after_first_change,
 )
 from vgf_llm.particles import NearestTokenDecoder, lift, movable_mask
-from vgf_llm.rollout import HFGenerateBackend, eos_token_ids
+from vgf_llm.rollout import HFGenerateBackend, eos_token_ids, tokens_changed
 from vgf_llm.sampler import TransportBudget, VGFSampler, best_of_n, special_token_ids
 from vgf_llm.scorers import RewardModelScorer, ValueModel, ValueModelConfig, active_adapter
 from vgf_llm.value_fitting import fit_value_head, pooled_features, prompt_groups
@@ -42,6 +43,28 @@ def test_rollouts_have_the_documented_shape_and_are_seeded(tiny_lm, tokenizer, r
     assert torch.equal(again.completion_ids, rollouts.completion_ids)
     other = HFGenerateBackend(tiny_lm, tokenizer, max_new_tokens=12, batch_size=2).generate(PROMPTS, 4, seed=4)
     assert not torch.equal(other.completion_ids, rollouts.completion_ids)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_generation_sends_no_flag_transformers_calls_invalid(tiny_lm, tokenizer, temperature, caplog):
+    """Greedy generation with sampling knobs set (top_k=0 by default) used to make transformers warn on every call."""
+    transformers_logging.enable_propagation()
+    try:
+        with caplog.at_level("WARNING"):
+            ro = HFGenerateBackend(tiny_lm, tokenizer, max_new_tokens=4, temperature=temperature).generate(PROMPTS, 2)
+    finally:
+        transformers_logging.disable_propagation()
+    assert ro.shape[:2] == (3, 2)
+    assert not [r for r in caplog.records if "not valid" in r.getMessage()]
+
+
+def test_tokens_changed_counts_swaps_and_length_differences():
+    old = torch.tensor([[5, 6, 7, 0], [5, 6, 7, 8]])
+    old_mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
+    new = torch.tensor([[5, 9, 7, 4, 4, 0], [5, 6, 0, 0, 0, 0]])  # wider; a pad id equal to a real one is not real
+    new_mask = torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 0, 0, 0, 0]])
+    assert tokens_changed(old, old_mask, new, new_mask).tolist() == [1 + 2, 2]
+    assert tokens_changed(old, old_mask, old, old_mask).tolist() == [0, 0]
 
 
 def test_lift_then_decode_without_movement_returns_the_original_tokens(tiny_lm, tokenizer, rollouts):

@@ -76,6 +76,18 @@ def completion_mask_from_ids(ids: torch.Tensor, eos_ids: set[int], pad_id: int) 
     return (~after_eos).long()
 
 
+def tokens_changed(old_ids, old_mask, new_ids, new_mask) -> torch.Tensor:
+    """Response tokens that differ between two versions of the same responses ([..., T] each, masks are prefixes),
+    a length difference counting as changed tokens. Shape: the leading dimensions."""
+    width = max(old_ids.shape[-1], new_ids.shape[-1])
+
+    def masked(ids, mask):  # -1 where there is no token, so a missing token differs from any real one
+        ids = torch.where(mask.bool(), ids, torch.full_like(ids, -1))
+        return torch.nn.functional.pad(ids, (0, width - ids.shape[-1]), value=-1)
+
+    return (masked(old_ids, old_mask) != masked(new_ids, new_mask)).sum(-1)
+
+
 def eos_token_ids(model, tokenizer) -> set[int]:
     ids = model.generation_config.eos_token_id if model.generation_config is not None else None
     ids = set(ids if isinstance(ids, list) else [ids]) if ids is not None else set()
@@ -96,6 +108,13 @@ class HFGenerateBackend:
         self.batch_size, self.progress = batch_size, progress
 
     @torch.no_grad()
+    def _sampling_flags(self) -> dict:
+        """Sampling knobs only when sampling: greedy generation with ``top_k``/``top_p`` set makes transformers warn.
+        ``top_k=0`` is passed as is (no top-k filter), not left to the library's default of 50."""
+        if self.temperature <= 0:
+            return dict(do_sample=False)
+        return dict(do_sample=True, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
+
     def generate(self, prompts: list, num_generations: int, seed: int = 0) -> Rollouts:
         """``batch_size`` prompts (each with ``num_generations`` samples) per ``generate`` call."""
         tok, model = self.tokenizer, self.model
@@ -110,8 +129,7 @@ class HFGenerateBackend:
             out = model.generate(
                 input_ids=ids.repeat_interleave(num_generations, 0),
                 attention_mask=mask.repeat_interleave(num_generations, 0),
-                do_sample=self.temperature > 0, temperature=self.temperature or None,
-                top_p=self.top_p, top_k=self.top_k, max_new_tokens=self.max_new_tokens,
+                **self._sampling_flags(), max_new_tokens=self.max_new_tokens,
                 pad_token_id=tok.pad_token_id, eos_token_id=sorted(eos),
             )
             chunks.append(out[:, ids.shape[1]:].cpu())

@@ -18,7 +18,7 @@ from vgf_llm.decoding import (
 )
 from vgf_llm.flow import transport
 from vgf_llm.particles import NearestTokenDecoder, lift, movable_mask
-from vgf_llm.rollout import HFGenerateBackend, Rollouts, eos_token_ids
+from vgf_llm.rollout import HFGenerateBackend, Rollouts, eos_token_ids, tokens_changed
 from vgf_llm.scorers import active_adapter, join_inputs
 
 
@@ -192,8 +192,7 @@ class VGFSampler:
             texts_after = ro.texts[g] if new_ids is ids else [
                 self.tokenizer.decode(new_ids[g, n][new_mask[g, n].bool()], skip_special_tokens=True)
                 for n in range(ids.shape[1])]
-            changed = [int(_tokens_changed(ids[g, n], cmask[g, n], new_ids[g, n], new_mask[g, n]))
-                       for n in range(ids.shape[1])]
+            changed = tokens_changed(ids[g], cmask[g], new_ids[g], new_mask[g]).tolist()
             if self.selection == "union":
                 moved = bool(after[g].max() > before[g].max() + self.union_margin)
                 chosen = int(after[g].argmax()) if moved else int(before[g].argmax())
@@ -230,12 +229,6 @@ class VGFSampler:
         self.last_trace = trace  # the trainer logs its non-finite count
         disp = trace.displacement[-1] if trace.displacement.shape[0] else torch.zeros(ids.shape[:2])
         return new_ids, new_mask, disp
-
-
-def _tokens_changed(old, old_mask, new, new_mask) -> int:
-    a, b = old[old_mask.bool()], new[new_mask.bool()]
-    t = min(len(a), len(b))
-    return int((a[:t] != b[:t]).sum()) + abs(len(a) - len(b))
 
 
 def best_of_n(model, tokenizer, selector, prompts: list, *, num_particles: int, seed: int = 0, batch_size: int = 4,

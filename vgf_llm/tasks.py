@@ -30,6 +30,8 @@ DEFAULT_INSTRUCTION = "Answer with just the number."
 # reasoning-gym's chain_sum defaults (2-6 terms, 1-4 digits) are far beyond a 135M model; start at the easiest level.
 TASK_DEFAULTS: dict[str, dict] = {
     "chain_sum": {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1},
+    # the harder benchmark task: the same size of numbers, but all four operators, negative numbers, parentheses
+    "basic_arithmetic": {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1},
 }
 
 _TEST_SEED_OFFSET = 1_000_003  # reasoning-gym seeds item i with (seed + i): keep the two streams far apart

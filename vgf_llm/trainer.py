@@ -29,7 +29,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from vgf_llm.config import VGFConfig
 from vgf_llm.evaluation import policy_rewards
 from vgf_llm.rewards import get_reward_func, reward_func_name
-from vgf_llm.rollout import HFGenerateBackend, Rollouts
+from vgf_llm.rollout import HFGenerateBackend, Rollouts, tokens_changed
 from vgf_llm.sampler import TransportBudget, VGFSampler
 from vgf_llm.scorers import RewardModelScorer, ValueModel, ValueModelConfig, active_adapter, pearson
 from vgf_llm.value_fitting import reward_texts_and_parts
@@ -291,7 +291,7 @@ class VGFTrainer(Trainer):
             moved = Rollouts(ro.prompt_ids, ro.prompt_mask, new_ids, new_mask,
                              [[tok.decode(new_ids[i, j][new_mask[i, j].bool()], skip_special_tokens=True)
                                for j in range(n)] for i in range(g)])
-            changed = self._tokens_changed(ro, moved)
+            changed = tokens_changed(ro.completion_ids, ro.completion_mask, new_ids, new_mask)
         moved_rewards = rewards.clone()
         idx = changed.reshape(-1).nonzero().squeeze(1).tolist()
         if idx:
@@ -337,15 +337,6 @@ class VGFTrainer(Trainer):
                 acc.gather(acc.pad_across_processes(p_mask, dim=1, pad_index=0, pad_first=True)),
                 acc.gather(acc.pad_across_processes(c_ids, dim=1, pad_index=pad)),
                 acc.gather(acc.pad_across_processes(c_mask, dim=1, pad_index=0)), acc.gather(r))
-
-    @staticmethod
-    def _tokens_changed(ro: Rollouts, moved: Rollouts) -> torch.Tensor:
-        """[G, N] number of response tokens that differ after transport and decoding."""
-        a, b = ro.completion_ids * ro.completion_mask, moved.completion_ids * moved.completion_mask
-        width = max(a.shape[-1], b.shape[-1])
-        a = torch.nn.functional.pad(a, (0, width - a.shape[-1]))
-        b = torch.nn.functional.pad(b, (0, width - b.shape[-1]))
-        return (a != b).sum(-1)
 
     def _targets(self, ro, moved, rewards, moved_rewards, changed) -> dict:
         """The distillation batch: kept (prompt, response) sequences with their weights, and the reference's
@@ -393,7 +384,8 @@ class VGFTrainer(Trainer):
             log_ratio = inputs["ref_logps"] - logps.detach()
             k3 = (torch.exp(log_ratio) - log_ratio - 1) * mask  # TRL's per-token KL estimator
             self._metrics["kl"].append(float(k3.sum() / mask.sum().clamp_min(1)))
-            self._metrics["distill/nll"].append(float((nll * inputs["weights"]).sum() / inputs["weights"].sum()))
+            weights = inputs["weights"]
+            self._metrics["distill/nll"].append(float((nll.detach() * weights).sum() / weights.sum()))
         return (loss, None) if return_outputs else loss
 
     def _log_step(self, ro, moved, rewards, moved_rewards, changed, disp) -> None:
