@@ -94,6 +94,22 @@ def test_nearest_decoding_picks_the_true_nearest_rows_in_chunks(metric):
     assert torch.equal(got, dist.argmin(-1))
 
 
+def test_nearest_decoder_reads_the_table_when_decoding_and_refuses_a_sharded_one():
+    """The trainer builds decoders before DeepSpeed ZeRO-3 gathers the embedding table, so they must read it at
+    decode time; outside a gather the table is an empty shard (DeepSpeed keeps the real shape in ``ds_shape``)."""
+    table = torch.nn.Parameter(torch.zeros(6, 3), requires_grad=False)
+    table.ds_shape, table.ds_id = torch.Size([6, 3]), 0  # as a ZeRO-3 parameter
+    full = torch.eye(6, 3) * 2
+    table.data = torch.empty(0)  # sharded at construction
+    decoder = NearestTokenDecoder(table, exclude_ids=[5])
+    with pytest.raises(RuntimeError, match="sharded"):
+        decoder.nearest(torch.zeros(1, 3))
+    table.data = full.clone()  # inside a gather
+    assert decoder.nearest(full[:3] + 0.1).tolist() == [0, 1, 2]
+    table.data = torch.empty(0)  # released again: the decoder kept its own copy of the search table
+    assert decoder.nearest(full[1:2]).tolist() == [1]
+
+
 def test_special_tokens_and_padding_never_move(tokenizer, rollouts):
     special = special_token_ids(tokenizer)
     movable = movable_mask(rollouts.completion_ids, rollouts.completion_mask, special)

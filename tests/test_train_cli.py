@@ -4,6 +4,7 @@ DeepSpeed ZeRO-2 over gloo, started by the CLI itself through torchrun)."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -86,11 +87,13 @@ def test_launch_command_on_cpu_uses_torchrun_and_deepspeed_json():
     assert "accelerate.commands.launch" in gpu and gpu[gpu.index("--config_file") + 1].endswith("zero3.yaml")
 
 
-def _run_two_processes(tmp_path, tiny_lm_dir, accelerate_config: str) -> dict:
+def _run_two_processes(tmp_path, tiny_lm_dir, accelerate_config: str, command: list[str] | None = None) -> dict:
+    """``vgf-llm train --accelerate_config NAME --num_processes 2`` (or ``command`` + the recipe) on the tiny model."""
     recipe = tiny_recipe(tmp_path, tiny_lm_dir)
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", MASTER_PORT=str(29500 + os.getpid() % 1000))
-    proc = subprocess.Popen([sys.executable, "-m", "vgf_llm.cli", "train", "--config", str(recipe),
-                             "--accelerate_config", accelerate_config, "--num_processes", "2"],
+    command = command or [sys.executable, "-m", "vgf_llm.cli", "train", "--accelerate_config", accelerate_config,
+                          "--num_processes", "2"]
+    proc = subprocess.Popen([*command, "--config", str(recipe)],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     try:
@@ -114,6 +117,35 @@ def test_two_process_deepspeed_zero2(tmp_path, tiny_lm_dir):
     summary = _run_two_processes(tmp_path, tiny_lm_dir, "zero2")
     assert summary["world_size"] == 2
     assert (tmp_path / "out" / "adapter_model.safetensors").exists()
+
+
+def test_two_process_deepspeed_zero3(tmp_path, tiny_lm_dir):
+    """ZeRO-3 shards the base weights: rollouts, the value fit, transport and decoding run inside a gather.
+
+    The command is the one ``--accelerate_config zero3`` runs on CPU, with the recipe's ZeRO-3 config changed only
+    so that DeepSpeed keeps no small parameter whole between uses (it would keep all of the tiny model's), so every
+    step starts from shards; a decoder reading the embedding table outside a gather fails the run."""
+    pytest.importorskip("deepspeed")
+    ds_config = json.loads((ROOT / "recipes" / "deepspeed" / "zero3.json").read_text())
+    ds_config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    (tmp_path / "zero3.json").write_text(json.dumps(ds_config))
+    command = launch_command([], "zero3", 2, cuda=False)
+    command[command.index("--deepspeed") + 1] = str(tmp_path / "zero3.json")
+    summary = _run_two_processes(tmp_path, tiny_lm_dir, "zero3", command=command)
+    assert summary["world_size"] == 2 and math.isfinite(summary["trained_reward"])
+    history = json.loads((tmp_path / "out" / "log_history.json").read_text())
+    steps = [h for h in history if "transport/tokens_changed" in h]
+    assert len(steps) == 2 and all(math.isfinite(h["value/loss"]) for h in steps)
+    adapter = tmp_path / "out" / "adapter_model.safetensors"
+    from safetensors.torch import load_file
+
+    weights = load_file(str(adapter))
+    assert weights and all(t.numel() > 0 for t in weights.values())  # whole LoRA matrices, not empty shards
+    assert any(t.abs().sum() > 0 for k, t in weights.items() if "lora_B" in k)  # the policy adapter trained
+    value = load_file(str(tmp_path / "out" / "checkpoint-2" / "value_model" / "value_model.safetensors"))
+    assert value and all(t.numel() > 0 for t in value.values())
+    # fitted inside a read-only gather, then written back to the shards: not the zero-initialised lora_B
+    assert any(t.abs().sum() > 0 for k, t in value.items() if "lora_B" in k), sorted(value)[:4]
 
 
 @pytest.mark.slow

@@ -292,14 +292,6 @@ def test_policy_rollouts_on_a_vllm_backend_sync_the_policy_after_every_step(tiny
     assert "lm_head.weight" in last  # tied embeddings: the output head is sent too
 
 
-def test_zero3_is_refused_with_a_reason(tiny_lm_dir, standard_prompts, tmp_path, monkeypatch):
-    import vgf_llm.trainer as trainer_module
-
-    monkeypatch.setattr(trainer_module, "is_deepspeed_zero3_enabled", lambda: True)  # as a stage-3 config sets it
-    with pytest.raises(NotImplementedError, match="ZeRO-3 is not supported yet.*Use ZeRO-2"):
-        trainer(tiny_lm_dir, standard_prompts, tmp_path)
-
-
 def test_async_trl_reward_functions_work_unchanged(tiny_lm_dir, standard_prompts, tmp_path):
     calls = []
 

@@ -72,7 +72,7 @@ class ReferenceTopKDecoder:
 
     def _choose(self, logits, original, rows):
         """Among the top-k of ``logits`` [B, V] plus ``original`` [B], the candidate nearest to ``rows`` [B, d]."""
-        table, allowed, metric = self.nearest._table, self.nearest.allowed, self.nearest.metric
+        (table, _), allowed, metric = self.nearest.tables(), self.nearest.allowed, self.nearest.metric
         cand = logits.float().masked_fill(~allowed.to(logits.device), -float("inf"))
         cand = cand.topk(min(self.k, int(allowed.sum())), dim=-1).indices.cpu()
         cand = torch.cat([cand, original[:, None]], dim=1)

@@ -17,6 +17,11 @@ def movable_mask(ids: torch.Tensor, completion_mask: torch.Tensor, special_ids: 
     return (completion_mask.bool() & ~torch.isin(ids, special)).to(torch.float32)
 
 
+def full_shape(param: torch.Tensor) -> torch.Size:
+    """A tensor's shape, or a DeepSpeed ZeRO-3 parameter's unsharded shape."""
+    return getattr(param, "ds_shape", param.shape)
+
+
 def lift(embedding_weight: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """ids [..., T] -> rows [..., T, d] (a copy, detached from the embedding table)."""
     return embedding_weight.detach()[ids].clone()
@@ -33,34 +38,54 @@ class NearestTokenDecoder:
                  vocab_chunk: int = 16384, row_chunk: int = 1024):
         if metric not in ("l2", "cosine"):
             raise ValueError(f"metric must be 'l2' or 'cosine', got {metric!r}")
-        self.weight = embedding_weight.detach()
+        self._source = embedding_weight
         self.metric, self.vocab_chunk, self.row_chunk = metric, vocab_chunk, row_chunk
-        self.allowed = torch.ones(self.weight.shape[0], dtype=torch.bool, device=self.weight.device)
-        excluded = [i for i in exclude_ids if 0 <= i < self.weight.shape[0]]
+        vocab = full_shape(embedding_weight)[0]
+        self.allowed = torch.ones(vocab, dtype=torch.bool, device=embedding_weight.device)
+        excluded = [i for i in exclude_ids if 0 <= i < vocab]
         self.allowed[excluded] = False
         if not self.allowed.any():
             raise ValueError("every token is excluded: nothing to decode to")
-        w = self.weight.float()
-        self._table = torch.nn.functional.normalize(w, dim=-1) if metric == "cosine" else w
-        self._sq = (w * w).sum(-1)
+        self._table = self._sq = None
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The table as it is now: read at call time, because DeepSpeed ZeRO-3 only holds it whole inside a
+        parameter gather (the trainer gathers for the step's transport)."""
+        w = self._source.detach()
+        if w.shape[0] != self.allowed.shape[0]:
+            raise RuntimeError("the embedding table is sharded (DeepSpeed ZeRO-3): decode inside a parameter gather, "
+                               "e.g. VGFTrainer.gathered_model()")
+        return w
+
+    def tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Search table and squared norms, built on first use and kept (the base model is frozen)."""
+        if self._table is None:
+            w = self.weight.float()
+            if hasattr(self._source, "ds_id"):  # a ZeRO-3 parameter: its storage is freed after the gather
+                w = w.clone()
+            self._table = torch.nn.functional.normalize(w, dim=-1) if self.metric == "cosine" else w
+            self._sq = (w * w).sum(-1)
+        return self._table, self._sq
 
     @torch.no_grad()
     def nearest(self, rows: torch.Tensor) -> torch.Tensor:
         """rows [..., d] -> token ids [...]."""
-        flat = rows.reshape(-1, rows.shape[-1]).float().to(self.weight.device)
+        flat = rows.reshape(-1, rows.shape[-1]).float().to(self._source.device)
         if self.metric == "cosine":
             flat = torch.nn.functional.normalize(flat, dim=-1)
         out = torch.empty(flat.shape[0], dtype=torch.long, device=flat.device)
+        table_all, sq = self.tables()
         for r in range(0, flat.shape[0], self.row_chunk):
             block = flat[r:r + self.row_chunk]
             best = torch.full((block.shape[0],), -float("inf"), device=flat.device)
             best_id = torch.zeros(block.shape[0], dtype=torch.long, device=flat.device)
-            for v in range(0, self._table.shape[0], self.vocab_chunk):
-                table = self._table[v:v + self.vocab_chunk]
+            for v in range(0, table_all.shape[0], self.vocab_chunk):
+                table = table_all[v:v + self.vocab_chunk]
                 # maximise 2 r.e - |e|^2 (= -|r - e|^2 + |r|^2) for l2, r.e for cosine
                 score = block @ table.T
                 if self.metric == "l2":
-                    score = 2 * score - self._sq[v:v + self.vocab_chunk]
+                    score = 2 * score - sq[v:v + self.vocab_chunk]
                 score = score.masked_fill(~self.allowed[v:v + self.vocab_chunk], -float("inf"))
                 value, idx = score.max(-1)
                 better = value > best

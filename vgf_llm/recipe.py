@@ -105,11 +105,12 @@ def peft_config_from(model_args):
 def held_out_reward(trainer, rows: list[dict], adapter: str | None) -> tuple[float, list[float]]:
     from vgf_llm.evaluation import policy_rewards
 
-    rewards, _ = policy_rewards(trainer.model, trainer.processing_class, rows, trainer.reward_funcs,
-                                trainer.args.reward_weights, adapter=adapter,
-                                max_new_tokens=trainer.args.max_completion_length,
-                                batch_size=trainer.args.per_device_eval_batch_size,
-                                progress=trainer.is_world_process_zero())
+    with trainer.gathered_model() as model:
+        rewards, _ = policy_rewards(model, trainer.processing_class, rows, trainer.reward_funcs,
+                                    trainer.args.reward_weights, adapter=adapter,
+                                    max_new_tokens=trainer.args.max_completion_length,
+                                    batch_size=trainer.args.per_device_eval_batch_size,
+                                    progress=trainer.is_world_process_zero())
     finite = [r for r in rewards if not math.isnan(r)]
     return (sum(finite) / len(finite) if finite else math.nan), rewards
 

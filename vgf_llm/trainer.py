@@ -104,8 +104,8 @@ class SyncPolicyWeights(TrainerCallback):
         self.trainer = trainer
 
     def _sync(self):
-        self.trainer.backend.sync_weights(self.trainer.accelerator.unwrap_model(self.trainer.model),
-                                          adapter_names=[POLICY])
+        with self.trainer.gathered_model() as model:
+            self.trainer.backend.sync_weights(model, adapter_names=[POLICY])
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._sync()
@@ -135,11 +135,11 @@ class VGFTrainer(Trainer):
         if args is None:
             name = model if isinstance(model, str) else model.config._name_or_path
             args = VGFConfig(output_dir=f"{Path(str(name)).name}-VGF")
-        if is_deepspeed_zero3_enabled():
-            raise NotImplementedError(
-                "DeepSpeed ZeRO-3 is not supported yet: the particle decoders and the value model hold the embedding "
-                "table and the base weights, which ZeRO-3 shards. Use ZeRO-2 (the base model is frozen and only LoRA "
-                "trains, so ZeRO-2 already shards what grows: gradients and optimizer states).")
+        if is_deepspeed_zero3_enabled():  # zero.Init (at load) sizes the shards from DeepSpeed's process group
+            import deepspeed
+
+            _ = args.device  # the process group of the launcher (torchrun / accelerate)
+            deepspeed.init_distributed()
         if isinstance(model, (str, os.PathLike)):
             base_name = os.fspath(model)
             model = load_model(base_name, **(args.model_init_kwargs or {}))
@@ -265,9 +265,54 @@ class VGFTrainer(Trainer):
         finally:
             self._phase_seconds[phase] = self._phase_seconds.get(phase, 0.0) + time.perf_counter() - start
 
+    @contextmanager
+    def gathered_model(self):
+        """The model with every weight whole, for generation, transport and decoding.
+
+        DeepSpeed ZeRO-3 shards the base weights, but the decoders read the embedding table and the value model
+        runs (and trains its adapter) on the trunk, so under ZeRO-3 this gathers every parameter for the duration,
+        as TRL does for generation (``unwrap_model_for_generation``). Elsewhere it does nothing."""
+        if not is_deepspeed_zero3_enabled():
+            yield self.model
+            return
+        import deepspeed
+
+        if getattr(self, "deepspeed", None) is not None:  # the engine exists (training has started)
+            from trl.models.utils import unwrap_model_for_generation
+
+            with unwrap_model_for_generation(self.model_wrapped, self.accelerator) as model:
+                yield model
+        else:
+            with deepspeed.zero.GatheredParameters(list(self.model.parameters())):
+                yield self.model
+
+    @contextmanager
+    def _value_adapter_whole(self, writes: bool):
+        """The value adapter's weights gathered under ZeRO-3 (``writes``: rank 0's copy goes back to the shards)."""
+        if not (is_deepspeed_zero3_enabled() and isinstance(self.scorer, ValueModel)):
+            yield
+            return
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(self.scorer.adapter_parameters(), modifier_rank=0 if writes else None):
+            yield
+
     def _prepare_inputs(self, rows: list[dict]) -> dict:
         if not isinstance(rows, list):  # evaluation paths of the parent class
             return super()._prepare_inputs(rows)
+        value_state = None
+        with self.gathered_model():
+            targets = self._step_targets(rows)
+            if is_deepspeed_zero3_enabled() and isinstance(self.scorer, ValueModel):
+                value_state = [p.detach().clone() for p in self.scorer.adapter_parameters()]
+        if value_state is not None:  # a read-only gather drops in-place updates: write the fitted adapter back
+            with self._value_adapter_whole(writes=True):
+                for p, v in zip(self.scorer.adapter_parameters(), value_state, strict=True):
+                    p.data.copy_(v)
+        return targets
+
+    def _step_targets(self, rows: list[dict]) -> dict:
+        """Rollouts -> rewards -> value fit -> transport -> decode -> re-score -> the distillation batch."""
         args, tok, model = self.args, self.processing_class, self.model
         seed = self._next_seed()
         self._micro_batches += 1
@@ -433,7 +478,7 @@ class VGFTrainer(Trainer):
         if dataset is None:
             raise ValueError("evaluate() needs an eval_dataset")
         rows = [dict(r) for r in dataset]
-        with self.accelerator.split_between_processes(rows) as local:
+        with self.accelerator.split_between_processes(rows) as local, self.gathered_model():
             rewards, _ = policy_rewards(self.model, self.processing_class, local, self.reward_funcs,
                                         self.args.reward_weights, adapter=POLICY,
                                         max_new_tokens=self.args.max_completion_length,
@@ -459,12 +504,13 @@ class VGFTrainer(Trainer):
     def _save_checkpoint(self, model, trial) -> None:
         """Adds the value model (adapter + head) and its rollout buffer to the Trainer's checkpoint."""
         super()._save_checkpoint(model, trial)
-        if not self.args.should_save:
-            return
         folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
         if isinstance(self.scorer, ValueModel):
-            self.scorer.save(folder / "value_model")
-        torch.save({"value_buffer": list(self.value_buffer)}, folder / "vgf_state.pt")
+            with self._value_adapter_whole(writes=False):  # under ZeRO-3 a collective: every process takes part
+                if self.args.should_save:
+                    self.scorer.save(folder / "value_model")
+        if self.args.should_save:
+            torch.save({"value_buffer": list(self.value_buffer)}, folder / "vgf_state.pt")
 
     def _load_vgf_state(self, checkpoint: str) -> None:
         folder = Path(checkpoint)
