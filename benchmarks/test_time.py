@@ -119,6 +119,10 @@ VARIANTS = {
                 budget=B(2, 0.05)),
         Variant("gain3+union-m0.05", decoder="reference_gain", selection="union", max_edits=3, union_margin=0.05,
                 budget=B(8, 0.05)),
+        # soft-token particles: logits over each position's reference top-8, moved through the embedding mixture
+        # (budget in logits: 8 Adam steps x 0.5 can overturn the start margin of 6), then at most max_edits edits
+        Variant("soft-b8x0.5-e1+union", decoder="soft_topk", selection="union", max_edits=1, budget=B(8, 0.5)),
+        Variant("soft-b8x0.5-e3+union", decoder="soft_topk", selection="union", max_edits=3, budget=B(8, 0.5)),
         Variant("dc+nearest", scorer="dc", budget=B(8, 0.05)),
         Variant("ensemble+nearest", scorer="ensemble", budget=B(8, 0.05)),
     ]

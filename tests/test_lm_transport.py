@@ -8,6 +8,7 @@ from transformers.utils import logging as transformers_logging
 from vgf_llm.decoding import (
     ReferenceGainDecoder,
     ReferenceTopKDecoder,
+    SoftTokenDecoder,
     VerifiedGainDecoder,
     regenerate_after_first_change,
 )
@@ -294,7 +295,7 @@ def test_budget_zero_equals_best_of_n(value_sampler_parts):
 
 @pytest.mark.parametrize("decoder,regenerate,selection,fluency", [
     ("nearest", False, "final", 0.0), ("reference_topk", True, "union", 0.5), ("nearest", False, "union", 0.0),
-    ("reference_gain", False, "union", 0.0), ("verified", False, "union", 0.0)])
+    ("reference_gain", False, "union", 0.0), ("verified", False, "union", 0.0), ("soft_topk", False, "union", 0.0)])
 def test_sampler_moves_particles_and_reports_every_field(value_sampler_parts, decoder, regenerate, selection,
                                                          fluency):
     model, tok, vm = value_sampler_parts
@@ -315,6 +316,39 @@ def test_sampler_moves_particles_and_reports_every_field(value_sampler_parts, de
         assert (chosen.score_after if r.chosen_moved else chosen.score_before) == pytest.approx(best)
     assert sum(p.tokens_changed for r in results for p in r.particles) > 0
     assert all(p.displacement > 0 for r in results for p in r.particles)
+
+
+def test_soft_token_particles_mix_reference_candidates_and_decode_the_winners(tiny_lm, tokenizer, rollouts):
+    special = special_token_ids(tokenizer)
+    dec = SoftTokenDecoder(tiny_lm, k=5, max_edits=1, init_margin=6.0, exclude_ids=special)
+    ids = rollouts.completion_ids
+    cand = dec.candidates(ids, rollouts.prompt_ids, rollouts.prompt_mask)
+    assert cand.shape == (*ids.shape, 5) and torch.equal(cand[..., 0], ids)  # the original token in slot 0
+    assert all(len(set(row.tolist())) == 5 for row in cand.reshape(-1, 5))  # no candidate twice
+    assert not torch.isin(cand[..., 1:], torch.tensor(sorted(special))).any()  # specials are never proposed
+    table = tiny_lm.get_input_embeddings().weight.detach()
+    # the start rows sit next to the original tokens: nearer to them than to any other candidate
+    start_rows = dec.rows(dec.start(cand), cand)
+    dist = (start_rows[..., None, :] - table[cand]).norm(dim=-1)
+    assert (dist.argmin(-1) == 0).all()
+    # gradients reach the logits through the mixture: the candidate most aligned with the objective gains most
+    z = dec.start(cand).requires_grad_(True)
+    direction = torch.randn(table.shape[1])
+    (dec.rows(z, cand) @ direction).sum().backward()
+    aligned = (table[cand] @ direction)[..., 1:].argmax(-1)
+    assert torch.equal(z.grad[..., 1:].argmax(-1), aligned)
+    # decoding: where a candidate overtook the original, the largest margin per response wins (max_edits=1)
+    movable = movable_mask(ids, rollouts.completion_mask, special)
+    z = dec.start(cand)
+    assert torch.equal(dec.decode_soft(z, cand, ids, movable), ids)  # nothing overtaken: nothing changes
+    pos = movable[0, 0].nonzero().squeeze(1)[:2].tolist()
+    z[0, 0, pos[0], 2], z[0, 0, pos[1], 3] = 1.0, 2.0
+    got = dec.decode_soft(z, cand, ids, movable)
+    assert got[0, 0, pos[1]] == cand[0, 0, pos[1], 3] and got[0, 0, pos[0]] == ids[0, 0, pos[0]]
+    assert (got != ids).sum() == 1
+    z[..., 1] = 9.0  # every position overtaken, but padding and special tokens never change
+    got = dec.decode_soft(z, cand, ids, movable)
+    assert torch.equal(got[~movable.bool()], ids[~movable.bool()])
 
 
 def test_grouped_validation_holds_out_whole_prompts(tiny_lm, tokenizer):

@@ -16,9 +16,10 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
+from vgf_llm.decoding import DECODERS
+
 PARTICLE_SOURCES = ("reference", "policy")
 SCORERS = ("value", "reward_model")
-DECODERS = ("nearest", "reference_topk", "reference_gain")
 DISTILL_WEIGHTINGS = ("softmax", "best", "advantage")
 DISTILL_POOLS = ("union", "moved")
 
@@ -62,7 +63,8 @@ class VGFConfig(TrainingArguments):
     repulsion: bool = field(default=True, metadata={"help": "Keep SVGD's repulsive term."})
     decoder: str = field(default="reference_gain", metadata={"help": f"Particle decoder: one of {DECODERS}."})
     decoder_topk: int = field(default=8, metadata={"help": "Reference top-k candidates per position."})
-    max_edits: int = field(default=3, metadata={"help": "Token edits per particle (reference_gain decoder)."})
+    max_edits: int = field(default=3, metadata={
+        "help": "Token edits per particle (reference_gain, soft_topk; rounds of checked edits for verified)."})
 
     # -- scorer / value model -------------------------------------------------------------------------------
     scorer: str = field(default="value", metadata={"help": "'value' (fitted online) or 'reward_model'."})

@@ -5,6 +5,9 @@
   tokens, and edits stay on the reference's support. ``sequential=True`` conditions each position on the decoded
   prefix (one reference step per position); ``sequential=False`` on the original prefix (one forward pass, ~T times
   cheaper), which is exact up to and including the first edit, i.e. for everything re-generation keeps.
+- ``ReferenceGainDecoder`` / ``VerifiedGainDecoder``: swaps ranked by their first-order value gain along the
+  displacement (the verified one checks each proposal with a real value pass).
+- ``SoftTokenDecoder``: the particles themselves are distributions over each position's reference candidates.
 - ``regenerate_after_first_change``: keep the decoded response up to its first edited token and let the
   reference sample the rest, so one gradient-chosen edit is followed by a fluent continuation.
 """
@@ -16,6 +19,9 @@ import torch
 from vgf_llm.particles import NearestTokenDecoder
 from vgf_llm.rollout import completion_mask_from_ids
 from vgf_llm.scorers import active_adapter
+
+# the particle decoders VGFSampler (and so VGFTrainer) accepts by name
+DECODERS = ("nearest", "reference_topk", "reference_gain", "verified", "soft_topk")
 
 
 def _left_pad(rows: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -264,3 +270,62 @@ class VerifiedGainDecoder(ReferenceTopKDecoder):
         self.last_stats = dict(value_before=start_value.view(g, n), value_after=value.view(g, n),
                                evaluated=evaluated, rounds=rounds)
         return cur.reshape(g, n, t)
+
+
+class SoftTokenDecoder(ReferenceTopKDecoder):
+    """Soft-token particles: each response position is a distribution over the reference's top-k tokens there.
+
+    Instead of moving free embedding rows (which leave the token manifold, where the value model is fooled), the
+    particle is a logit vector z_t over k candidates per position: the reference's top-k next tokens given the
+    original prefix, with the original token always in slot 0. Its embedding row is softmax(z_t) @ E[candidates],
+    so every point the transport visits is a convex mix of plausible tokens. The start puts ``init_margin`` logits
+    between the original token and the others (the start row is almost exactly the original embedding); the
+    transport moves z along the value gradient (chain rule through the mixture), and decoding takes the argmax
+    candidate where it overtook the original, at most ``max_edits`` positions per response (largest margins first).
+    """
+
+    def __init__(self, model, *, k: int = 8, max_edits: int = 3, init_margin: float = 6.0, exclude_ids=(),
+                 embedding_weight=None):
+        super().__init__(model, k=k, exclude_ids=exclude_ids, embedding_weight=embedding_weight, sequential=False)
+        if max_edits < 1 or init_margin <= 0:
+            raise ValueError(f"max_edits must be >= 1 and init_margin > 0, got {max_edits}, {init_margin}")
+        self.max_edits, self.init_margin = max_edits, init_margin
+
+    @torch.no_grad()
+    def candidates(self, ids, prompt_ids, prompt_mask) -> torch.Tensor:
+        """ids [G, N, T] -> candidate token ids [G, N, T, k], the original token in slot 0."""
+        g, n, t = ids.shape
+        flat = ids.reshape(g * n, t)
+        p_ids = prompt_ids.repeat_interleave(n, 0).to(self.model.device)
+        p_mask = prompt_mask.repeat_interleave(n, 0).to(self.model.device)
+        logits = self._teacher_forced_logits(flat, p_ids, p_mask).float().cpu()
+        allowed = self.nearest.allowed.cpu()
+        logits = logits.masked_fill(~allowed, -float("inf"))
+        logits.scatter_(-1, flat[:, :, None], -float("inf"))  # the original goes to slot 0, never twice
+        others = logits.topk(min(self.k, int(allowed.sum())) - 1, -1).indices
+        return torch.cat([flat[:, :, None], others], -1).reshape(g, n, t, -1)
+
+    def start(self, candidates: torch.Tensor) -> torch.Tensor:
+        """Logits [G, N, T, k]: 0 for the original token, -init_margin for the others."""
+        z = torch.full(candidates.shape, -self.init_margin)
+        z[..., 0] = 0.0
+        return z
+
+    def rows(self, z: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """Embedding rows [G, N, T, d] of the particles (differentiable in z)."""
+        table = self.nearest.weight
+        return torch.softmax(z.float(), -1)[..., None, :].matmul(table[candidates].float()).squeeze(-2)
+
+    def decode_soft(self, z: torch.Tensor, candidates: torch.Tensor, ids: torch.Tensor,
+                    movable: torch.Tensor) -> torch.Tensor:
+        """The argmax candidate where it beats the original, at most ``max_edits`` positions per response."""
+        g, n, t, _ = z.shape
+        best, which = z[..., 1:].max(-1)
+        margin = (best - z[..., 0]).masked_fill(~movable.bool(), -float("inf")).reshape(g * n, t)
+        top = margin.topk(min(self.max_edits, t), -1)
+        new = ids.reshape(g * n, t).clone()
+        flat_cand, flat_which = candidates.reshape(g * n, t, -1), which.reshape(g * n, t)
+        for i, pos in (top.values > 0).nonzero().tolist():
+            p = int(top.indices[i, pos])
+            new[i, p] = flat_cand[i, p, 1 + flat_which[i, p]]
+        return new.reshape(g, n, t)

@@ -11,8 +11,10 @@ import torch
 from tqdm.auto import tqdm
 
 from vgf_llm.decoding import (
+    DECODERS,
     ReferenceGainDecoder,
     ReferenceTopKDecoder,
+    SoftTokenDecoder,
     VerifiedGainDecoder,
     regenerate_after_first_change,
 )
@@ -70,7 +72,9 @@ class VGFSampler:
         gain along the displacement) or "verified" (``VerifiedGainDecoder``: the transport proposes reference
         top-k swaps, ``verify_candidates`` of them per response are scored exactly by the scorer on real tokens and
         the best is kept only if the value rises by more than ``verify_margin``; up to ``max_edits`` rounds;
-        ``verify_top`` limits editing to the best ``verify_top`` originals of each prompt).
+        ``verify_top`` limits editing to the best ``verify_top`` originals of each prompt) or "soft_topk"
+        (``SoftTokenDecoder``: particles are logits over each position's reference top-k tokens, moved through the
+        mixture of their embeddings; budget steps x step size are in logits; at most ``max_edits`` edits).
     sequential_decoding: reference top-k conditioned on the decoded prefix (exact, one reference step per position)
         or on the original prefix (one pass). Default: sequential unless ``regenerate``, where both are identical.
     regenerate: after decoding, the reference re-samples everything after the first edited token.
@@ -83,7 +87,7 @@ class VGFSampler:
 
     def __init__(self, model, tokenizer, scorer, *, selector=None, num_particles: int = 8,
                  budget: TransportBudget | None = None,
-                 decoder: Literal["nearest", "reference_topk", "reference_gain", "verified"] = "nearest",
+                 decoder: Literal["nearest", "reference_topk", "reference_gain", "verified", "soft_topk"] = "nearest",
                  max_edits: int = 1,
                  topk: int = 8, metric: Literal["l2", "cosine"] = "l2", regenerate: bool = False,
                  sequential_decoding: bool | None = None,
@@ -93,8 +97,7 @@ class VGFSampler:
                  verify_margin: float = 0.0, verify_top: int | None = None, union_margin: float = 0.0):
         if num_particles < 1:
             raise ValueError("num_particles must be >= 1")
-        if selection not in ("final", "union") or decoder not in ("nearest", "reference_topk", "reference_gain",
-                                                                      "verified"):
+        if selection not in ("final", "union") or decoder not in DECODERS:
             raise ValueError(f"bad selection/decoder: {selection!r}/{decoder!r}")
         self.model, self.tokenizer, self.scorer = model, tokenizer, scorer
         self.selector = selector or scorer
@@ -110,7 +113,10 @@ class VGFSampler:
         weight = scorer.embedding_weight
         self._fluency_targets = NearestTokenDecoder(model.get_input_embeddings().weight) if fluency_weight else None
         sequential = (not regenerate) if sequential_decoding is None else sequential_decoding
-        if decoder == "verified":
+        if decoder == "soft_topk":
+            self.decoder = SoftTokenDecoder(model, k=topk, max_edits=max_edits, exclude_ids=self.special,
+                                            embedding_weight=weight)
+        elif decoder == "verified":
             self.decoder = VerifiedGainDecoder(model, self._value_of_ids, k=topk, max_edits=max_edits,
                                                candidates=verify_candidates, margin=verify_margin, top=verify_top,
                                                exclude_ids=self.special, embedding_weight=weight)
@@ -137,21 +143,25 @@ class VGFSampler:
         """[B] scorer values of real token sequences (one prompt row per sequence)."""
         return self.scorer.score_ids(prompt_ids, prompt_mask, ids, mask).float().cpu()
 
-    def _grad_fn(self, prompt_ids, prompt_mask, completion_mask):
+    def _grad_fn(self, prompt_ids, prompt_mask, completion_mask, rows_of=None):
+        """Values and their gradient w.r.t. the particles; ``rows_of`` maps particles to embedding rows when the
+        particles are not rows themselves (soft tokens)."""
         g, n, t = completion_mask.shape
         p_ids, p_mask = prompt_ids.repeat_interleave(n, 0), prompt_mask.repeat_interleave(n, 0)
         r_mask = completion_mask.reshape(g * n, t)
 
         def grad_fn(u):
-            leaf = u.detach().reshape(g * n, t, -1).requires_grad_(True)
+            particle = u.detach().requires_grad_(True)
             with torch.enable_grad():
+                rows = rows_of(particle) if rows_of else particle
+                leaf = rows.reshape(g * n, t, -1)
                 values = self.scorer.score_embeds(p_ids, p_mask, leaf, r_mask)
                 objective = values.sum()
                 if self.fluency_weight:
                     objective = objective + self.fluency_weight * self._reference_logprob(p_ids, p_mask, leaf,
                                                                                           r_mask).sum()
-                (grad,) = torch.autograd.grad(objective, leaf)
-            return values.detach().reshape(g, n), grad.reshape(u.shape)
+                (grad,) = torch.autograd.grad(objective, particle)
+            return values.detach().reshape(g, n), grad
 
         return grad_fn
 
@@ -209,8 +219,19 @@ class VGFSampler:
         [G, N]). The trainer distils these; ``transport_rollouts`` selects among them."""
         ids, cmask = ro.completion_ids, ro.completion_mask
         movable = movable_mask(ids, cmask, self.special)
-        start = lift(self.scorer.embedding_weight, ids).float()
         b = self.budget
+        if isinstance(self.decoder, SoftTokenDecoder):
+            # particles are logits over each position's reference candidates; their rows come from the mixture.
+            # Repulsion is off: logits of different particles index different candidate sets.
+            candidates = self.decoder.candidates(ids, ro.prompt_ids, ro.prompt_mask)
+            grad_fn = self._grad_fn(ro.prompt_ids, ro.prompt_mask, cmask,
+                                    rows_of=lambda z: self.decoder.rows(z, candidates))
+            moved, trace = transport(self.decoder.start(candidates), grad_fn=grad_fn, steps=b.steps,
+                                     step_size=b.step_size, alpha=b.alpha, step_rule=b.step_rule, radius=b.radius,
+                                     repulsion=False, mask=movable)
+            new_ids = self.decoder.decode_soft(moved, candidates, ids, movable)
+            return self._finish(ro, new_ids, trace, seed)
+        start = lift(self.scorer.embedding_weight, ids).float()
         moved, trace = transport(start, grad_fn=self._grad_fn(ro.prompt_ids, ro.prompt_mask, cmask),
                                  steps=b.steps, step_size=b.step_size, alpha=b.alpha, step_rule=b.step_rule,
                                  radius=b.radius, repulsion=b.repulsion, mask=movable)
@@ -220,6 +241,11 @@ class VGFSampler:
             new_ids = self.decoder.decode(moved, start, ids, movable, ro.prompt_ids, ro.prompt_mask)
         else:
             new_ids = self.decoder.decode(moved, start, ids, movable)
+        return self._finish(ro, new_ids, trace, seed)
+
+    def _finish(self, ro: Rollouts, new_ids: torch.Tensor, trace, seed: int):
+        """Optional re-generation after the first edit; the move's (ids, mask, displacement)."""
+        ids, cmask = ro.completion_ids, ro.completion_mask
         new_mask = cmask
         if self.regenerate:
             new_ids, new_mask = regenerate_after_first_change(
