@@ -8,11 +8,13 @@ import math
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from vgf_llm import cli
 from vgf_llm.cli import SAMPLER_DEFAULTS, build_parser, main
 from vgf_llm.rewards import REWARD_FUNCS, completion_text
 from vgf_llm.sampler import TransportBudget, VGFSampler
+from vgf_llm.scorers import ValueModel
 
 PROMPT_ROWS = [
     {"prompt": "Write one sentence about a chair.", "answer": "chair"},
@@ -84,6 +86,8 @@ def fitted(tmp_path_factory, tiny_lm_dir, prompts_file):
                 str(prompts_file),
                 "--reward_funcs",
                 "cli_test_length",
+                "--method",
+                "lora",
                 "--value_layers",
                 "2",
                 "--epochs",
@@ -302,6 +306,31 @@ def test_fit_value_saves_the_model_and_stats(fitted):
     assert "val_corr" in stats
     assert "held-out correlation" in stdout and str(out_dir) in stdout
     assert seen and all(cols == {"answer"} for cols in seen)  # extra JSONL fields reach the reward as columns
+
+
+def test_fit_value_defaults_to_the_ridge_value_model(tiny_lm_dir, prompts_file, tmp_path, capsys):
+    out_dir = tmp_path / "ridge"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(REWARD_FUNCS, "cli_test_length", length_reward)
+        code = main(["fit-value", "--model", str(tiny_lm_dir), "--prompts", str(prompts_file), "--reward_funcs",
+                     "cli_test_length", "--ridge_layers", "1,2", "--num_generations", "4", "--max_new_tokens", "8",
+                     "--output", str(out_dir)])
+    assert code == 0
+    stats = json.loads((out_dir / "stats.json").read_text())
+    assert stats["fit_method"] == "ridge" and stats["method"] == "ridge" and stats["ridge_layers"] == [1, 2]
+    assert stats["layer"] in (1, 2) and math.isfinite(stats["val_corr"])
+    assert json.loads((out_dir / "value_model.json").read_text())["num_layers"] == stats["layer"]
+    assert f"layer {stats['layer']}" in capsys.readouterr().out
+    # the saved model scores like the fitted one (it is what `generate --value_model` loads)
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir)
+    assert ValueModel.load(model, out_dir).config.num_layers == stats["layer"]
+
+
+def test_fit_value_rejects_decode_consistent_copies_with_ridge(tiny_lm_dir, prompts_file, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit-value", "--model", str(tiny_lm_dir), "--prompts", str(prompts_file), "--reward_funcs", "vader",
+              "--decode_consistent_copies", "1", "--output", str(tmp_path / "vm")])
+    assert exit_info.value.code == 2 and "--method lora" in capsys.readouterr().err
 
 
 def check_result_lines(lines, prompts, num_particles):

@@ -228,8 +228,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="fit a value model to the true rewards of reference samples",
         formatter_class=_HelpFormatter,
         description="Sample --num_generations responses per train prompt from --model, score them "
-        "with the true reward, fit a value model (LoRA + head on the frozen backbone) "
-        "and save it to --output with stats.json.",
+        "with the true reward, fit a value model and save it to --output with stats.json. --method ridge (default): "
+        "the frozen backbone cut after the cross-validated layer of --ridge_layers and a closed-form linear head "
+        "(one forward pass per sample; the better selector in docs/benchmarks.md). --method lora: a LoRA adapter + "
+        "head on --value_layers blocks trained by SGD (--epochs, --lr, --lora_r, --value_heads, "
+        "--decode_consistent_copies apply to it only).",
     )
     fit.add_argument("--model", required=True, help="alias (see `vgf-llm models list`), local folder or cached id")
     _add_prompt_source(fit, with_split=False)
@@ -272,6 +275,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_int,
         default=_value_config_default("lora_r"),
         help="LoRA rank of the value adapter (lora_alpha = 2 x rank)",
+    )
+    fit.add_argument("--method", choices=("ridge", "lora"), default="ridge", help="how the value model is fitted")
+    fit.add_argument(
+        "--ridge_layers",
+        type=_layer_list,
+        default=(4, 8, 12, 16),
+        metavar="L1,L2,...",
+        help="--method ridge: backbone cuts the cross-validation chooses from (deeper costs more per sample)",
     )
     fit.add_argument("--epochs", type=_positive_int, default=FIT_DEFAULTS["epochs"], help="value-fit epochs")
     fit.add_argument("--lr", type=float, default=_fit_default("lr"), help="value-fit learning rate")
@@ -356,11 +367,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(repulsion=_budget_default("repulsion"))
     gen.add_argument(
         "--decoder",
-        choices=("verified", "reference_gain", "reference_topk", "nearest"),
+        choices=("verified", "reference_gain", "reference_topk", "nearest", "soft_topk"),
         default=SAMPLER_DEFAULTS["decoder"],
         help="moved rows back to tokens: reference top-k swaps proposed by the value gain along the move and kept "
         "only if the value model really rises (verified), the swaps with the largest first-order gain "
-        "(reference_gain), the top-k candidate nearest to the moved row (reference_topk), or the nearest row",
+        "(reference_gain), the top-k candidate nearest to the moved row (reference_topk), the nearest row; or "
+        "soft-token particles (soft_topk: each position a distribution over the reference's top-k tokens, moved "
+        "in logits, the step size is in logits; at most --max_edits edits)",
     )
     gen.add_argument("--verify_top", type=_positive_int, default=SAMPLER_DEFAULTS["verify_top"],
                      help="verified decoder: edit only the best N originals of each prompt")
@@ -591,12 +604,24 @@ def cmd_models_list(args) -> int:
     return 0
 
 
+def _layer_list(text: str) -> tuple[int, ...]:
+    try:
+        layers = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer numbers, got {text!r}") from None
+    if not layers or min(layers) < 1:
+        raise argparse.ArgumentTypeError(f"layer numbers must be >= 1, got {text!r}")
+    return layers
+
+
 def cmd_fit_value(args) -> int:
     import torch
 
     from vgf_llm.scorers import ValueModelConfig
     from vgf_llm.value_fitting import fit_value_model
 
+    if args.method == "ridge" and args.decode_consistent_copies:
+        raise CLIError("--decode_consistent_copies needs --method lora")
     names = reward_names(args)
     if names is None:
         raise CLIError("fit-value needs a true reward: give --reward_funcs (or use --task)")
@@ -617,6 +642,8 @@ def cmd_fit_value(args) -> int:
         funcs,
         rows,
         config=config,
+        method=args.method,
+        ridge_layers=args.ridge_layers,
         num_generations=args.num_generations,
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
@@ -640,14 +667,20 @@ def cmd_fit_value(args) -> int:
         "num_prompts": len(rows),
         "num_generations": args.num_generations,
         "max_new_tokens": args.max_new_tokens,
-        "epochs": args.epochs,
-        "decode_consistent_copies": args.decode_consistent_copies,
+        "fit_method": args.method,
+        **({"epochs": args.epochs, "decode_consistent_copies": args.decode_consistent_copies}
+           if args.method == "lora" else {"ridge_layers": list(args.ridge_layers)}),
         "seed": args.seed,
     }
     (out / "stats.json").write_text(json.dumps(_json_safe(record), indent=2) + "\n")
     print(f"mean true reward of the {stats['num_samples']} samples: {stats['reward_mean']:.4f}")
-    hint = " (too few held-out samples: use more prompts or generations)" if stats["num_val"] < 3 else ""
-    print(f"held-out correlation (value vs true reward, {stats['num_val']} samples): {stats['val_corr']:.4f}{hint}")
+    if args.method == "ridge":  # out-of-fold over every sample, folds split by prompt
+        print(f"held-out correlation (value vs true reward, out-of-fold by prompt, {stats['num_samples']} samples): "
+              f"{stats['val_corr']:.4f} (backbone cut after layer {stats['layer']}, {stats['pooling']} pooling)")
+    else:
+        hint = " (too few held-out samples: use more prompts or generations)" if stats["num_val"] < 3 else ""
+        print(f"held-out correlation (value vs true reward, {stats['num_val']} samples): "
+              f"{stats['val_corr']:.4f}{hint}")
     print(f"saved the value model to {out}")
     return 0
 
