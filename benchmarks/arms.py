@@ -63,17 +63,53 @@ class ArmSettings:
     temperature: float = 1.0
     seed: int = 0
     # VGF only (recipes/quickstart.yaml's values)
-    transport_steps: int = 4
+    transport_steps: int = 2
     transport_step_size: float = 0.05
     decoder: str = "reference_gain"
-    value_num_layers: int | None = 8
-    value_epochs: int = 2
+    max_edits: int = 3
+    value_num_layers: int | None = 4
+    value_epochs: int = 1
+    value_buffer_steps: int = 2
     # TRL GRPO only
     grpo_beta: float = 0.0
     extra: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+def add_shared_arguments(p, d: ArmSettings) -> None:
+    """The options ``speed.py`` and ``train.py`` share, with ``ArmSettings``' defaults."""
+    from vgf_llm.decoding import DECODERS
+
+    p.add_argument("--model", default=d.model)
+    p.add_argument("--task", default=d.task)
+    p.add_argument("--prompts", type=int, default=d.prompts, help="Prompts per optimizer step.")
+    p.add_argument("--generations", type=int, default=d.generations, help="Completions per prompt.")
+    p.add_argument("--max_completion_length", type=int, default=d.max_completion_length)
+    p.add_argument("--lora_r", type=int, default=d.lora_r)
+    p.add_argument("--transport_steps", type=int, default=d.transport_steps)
+    p.add_argument("--transport_step_size", type=float, default=d.transport_step_size)
+    p.add_argument("--decoder", default=d.decoder, choices=DECODERS)
+    p.add_argument("--value_num_layers", type=int, default=d.value_num_layers)
+    p.add_argument("--arms", default=",".join(ARMS), help="Comma list of vgf, bon, grpo.")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per process.")
+
+
+def settings_from(a, **more) -> ArmSettings:
+    """``ArmSettings`` from the shared options (and ``more``)."""
+    return ArmSettings(model=a.model, task=a.task, prompts=a.prompts, generations=a.generations,
+                       max_completion_length=a.max_completion_length, lora_r=a.lora_r, lora_alpha=2 * a.lora_r,
+                       transport_steps=a.transport_steps, transport_step_size=a.transport_step_size,
+                       decoder=a.decoder, value_num_layers=a.value_num_layers, **more)
+
+
+def chosen_arms(p, text: str) -> list[str]:
+    chosen = [x.strip() for x in text.split(",") if x.strip()]
+    unknown = set(chosen) - set(ARMS)
+    if unknown:
+        p.error(f"unknown arms {sorted(unknown)}; choose from {ARMS}")
+    return chosen
 
 
 def use_cpu() -> bool:
@@ -116,7 +152,8 @@ def vgf_trainer(s: ArmSettings, arm: str, output_dir: str, dataset=None, steps: 
         num_generations=s.generations, generation_batch_size=s.prompts, max_completion_length=s.max_completion_length,
         temperature=s.temperature, learning_rate=s.learning_rate, lr_scheduler_type="constant",
         transport_steps=s.transport_steps if arm == "vgf" else 0, transport_step_size=s.transport_step_size,
-        decoder=s.decoder, value_num_layers=s.value_num_layers, value_epochs=s.value_epochs,
+        decoder=s.decoder, max_edits=s.max_edits, value_num_layers=s.value_num_layers, value_epochs=s.value_epochs,
+        value_buffer_steps=s.value_buffer_steps,
         logging_steps=1, save_strategy="no", report_to="none", use_cpu=use_cpu(), seed=s.seed,
         disable_tqdm=True, **s.extra)
     return VGFTrainer(model, reasoning_gym_reward, args=args, train_dataset=dataset or train_dataset(s),

@@ -144,20 +144,10 @@ def table(results: dict) -> str:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    d = arms.ArmSettings()
-    p.add_argument("--model", default=d.model)
-    p.add_argument("--task", default=d.task)
-    p.add_argument("--prompts", type=int, default=d.prompts, help="Prompts per optimizer step.")
-    p.add_argument("--generations", type=int, default=d.generations, help="Completions per prompt.")
-    p.add_argument("--max_completion_length", type=int, default=d.max_completion_length)
-    p.add_argument("--transport_steps", type=int, default=d.transport_steps)
-    p.add_argument("--value_num_layers", type=int, default=d.value_num_layers)
-    p.add_argument("--lora_r", type=int, default=d.lora_r)
+    arms.add_shared_arguments(p, arms.ArmSettings())
     p.add_argument("--warmup", type=int, default=1, help="Steps dropped per arm.")
     p.add_argument("--steps", type=int, default=2, help="Timed steps per arm, after the warm-up.")
     p.add_argument("--rollout_repeats", type=int, default=2)
-    p.add_argument("--arms", default=",".join(arms.ARMS), help="Comma list of vgf, bon, grpo.")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per process.")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--inline", action="store_true", help="Run the arms in this process (no spawn; the peak memory "
                                                          "figures are then cumulative).")
@@ -169,14 +159,8 @@ def main(argv=None) -> dict:
         a.transport_steps, a.value_num_layers = 1, None
     arms.offline()
     arms.set_threads(a.threads)
-    s = arms.ArmSettings(model=a.model, task=a.task, prompts=a.prompts, generations=a.generations,
-                         max_completion_length=a.max_completion_length, transport_steps=a.transport_steps,
-                         value_num_layers=a.value_num_layers, lora_r=a.lora_r, lora_alpha=2 * a.lora_r, seed=a.seed,
-                         steps=a.warmup + a.steps)
-    chosen = [x.strip() for x in a.arms.split(",") if x.strip()]
-    unknown = set(chosen) - set(arms.ARMS)
-    if unknown:
-        p.error(f"unknown arms {sorted(unknown)}; choose from {arms.ARMS}")
+    s = arms.settings_from(a, seed=a.seed, steps=a.warmup + a.steps)
+    chosen = arms.chosen_arms(p, a.arms)
     results = {"settings": s.as_dict(), "warmup": a.warmup, "timed_steps": a.steps, "machine": arms.machine_info(),
                "command": "python benchmarks/speed.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                "arms": {}}

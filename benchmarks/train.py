@@ -224,23 +224,13 @@ def plot(results: dict, path: Path) -> None:
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     d = arms.ArmSettings()
-    p.add_argument("--model", default=d.model)
-    p.add_argument("--task", default=d.task)
+    arms.add_shared_arguments(p, d)
     p.add_argument("--steps", type=int, default=d.steps, help="Optimizer steps per arm.")
-    p.add_argument("--prompts", type=int, default=d.prompts, help="Prompts per optimizer step.")
-    p.add_argument("--generations", type=int, default=d.generations, help="Completions per prompt.")
-    p.add_argument("--max_completion_length", type=int, default=d.max_completion_length)
     p.add_argument("--learning_rate", type=float, default=d.learning_rate)
-    p.add_argument("--lora_r", type=int, default=d.lora_r)
-    p.add_argument("--transport_steps", type=int, default=d.transport_steps)
-    p.add_argument("--transport_step_size", type=float, default=d.transport_step_size)
-    p.add_argument("--value_num_layers", type=int, default=d.value_num_layers)
     p.add_argument("--grpo_beta", type=float, default=d.grpo_beta)
     p.add_argument("--eval_prompts", type=int, default=32)
     p.add_argument("--kl_samples", type=int, default=2, help="Sampled completions per held-out prompt for the KL.")
     p.add_argument("--seeds", default="0", help="Comma list; every arm runs every seed.")
-    p.add_argument("--arms", default=",".join(arms.ARMS), help="Comma list of vgf, bon, grpo.")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per process.")
     p.add_argument("--inline", action="store_true", help="Run the arms in this process (no spawn; peak memory is "
                                                          "then RSS sampled during training only).")
     p.add_argument("--tiny", action="store_true", help="Smoke run: 2 steps x 2 prompts x 2 completions x 8 tokens.")
@@ -253,16 +243,10 @@ def main(argv=None) -> dict:
         a.eval_prompts, a.kl_samples, a.transport_steps, a.value_num_layers = 4, 1, 1, None
     arms.offline()
     arms.set_threads(a.threads)
-    chosen = [x.strip() for x in a.arms.split(",") if x.strip()]
-    if set(chosen) - set(arms.ARMS):
-        p.error(f"unknown arms {sorted(set(chosen) - set(arms.ARMS))}; choose from {arms.ARMS}")
+    chosen = arms.chosen_arms(p, a.arms)
     seeds = [int(x) for x in a.seeds.split(",")]
-    settings = {seed: arms.ArmSettings(
-        model=a.model, task=a.task, steps=a.steps, prompts=a.prompts, generations=a.generations,
-        max_completion_length=a.max_completion_length, learning_rate=a.learning_rate, lora_r=a.lora_r,
-        lora_alpha=2 * a.lora_r, seed=seed, transport_steps=a.transport_steps,
-        transport_step_size=a.transport_step_size, value_num_layers=a.value_num_layers, grpo_beta=a.grpo_beta)
-        for seed in seeds}
+    settings = {seed: arms.settings_from(a, steps=a.steps, learning_rate=a.learning_rate, seed=seed,
+                                         grpo_beta=a.grpo_beta) for seed in seeds}
     run = arms.in_subprocess if not a.inline else (lambda f, *args, **kw: f(*args, **kw))
     adapter_root = Path(a.keep_adapters) if a.keep_adapters else Path(tempfile.mkdtemp(prefix="vgf_bench_"))
     out_dir = Path(a.out_dir)
