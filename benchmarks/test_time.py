@@ -259,7 +259,7 @@ def run_task(task: str, args, variants: list[Variant], cache: Path, out: Path) -
         t0 = time.time()
         vm, stats, _, _ = fit_value_model(
             model, tok, reward, train, config=cfg, num_generations=args.train_generations, epochs=args.value_epochs,
-            decode_consistent_copies=copies, max_row_shift=args.dc_max_shift, rollouts=train_ro,
+            decode_consistent_copies=copies, edit_fraction=args.dc_edit_fraction, rollouts=train_ro,
             rewards=train_rewards, seed=0, lr=args.value_lr, method=method, progress=False,
             ridge_layers=[int(x) for x in args.ridge_layers.split(",")], **gen)
         stats["fit_seconds"] = time.time() - t0
@@ -485,7 +485,9 @@ def main(argv=None) -> None:
                         "(frozen backbone + closed-form head, layer by CV) or plain (LoRA + head, SGD)")
     p.add_argument("--value_epochs", type=int, default=3)
     p.add_argument("--value_lr", type=float, default=1e-3)
-    p.add_argument("--dc_max_shift", type=float, default=2.0, help="decode-consistent noise: max row shift")
+    p.add_argument("--dc_edit_fraction", type=float, default=0.2,
+                   help="decode-consistent copies: largest share of a response's tokens moved towards a reference "
+                        "top-k token")
     p.add_argument("--batch_size", type=int, default=4)
     p.add_argument("--bon_sizes", default="4,8,16", help="best-of-n arms (n <= 2N; N is always one of them)")
     p.add_argument("--retime_prompts", type=int, default=8,

@@ -143,6 +143,35 @@ def test_value_model_fit_lowers_loss_and_leaves_base_weights_untouched(tiny_lm, 
     assert any("lora_" in k and ".value." in k for k in after)
 
 
+def test_decode_consistent_copies_flip_tokens_and_carry_the_reward_of_their_decoded_text(tiny_lm, tokenizer):
+    """The perturbed copies move rows towards reference top-k tokens; a real share of them decode to another token,
+    and each copy's label is the true reward of exactly that decoded text."""
+    from vgf_llm.value_fitting import perturbed_examples
+
+    ro = HFGenerateBackend(tiny_lm, tokenizer, max_new_tokens=10, batch_size=8).generate(PROMPTS, 4, seed=0)
+    rows = [{"prompt": p} for p in PROMPTS]
+    texts_seen = []
+
+    def reward(prompts, completions, **kw):  # records what it scores; a reward that depends on the text
+        texts = [c[0]["content"] if isinstance(c, list) else c for c in completions]
+        texts_seen.extend(texts)
+        return [float(len(set(t))) for t in texts]
+
+    weight = tiny_lm.get_input_embeddings().weight
+    special = special_token_ids(tokenizer)
+    p_ids, p_mask, noisy, mask, targets, frac = perturbed_examples(
+        ro, rows, [reward], None, tiny_lm, weight, tokenizer, special, edit_fraction=0.5, copies=2, seed=0)
+    assert noisy.shape == (2 * 12, ro.shape[2], weight.shape[1]) and targets.shape == (24,)
+    assert 0.02 < frac < 0.5  # tokens really flip (the isotropic noise it replaces flipped none), most do not
+    decoded = NearestTokenDecoder(weight, exclude_ids=special).nearest(noisy)
+    ids = ro.completion_ids.reshape(12, -1).repeat(2, 1)
+    movable = movable_mask(ids, mask, special).bool()
+    decoded = torch.where(movable, decoded, ids)  # rows that may not move keep their token
+    expected = [tokenizer.decode(decoded[i][mask[i].bool()], skip_special_tokens=True) for i in range(24)]
+    assert texts_seen == expected
+    assert targets.tolist() == [float(len(set(t))) for t in expected]
+
+
 def test_value_model_gradients_reach_particles_only(tiny_lm, tokenizer, rollouts):
     vm = ValueModel(tiny_lm, ValueModelConfig(lora_r=4, num_layers=1, num_heads=3, aggregate="min"))
     p_ids, p_mask, ids, mask, _ = _value_data(tiny_lm, tokenizer, rollouts)

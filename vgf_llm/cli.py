@@ -296,10 +296,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="perturbed copies per response labelled with the reward of their decoded text",
     )
     fit.add_argument(
-        "--max_row_shift",
+        "--edit_fraction",
         type=float,
-        default=_fit_default("max_row_shift"),
-        help="largest perturbation norm per embedding row for decode-consistent copies",
+        default=_fit_default("edit_fraction"),
+        help="decode-consistent copies: at most this share of a response's tokens moves towards a reference top-k "
+        "token",
     )
     fit.add_argument("--seed", type=int, default=FIT_DEFAULTS["seed"], help="seeds prompts, sampling and fitting")
     fit.add_argument("--device", default="cpu", help="torch device of the model")
@@ -649,7 +650,7 @@ def cmd_fit_value(args) -> int:
         temperature=args.temperature,
         reward_weights=args.reward_weights,
         decode_consistent_copies=args.decode_consistent_copies,
-        max_row_shift=args.max_row_shift,
+        edit_fraction=args.edit_fraction,
         epochs=args.epochs,
         lr=args.lr,
         batch_size=args.batch_size,

@@ -102,6 +102,25 @@ class ReferenceTopKDecoder:
                                 logits_to_keep=ids.shape[1] + 1).logits
         return logits[:, :-1]  # position t is predicted from everything before it
 
+    @torch.no_grad()
+    def candidates(self, ids, prompt_ids, prompt_mask, batch_size: int = 32) -> torch.Tensor:
+        """ids [G, N, T] -> [G, N, T, k] token ids: the original token in slot 0, then the reference's top k - 1
+        other tokens at that position given the original prefix (``batch_size`` sequences per reference pass)."""
+        g, n, t = ids.shape
+        flat = ids.reshape(g * n, t)
+        p_ids, p_mask = prompt_ids.repeat_interleave(n, 0), prompt_mask.repeat_interleave(n, 0)
+        allowed = self.nearest.allowed.cpu()
+        out = []
+        for s in range(0, g * n, batch_size):
+            chunk = flat[s:s + batch_size]
+            logits = self._teacher_forced_logits(chunk, p_ids[s:s + batch_size].to(self.model.device),
+                                                 p_mask[s:s + batch_size].to(self.model.device)).float().cpu()
+            logits = logits.masked_fill(~allowed, -float("inf"))
+            logits.scatter_(-1, chunk[:, :, None], -float("inf"))  # the original goes to slot 0, never twice
+            others = logits.topk(min(self.k, int(allowed.sum())) - 1, -1).indices
+            out.append(torch.cat([chunk[:, :, None], others], -1))
+        return torch.cat(out).reshape(g, n, t, -1)
+
     def _decode_teacher_forced(self, rows, ids, changed, p_ids, p_mask):
         """Candidates for every position from one reference pass over [prompt | original response]."""
         logits = self._teacher_forced_logits(ids, p_ids, p_mask)
@@ -290,20 +309,6 @@ class SoftTokenDecoder(ReferenceTopKDecoder):
         if max_edits < 1 or init_margin <= 0:
             raise ValueError(f"max_edits must be >= 1 and init_margin > 0, got {max_edits}, {init_margin}")
         self.max_edits, self.init_margin = max_edits, init_margin
-
-    @torch.no_grad()
-    def candidates(self, ids, prompt_ids, prompt_mask) -> torch.Tensor:
-        """ids [G, N, T] -> candidate token ids [G, N, T, k], the original token in slot 0."""
-        g, n, t = ids.shape
-        flat = ids.reshape(g * n, t)
-        p_ids = prompt_ids.repeat_interleave(n, 0).to(self.model.device)
-        p_mask = prompt_mask.repeat_interleave(n, 0).to(self.model.device)
-        logits = self._teacher_forced_logits(flat, p_ids, p_mask).float().cpu()
-        allowed = self.nearest.allowed.cpu()
-        logits = logits.masked_fill(~allowed, -float("inf"))
-        logits.scatter_(-1, flat[:, :, None], -float("inf"))  # the original goes to slot 0, never twice
-        others = logits.topk(min(self.k, int(allowed.sum())) - 1, -1).indices
-        return torch.cat([flat[:, :, None], others], -1).reshape(g, n, t, -1)
 
     def start(self, candidates: torch.Tensor) -> torch.Tensor:
         """Logits [G, N, T, k]: 0 for the original token, -init_margin for the others."""

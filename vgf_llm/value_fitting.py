@@ -7,8 +7,9 @@ cross-validation *by prompt*. Ridge needs one forward pass over the samples, so 
 SGD on this machine, and its held-out correlation is an out-of-fold figure over every sample.
 
 Decode-consistent fitting (like noise-aware classifiers for diffusion guidance): besides the clean responses, the
-value model sees perturbed embedding rows u + noise labelled with the true reward of *their decoded text*, so its
-gradient learns to point where decoding is rewarded rather than off the token manifold.
+value model sees perturbed embedding rows (moved part of the way towards reference top-k tokens) labelled with the
+true reward of *their decoded text*, so its gradient learns to point where decoding is rewarded rather than off the
+token manifold.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from vgf_llm.particles import NearestTokenDecoder, lift, movable_mask
+from vgf_llm.decoding import ReferenceTopKDecoder
+from vgf_llm.particles import lift, movable_mask
 from vgf_llm.rewards import combine_rewards
 from vgf_llm.rollout import HFGenerateBackend, Rollouts
 from vgf_llm.scorers import ValueModel, ValueModelConfig, active_adapter, first_layers, join_inputs, pearson
@@ -51,30 +53,43 @@ def reward_rollouts(reward_funcs, weights, rows: list[dict], ro: Rollouts) -> to
     return reward_texts(reward_funcs, weights, flat_rows, [t for group in ro.texts for t in group]).view(g, n)
 
 
-def perturbed_examples(ro: Rollouts, rows: list[dict], reward_funcs, weights, weight: torch.Tensor, tokenizer,
-                       special: set[int], *, max_row_shift: float, copies: int = 1, seed: int = 0):
-    """``copies`` noisy versions of every response: each movable row moves by a random vector of norm
-    ~ U(0, max_row_shift) (one scale per response); the label is the true reward of the decoded noisy response.
+def perturbed_examples(ro: Rollouts, rows: list[dict], reward_funcs, weights, model, weight: torch.Tensor,
+                       tokenizer, special: set[int], *, edit_fraction: float = 0.2, k: int = 8, copies: int = 1,
+                       seed: int = 0):
+    """``copies`` perturbed versions of every response, shaped like the moves the transport proposes: in each
+    response a fraction ~ U(0, ``edit_fraction``) of the movable rows moves towards one of the reference's top-k
+    tokens at that position (a random one), by a random share U(0, 1) of the way. The label is the true reward of
+    the nearest-token decoding of the perturbed rows, so rows moved more than about half way decode to the other
+    token and the value model sees what such edits are worth. (Isotropic noise of a fixed norm, the first version,
+    flipped 0% of SmolLM2's tokens: rows sit far apart.)
 
     Returns (prompt_ids, prompt_mask, rows [B, T, d], mask [B, T], targets [B], tokens_changed_fraction).
     """
+    if not 0 < edit_fraction <= 1:
+        raise ValueError(f"edit_fraction must be in (0, 1], got {edit_fraction}")
     g, n, t = ro.shape
     gen = torch.Generator().manual_seed(seed)
-    decoder = NearestTokenDecoder(weight, exclude_ids=special)
+    reference = ReferenceTopKDecoder(model, k=k, exclude_ids=special, embedding_weight=weight)
+    candidates = reference.candidates(ro.completion_ids, ro.prompt_ids, ro.prompt_mask).reshape(g * n, t, -1)
+    decoder = reference.nearest
+    table = decoder.weight.float()
     ids, cmask = ro.completion_ids.reshape(g * n, t), ro.completion_mask.reshape(g * n, t)
-    movable = movable_mask(ids, cmask, special)
+    movable = movable_mask(ids, cmask, special).bool()
     clean = lift(weight, ids).float()
     out_rows, targets, changed = [], [], []
     for _ in range(copies):
-        direction = torch.nn.functional.normalize(torch.randn(clean.shape, generator=gen), dim=-1)
-        scale = torch.rand(g * n, 1, 1, generator=gen) * max_row_shift
-        noisy = clean + direction * scale * movable[..., None]
-        new_ids = decoder.decode(noisy, clean, ids, movable)
+        share = torch.rand(g * n, 1, generator=gen) * edit_fraction
+        moving = movable & (torch.rand(g * n, t, generator=gen) < share)
+        pick = torch.randint(1, candidates.shape[-1], (g * n, t, 1), generator=gen)
+        towards = table[candidates.gather(-1, pick).squeeze(-1)]
+        amount = torch.rand(g * n, t, 1, generator=gen) * moving[..., None]
+        noisy = clean + amount * (towards - clean)
+        new_ids = decoder.decode(noisy, clean, ids, moving.float())
         texts = [tokenizer.decode(new_ids[i][cmask[i].bool()], skip_special_tokens=True) for i in range(g * n)]
         flat_rows = [rows[i // n] for i in range(g * n)]
         targets.append(reward_texts(reward_funcs, weights, flat_rows, texts))
         out_rows.append(noisy)
-        changed.append(float(((new_ids != ids) & movable.bool()).sum() / movable.sum().clamp_min(1)))
+        changed.append(float(((new_ids != ids) & movable).sum() / movable.sum().clamp_min(1)))
     p_ids, p_mask = ro.prompt_ids.repeat_interleave(n, 0), ro.prompt_mask.repeat_interleave(n, 0)
     return (p_ids.repeat(copies, 1), p_mask.repeat(copies, 1), torch.cat(out_rows), cmask.repeat(copies, 1),
             torch.cat(targets), sum(changed) / len(changed))
@@ -82,7 +97,7 @@ def perturbed_examples(ro: Rollouts, rows: list[dict], reward_funcs, weights, we
 
 def fit_value_model(model, tokenizer, reward_funcs, rows: list[dict], *, config: ValueModelConfig | None = None,
                     num_generations: int = 4, max_new_tokens: int = 64, temperature: float = 1.0,
-                    reward_weights=None, decode_consistent_copies: int = 0, max_row_shift: float = 2.0,
+                    reward_weights=None, decode_consistent_copies: int = 0, edit_fraction: float = 0.2,
                     epochs: int = 3, lr: float = 1e-3, batch_size: int = 16, seed: int = 0, rollouts=None,
                     rewards=None, progress: bool = True, method: str = "lora", split_by_prompt: bool = True,
                     ridge_layers=(4, 8, 12, 16, 20, 24, 30)):
@@ -123,8 +138,8 @@ def fit_value_model(model, tokenizer, reward_funcs, rows: list[dict], *, config:
     if decode_consistent_copies:
         weight = vm.embedding_weight
         pp, pm, noisy, nm, nt, frac = perturbed_examples(
-            rollouts, rows, reward_funcs, reward_weights, weight, tokenizer, special_token_ids(tokenizer),
-            max_row_shift=max_row_shift, copies=decode_consistent_copies, seed=seed + 1)
+            rollouts, rows, reward_funcs, reward_weights, model, weight, tokenizer, special_token_ids(tokenizer),
+            edit_fraction=edit_fraction, copies=decode_consistent_copies, seed=seed + 1)
         p_ids, p_mask = torch.cat([p_ids, pp]), torch.cat([p_mask, pm])
         responses = torch.cat([lift(weight, responses).float(), noisy])
         mask, targets = torch.cat([mask, nm]), torch.cat([targets, nt])
