@@ -103,9 +103,9 @@ class SyncPolicyWeights(TrainerCallback):
     def __init__(self, trainer: VGFTrainer):
         self.trainer = trainer
 
-    def _sync(self):
-        with self.trainer.gathered_model() as model:
-            self.trainer.backend.sync_weights(model, adapter_names=[POLICY])
+    def _sync(self):  # under ZeRO-3 the backend gathers module by module itself (policy_state_dict)
+        self.trainer.backend.sync_weights(self.trainer.accelerator.unwrap_model(self.trainer.model),
+                                          adapter_names=[POLICY])
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._sync()
