@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from vgf_llm.cli import launch_command, main
@@ -87,13 +88,15 @@ def test_launch_command_on_cpu_uses_torchrun_and_deepspeed_json():
     assert "accelerate.commands.launch" in gpu and gpu[gpu.index("--config_file") + 1].endswith("zero3.yaml")
 
 
-def _run_two_processes(tmp_path, tiny_lm_dir, accelerate_config: str, command: list[str] | None = None) -> dict:
-    """``vgf-llm train --accelerate_config NAME --num_processes 2`` (or ``command`` + the recipe) on the tiny model."""
+def _run_two_processes(tmp_path, tiny_lm_dir, accelerate_config: str, command: list[str] | None = None,
+                       extra: tuple[str, ...] = ()) -> dict:
+    """``vgf-llm train --accelerate_config NAME --num_processes 2`` (or ``command`` + the recipe, then ``extra``
+    options) on the tiny model."""
     recipe = tiny_recipe(tmp_path, tiny_lm_dir)
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", MASTER_PORT=str(29500 + os.getpid() % 1000))
     command = command or [sys.executable, "-m", "vgf_llm.cli", "train", "--accelerate_config", accelerate_config,
                           "--num_processes", "2"]
-    proc = subprocess.Popen([*command, "--config", str(recipe)],
+    proc = subprocess.Popen([*command, "--config", str(recipe), *extra],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     try:
@@ -146,6 +149,16 @@ def test_two_process_deepspeed_zero3(tmp_path, tiny_lm_dir):
     assert value and all(t.numel() > 0 for t in value.values())
     # fitted inside a read-only gather, then written back to the shards: not the zero-initialised lora_B
     assert any(t.abs().sum() > 0 for k, t in value.items() if "lora_B" in k), sorted(value)[:4]
+    # resume from the step-2 checkpoint (DeepSpeed's own states + the value model) and go on to step 4
+    first_save = (tmp_path / "out" / "checkpoint-2" / "vgf_state.pt").stat().st_mtime_ns
+    _run_two_processes(tmp_path, tiny_lm_dir, "zero3", command=command,
+                       extra=("--max_steps", "4", "--resume_from_checkpoint", str(tmp_path / "out" / "checkpoint-2")))
+    history = json.loads((tmp_path / "out" / "log_history.json").read_text())
+    # steps 1-2 come back with the checkpoint's trainer state (not re-run: checkpoint-2 is not written again)
+    assert [h["step"] for h in history if "transport/tokens_changed" in h] == [1, 2, 3, 4]
+    assert (tmp_path / "out" / "checkpoint-2" / "vgf_state.pt").stat().st_mtime_ns == first_save
+    resumed = load_file(str(tmp_path / "out" / "checkpoint-4" / "value_model" / "value_model.safetensors"))
+    assert any(not torch.equal(resumed[k], value[k]) for k in value)  # the value model went on training
 
 
 @pytest.mark.slow
