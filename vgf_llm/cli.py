@@ -19,10 +19,10 @@ import sys
 from pathlib import Path
 
 # The one place where the CLI's test-time defaults differ from the library's; every other sampler default is read
-# from ``VGFSampler``/``TransportBudget`` (see ``_sampler_default``). These are the arm "gain3+union" of
-# benchmarks/test_time.py: it beat best-of-N with the same selector on the sentiment task and lost on chain_sum
-# (docs/benchmarks.md). With a weak value model on exact-answer tasks, use --transport_steps 0 (best-of-N).
-# the winner of benchmarks/test_time.py run 4 (docs/benchmarks.md): verified edits, union selection
+# from ``VGFSampler``/``TransportBudget`` (see ``_sampler_default``). These are the best arm of benchmarks/test_time.py
+# run 5, "verified5-top1-c4-b3+union" (docs/benchmarks.md): on the sentiment task it beat best-of-8 and best-of-16
+# with the same selector on every seed; on exact-answer tasks it lost, so there use --transport_steps 0
+# (best-of-N) or a --union_margin that rejects edits.
 SAMPLER_DEFAULTS = {
     "decoder": "verified",
     "max_edits": 5,
@@ -31,7 +31,7 @@ SAMPLER_DEFAULTS = {
     "union_margin": 0.0,
     "regenerate": False,
     "selection": "union",
-    "transport_steps": 1,
+    "transport_steps": 3,
     "step_size": 0.05,
     "step_rule": "adam",
 }
