@@ -81,6 +81,12 @@ def _sampler_default(name: str):
     return inspect.signature(VGFSampler.__init__).parameters[name].default
 
 
+def _decoders() -> tuple[str, ...]:
+    from vgf_llm.decoding import DECODERS
+
+    return DECODERS
+
+
 def _budget_default(name: str):
     from vgf_llm.sampler import TransportBudget
 
@@ -368,7 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(repulsion=_budget_default("repulsion"))
     gen.add_argument(
         "--decoder",
-        choices=("verified", "reference_gain", "reference_topk", "nearest", "soft_topk"),
+        choices=_decoders(),
         default=SAMPLER_DEFAULTS["decoder"],
         help="moved rows back to tokens: reference top-k swaps proposed by the value gain along the move and kept "
         "only if the value model really rises (verified), the swaps with the largest first-order gain "
