@@ -286,10 +286,14 @@ class VGFTrainer(Trainer):
             with deepspeed.zero.GatheredParameters(list(self.model.parameters())):
                 yield self.model
 
+    @property
+    def _value_adapter_sharded(self) -> bool:
+        return is_deepspeed_zero3_enabled() and isinstance(self.scorer, ValueModel)
+
     @contextmanager
     def _value_adapter_whole(self, writes: bool):
         """The value adapter's weights gathered under ZeRO-3 (``writes``: rank 0's copy goes back to the shards)."""
-        if not (is_deepspeed_zero3_enabled() and isinstance(self.scorer, ValueModel)):
+        if not self._value_adapter_sharded:
             yield
             return
         import deepspeed
@@ -303,7 +307,7 @@ class VGFTrainer(Trainer):
         value_state = None
         with self.gathered_model():
             targets = self._step_targets(rows)
-            if is_deepspeed_zero3_enabled() and isinstance(self.scorer, ValueModel):
+            if self._value_adapter_sharded and self.args.transport_steps > 0:  # budget 0 fits no value model
                 value_state = [p.detach().clone() for p in self.scorer.adapter_parameters()]
         if value_state is not None:  # a read-only gather drops in-place updates: write the fitted adapter back
             with self._value_adapter_whole(writes=True):
