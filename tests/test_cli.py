@@ -2,19 +2,21 @@
 demo, and the one-line errors (exit status 2) for bad inputs."""
 
 import contextlib
+import dataclasses
 import io
 import json
 import math
+import re
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from vgf_llm import cli
-from vgf_llm.cli import SAMPLER_DEFAULTS, build_parser, main
+from vgf_llm.cli import COMMANDS, main
+from vgf_llm.cli.generate import GenerateArguments
 from vgf_llm.rewards import REWARD_FUNCS, completion_text
-from vgf_llm.sampler import TransportBudget, VGFSampler
-from vgf_llm.scorers import ValueModel
+from vgf_llm.sampler import SamplerConfig
+from vgf_llm.value import ValueModel
 
 PROMPT_ROWS = [
     {"prompt": "Write one sentence about a chair.", "answer": "chair"},
@@ -46,9 +48,9 @@ def read_jsonl(path):
 
 
 def run_cli(argv, capsys):
-    """main(argv) -> (exit status, stdout, stderr)."""
+    """main(argv) -> (exit status, stdout, stderr); ``argv`` is one string of arguments (or a list)."""
     try:
-        code = main([str(a) for a in argv])
+        code = main(argv.split() if isinstance(argv, str) else [str(a) for a in argv])
     except SystemExit as exit_:
         code = exit_.code
     out, err = capsys.readouterr()
@@ -78,27 +80,9 @@ def fitted(tmp_path_factory, tiny_lm_dir, prompts_file):
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(stdout):
         mp.setitem(REWARD_FUNCS, "cli_test_length", length_reward)
         code = main(
-            [
-                "fit-value",
-                "--model",
-                str(tiny_lm_dir),
-                "--prompts",
-                str(prompts_file),
-                "--reward_funcs",
-                "cli_test_length",
-                "--method",
-                "lora",
-                "--value_layers",
-                "2",
-                "--epochs",
-                "1",
-                "--num_generations",
-                "4",
-                "--max_new_tokens",
-                "8",
-                "--output",
-                str(out_dir),
-            ]
+            f"fit-value --model_name_or_path {tiny_lm_dir} --prompts {prompts_file} --reward_funcs "
+            f"cli_test_length --method lora --value_num_layers 2 --value_epochs 1 --num_generations 4 "
+            f"--max_completion_length 8 --output {out_dir}".split()
         )
     assert code == 0
     return out_dir, stdout.getvalue(), list(SEEN_COLUMNS)
@@ -109,70 +93,58 @@ def fitted(tmp_path_factory, tiny_lm_dir, prompts_file):
 
 
 def test_main_help_lists_every_command(capsys):
-    code, out, _ = run_cli(["--help"], capsys)
+    code, out, _ = run_cli("--help", capsys)
     assert code == 0
-    for command in ("models", "fit-value", "generate", "env", "demo"):
+    for command in COMMANDS:
         assert command in out
+    expect_error("no-such-command", capsys, "unknown command")
+
+
+GENERATE_OPTIONS = [
+    "--model_name_or_path",
+    "--prompts",
+    "--task",
+    "--split",
+    "--num_prompts",
+    "--output",
+    "--value_model_path",
+    "--reward_model_path",
+    "--reward_funcs",
+    "--reward_weights",
+    "--seed",
+    "--device",
+    "--config",
+    *[f"--{f.name}" for f in dataclasses.fields(SamplerConfig)],
+]
 
 
 @pytest.mark.parametrize(
     "argv, options",
     [
-        (["models", "--help"], ["prepare", "list"]),
-        (["models", "prepare", "--help"], ["ALIAS_OR_PATH"]),
-        (["models", "list", "--help"], ["aliases", "prepared"]),
+        ("models --help", ["prepare", "list"]),
+        ("models prepare --help", ["ALIAS_OR_PATH"]),
         (
-            ["fit-value", "--help"],
+            "fit-value --help",
             [
-                "--model",
+                "--model_name_or_path",
                 "--task",
                 "--prompts",
                 "--reward_funcs",
                 "--num_prompts",
                 "--num_generations",
-                "--value_layers",
-                "--epochs",
-                "--decode_consistent_copies",
-                "--edit_fraction",
+                "--value_num_layers",
+                "--value_epochs",
                 "--method",
                 "--ridge_layers",
-                "--max_new_tokens",
+                "--max_completion_length",
                 "--seed",
                 "--output",
+                "--config",
             ],
         ),
-        (
-            ["generate", "--help"],
-            [
-                "--model",
-                "--prompts",
-                "--task",
-                "--split",
-                "--num_prompts",
-                "--output",
-                "--value_model",
-                "--reward_model",
-                "--num_particles",
-                "--transport_steps",
-                "--step_size",
-                "--alpha",
-                "--step_rule",
-                "--radius",
-                "--no_repulsion",
-                "--decoder",
-                "--topk",
-                "--regenerate",
-                "--no_regenerate",
-                "--selection",
-                "--fluency_weight",
-                "--max_new_tokens",
-                "--temperature",
-                "--seed",
-                "--batch_size",
-            ],
-        ),
-        (["env", "--help"], ["versions", "CUDA"]),
-        (["demo", "--help"], ["toy_bandit.py"]),
+        ("generate --help", GENERATE_OPTIONS),
+        ("env --help", ["versions", "CUDA"]),
+        ("vllm-serve --help", ["--model", "--host", "--port", "--dtype", "--gpu_memory_utilization"]),
     ],
 )
 def test_subcommand_help(argv, options, capsys):
@@ -182,50 +154,31 @@ def test_subcommand_help(argv, options, capsys):
         assert option in out, option
 
 
-def test_generate_defaults_come_from_the_cli_table_and_the_library():
-    args = build_parser().parse_args(
-        ["generate", "--model", "m", "--prompts", "p", "--output", "o", "--value_model", "v"]
+def test_generate_lists_only_its_own_options_named_as_in_vgfconfig(capsys):
+    _, out, _ = run_cli("generate --help", capsys)
+    listed = set(re.findall(r"^  (--\w+)", out, flags=re.M)) - {"--help"}
+    assert listed == (set(GENERATE_OPTIONS) - {"--config"}) | {"--no_repulsion"}  # --config: in the description
+    for retired in ("--num_particles", "--step_size", "--regenerate", "--fluency_weight", "--selection", "--metric"):
+        assert retired not in out
+
+
+def test_generate_defaults_are_the_samplers_and_a_yaml_config_sets_them(tiny_lm_dir, tmp_path):
+    from vgf_llm.cli.common import parse
+
+    base = "--model_name_or_path m --prompts p --output o --value_model_path v".split()
+    args, config = parse((GenerateArguments, SamplerConfig), base, "test", "")
+    assert config == SamplerConfig()
+    (tmp_path / "g.yaml").write_text(
+        "transport_steps: 0\ndecoder: soft_topk\nrepulsion: false\nmodel_name_or_path: x\n"
     )
-    assert args.decoder == SAMPLER_DEFAULTS["decoder"]
-    assert args.regenerate is SAMPLER_DEFAULTS["regenerate"]
-    assert args.selection == SAMPLER_DEFAULTS["selection"]
-    assert args.transport_steps == SAMPLER_DEFAULTS["transport_steps"]
-    assert args.step_size == SAMPLER_DEFAULTS["step_size"]
-    assert args.step_rule == SAMPLER_DEFAULTS["step_rule"]
-    assert args.max_edits == SAMPLER_DEFAULTS["max_edits"]
-    budget = TransportBudget()
-    assert (args.alpha, args.radius, args.repulsion) == (budget.alpha, budget.radius, budget.repulsion)
-    library = VGFSampler.__init__.__kwdefaults__
-    for name in ("num_particles", "topk", "fluency_weight", "max_new_tokens", "temperature", "batch_size"):
-        assert getattr(args, name) == library[name], name
-    flipped = build_parser().parse_args(
-        [
-            "generate",
-            "--model",
-            "m",
-            "--prompts",
-            "p",
-            "--output",
-            "o",
-            "--value_model",
-            "v",
-            "--no_regenerate",
-            "--no_repulsion",
-            "--radius",
-            "None",
-            "--decoder",
-            "nearest",
-        ]
+    args, config = parse(
+        (GenerateArguments, SamplerConfig),
+        ["--config", str(tmp_path / "g.yaml"), *base[2:], "--max_edits", "2"],
+        "test",
+        "",
     )
-    assert (flipped.regenerate, flipped.repulsion, flipped.radius, flipped.decoder) == (False, False, None, "nearest")
-    assert (
-        build_parser()
-        .parse_args(
-            ["generate", "--model", "m", "--prompts", "p", "--output", "o", "--value_model", "v", "--radius", "1.5"]
-        )
-        .radius
-        == 1.5
-    )
+    assert (config.transport_steps, config.decoder, config.repulsion, config.max_edits) == (0, "soft_topk", False, 2)
+    assert args.model_name_or_path == "x"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -273,8 +226,9 @@ def test_models_prepare_prints_the_folder_or_fails_clearly(tiny_lm_dir, tmp_path
     code, out, _ = run_cli(["models", "prepare", tiny_lm_dir], capsys)
     assert code == 0 and out.strip() == str(tiny_lm_dir)
     expect_error(["models", "prepare", tmp_path / "no-such-model"], capsys, "no model folder at")
-    expect_error(["models", "prepare", "no-such-org/no-such-model"], capsys, "not available offline",
-                 "huggingface-cli download")
+    expect_error(
+        ["models", "prepare", "no-such-org/no-such-model"], capsys, "not available offline", "huggingface-cli download"
+    )
 
 
 def test_demo_runs_the_toy_example_with_forwarded_arguments(tmp_path, capsys):
@@ -286,7 +240,9 @@ def test_demo_runs_the_toy_example_with_forwarded_arguments(tmp_path, capsys):
 
 
 def test_demo_without_the_example_file_fails_clearly(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(cli, "toy_example_path", lambda: tmp_path / "examples" / "toy_bandit.py")
+    import vgf_llm.cli.demo
+
+    monkeypatch.setattr(vgf_llm.cli.demo, "toy_example_path", lambda: tmp_path / "examples" / "toy_bandit.py")
     expect_error(["demo"], capsys, "source checkout")
 
 
@@ -315,9 +271,26 @@ def test_fit_value_defaults_to_the_ridge_value_model(tiny_lm_dir, prompts_file, 
     out_dir = tmp_path / "ridge"
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(REWARD_FUNCS, "cli_test_length", length_reward)
-        code = main(["fit-value", "--model", str(tiny_lm_dir), "--prompts", str(prompts_file), "--reward_funcs",
-                     "cli_test_length", "--ridge_layers", "1,2", "--num_generations", "4", "--max_new_tokens", "8",
-                     "--output", str(out_dir)])
+        code = main(
+            [
+                "fit-value",
+                "--model_name_or_path",
+                str(tiny_lm_dir),
+                "--prompts",
+                str(prompts_file),
+                "--reward_funcs",
+                "cli_test_length",
+                "--ridge_layers",
+                "1",
+                "2",
+                "--num_generations",
+                "4",
+                "--max_completion_length",
+                "8",
+                "--output",
+                str(out_dir),
+            ]
+        )
     assert code == 0
     stats = json.loads((out_dir / "stats.json").read_text())
     assert stats["fit_method"] == "ridge" and stats["method"] == "ridge" and stats["ridge_layers"] == [1, 2]
@@ -327,13 +300,6 @@ def test_fit_value_defaults_to_the_ridge_value_model(tiny_lm_dir, prompts_file, 
     # the saved model scores like the fitted one (it is what `generate --value_model` loads)
     model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir)
     assert ValueModel.load(model, out_dir).config.num_layers == stats["layer"]
-
-
-def test_fit_value_rejects_decode_consistent_copies_with_ridge(tiny_lm_dir, prompts_file, tmp_path, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(["fit-value", "--model", str(tiny_lm_dir), "--prompts", str(prompts_file), "--reward_funcs", "vader",
-              "--decode_consistent_copies", "1", "--output", str(tmp_path / "vm")])
-    assert exit_info.value.code == 2 and "--method lora" in capsys.readouterr().err
 
 
 def check_result_lines(lines, prompts, num_particles):
@@ -361,21 +327,21 @@ def test_generate_with_the_fitted_value_model(fitted, tiny_lm_dir, prompts_file,
     code, stdout, _ = run_cli(
         [
             "generate",
-            "--model",
+            "--model_name_or_path",
             tiny_lm_dir,
             "--prompts",
             prompts_file,
             "--num_prompts",
             "2",
-            "--value_model",
+            "--value_model_path",
             fitted[0],
-            "--num_particles",
+            "--num_generations",
             "4",
             "--transport_steps",
             "2",
-            "--max_new_tokens",
+            "--max_completion_length",
             "8",
-            "--batch_size",
+            "--generation_batch_size",
             "2",
             "--output",
             out,
@@ -394,19 +360,19 @@ def test_generate_with_zero_steps_is_best_of_n(fitted, tiny_lm_dir, prompts_file
     code, _, _ = run_cli(
         [
             "generate",
-            "--model",
+            "--model_name_or_path",
             tiny_lm_dir,
             "--prompts",
             prompts_file,
             "--num_prompts",
             "2",
-            "--value_model",
+            "--value_model_path",
             fitted[0],
-            "--num_particles",
+            "--num_generations",
             "4",
             "--transport_steps",
             "0",
-            "--max_new_tokens",
+            "--max_completion_length",
             "8",
             "--output",
             out,
@@ -428,19 +394,19 @@ def test_generate_with_a_reward_model_on_a_task_reports_the_true_reward(
     code, stdout, _ = run_cli(
         [
             "generate",
-            "--model",
+            "--model_name_or_path",
             tiny_lm_dir,
             "--task",
             "sentiment",
             "--num_prompts",
             "2",
-            "--reward_model",
+            "--reward_model_path",
             tiny_reward_model_dir,
-            "--num_particles",
+            "--num_generations",
             "4",
             "--transport_steps",
             "2",
-            "--max_new_tokens",
+            "--max_completion_length",
             "8",
             "--output",
             out,
@@ -466,11 +432,11 @@ def test_reward_model_with_another_vocabulary_fails_clearly(
     expect_error(
         [
             "generate",
-            "--model",
+            "--model_name_or_path",
             tiny_lm_dir,
             "--prompts",
             prompts_file,
-            "--reward_model",
+            "--reward_model_path",
             other_vocab_reward_model_dir,
             "--output",
             tmp_path / "o.jsonl",
@@ -482,10 +448,20 @@ def test_reward_model_with_another_vocabulary_fails_clearly(
 
 
 def test_generate_needs_exactly_one_scorer(tiny_lm_dir, tiny_reward_model_dir, prompts_file, tmp_path, capsys):
-    base = ["generate", "--model", tiny_lm_dir, "--prompts", prompts_file, "--output", tmp_path / "o.jsonl"]
-    expect_error(base, capsys, "--value_model", "--reward_model", "required")
+    base = [
+        "generate",
+        "--model_name_or_path",
+        tiny_lm_dir,
+        "--prompts",
+        prompts_file,
+        "--output",
+        tmp_path / "o.jsonl",
+    ]
+    expect_error(base, capsys, "exactly one scorer")
     expect_error(
-        base + ["--value_model", tmp_path, "--reward_model", tiny_reward_model_dir], capsys, "not allowed with"
+        base + ["--value_model_path", tmp_path, "--reward_model_path", tiny_reward_model_dir],
+        capsys,
+        "exactly one scorer",
     )
 
 
@@ -493,11 +469,11 @@ def test_a_folder_without_a_value_model_fails_clearly(tiny_lm_dir, prompts_file,
     expect_error(
         [
             "generate",
-            "--model",
+            "--model_name_or_path",
             tiny_lm_dir,
             "--prompts",
             prompts_file,
-            "--value_model",
+            "--value_model_path",
             tmp_path,
             "--output",
             tmp_path / "o.jsonl",
@@ -526,11 +502,11 @@ def test_a_value_model_of_another_base_model_fails_clearly(fitted, tokenizer, pr
     expect_error(
         [
             "generate",
-            "--model",
+            "--model_name_or_path",
             tmp_path / "narrow",
             "--prompts",
             prompts_file,
-            "--value_model",
+            "--value_model_path",
             fitted[0],
             "--output",
             tmp_path / "o.jsonl",
@@ -546,11 +522,11 @@ def test_missing_prompts_file_fails_clearly(tiny_lm_dir, tiny_reward_model_dir, 
     expect_error(
         [
             "generate",
-            "--model",
+            "--model_name_or_path",
             tiny_lm_dir,
             "--prompts",
             missing,
-            "--reward_model",
+            "--reward_model_path",
             tiny_reward_model_dir,
             "--output",
             tmp_path / "o.jsonl",
@@ -574,7 +550,17 @@ def test_bad_jsonl_line_is_reported_with_its_line_number(second_line, message, t
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "ok", "answer": "1"}) + "\n" + second_line + "\n")
     expect_error(
-        ["fit-value", "--model", tiny_lm_dir, "--prompts", bad, "--reward_funcs", "vader", "--output", tmp_path / "vm"],
+        [
+            "fit-value",
+            "--model_name_or_path",
+            tiny_lm_dir,
+            "--prompts",
+            bad,
+            "--reward_funcs",
+            "vader",
+            "--output",
+            tmp_path / "vm",
+        ],
         capsys,
         f"{bad}:2:",
         message,
@@ -585,7 +571,7 @@ def test_unknown_reward_name_fails_clearly(tiny_lm_dir, prompts_file, tmp_path, 
     expect_error(
         [
             "fit-value",
-            "--model",
+            "--model_name_or_path",
             tiny_lm_dir,
             "--prompts",
             prompts_file,
@@ -601,7 +587,7 @@ def test_unknown_reward_name_fails_clearly(tiny_lm_dir, prompts_file, tmp_path, 
 
 def test_fit_value_needs_a_reward_for_a_prompts_file(tiny_lm_dir, prompts_file, tmp_path, capsys):
     expect_error(
-        ["fit-value", "--model", tiny_lm_dir, "--prompts", prompts_file, "--output", tmp_path / "vm"],
+        ["fit-value", "--model_name_or_path", tiny_lm_dir, "--prompts", prompts_file, "--output", tmp_path / "vm"],
         capsys,
         "--reward_funcs",
     )
@@ -609,7 +595,7 @@ def test_fit_value_needs_a_reward_for_a_prompts_file(tiny_lm_dir, prompts_file, 
 
 def test_unknown_task_fails_clearly(tiny_lm_dir, tmp_path, capsys):
     expect_error(
-        ["fit-value", "--model", tiny_lm_dir, "--task", "no_such_task", "--output", tmp_path / "vm"],
+        ["fit-value", "--model_name_or_path", tiny_lm_dir, "--task", "no_such_task", "--output", tmp_path / "vm"],
         capsys,
         "no_such_task",
     )
@@ -619,7 +605,7 @@ def test_unavailable_model_fails_clearly(prompts_file, tmp_path, registered_rewa
     expect_error(
         [
             "fit-value",
-            "--model",
+            "--model_name_or_path",
             tmp_path / "missing-model",
             "--prompts",
             prompts_file,

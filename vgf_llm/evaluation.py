@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import torch
 
-from vgf_llm.rollout import HFGenerateBackend
-from vgf_llm.scorers import active_adapter
-from vgf_llm.value_fitting import reward_texts
+from vgf_llm.rewards import reward_texts
+from vgf_llm.rollout.hf import HFGenerateBackend
+from vgf_llm.value import active_adapter
 
 
 @torch.no_grad()

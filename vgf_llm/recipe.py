@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -78,13 +77,13 @@ def _local_split(name: str, split: str, size: int):
 
 
 def reward_functions(recipe: RecipeArguments) -> list:
-    from vgf_llm.rewards import get_reward_func
+    """The recipe's reward_funcs, else its task's own reward."""
     from vgf_llm.tasks import task_reward_names
 
     names = recipe.reward_funcs or (task_reward_names(recipe.task) if recipe.task else None)
     if not names:
         raise ValueError("set reward_funcs (no built-in task to take the reward from)")
-    return [n if os.path.isdir(str(n)) else get_reward_func(n) for n in names]
+    return names
 
 
 def peft_config_from(model_args):

@@ -413,3 +413,48 @@ def combine_rewards(
     sums = weighted.nansum(dim=1)
     total = [float(s) if ok else None for s, ok in zip(sums.tolist(), applicable.tolist(), strict=True)]
     return total, per_func
+
+
+def resolve_reward_funcs(specs, processing_classes=None) -> list:
+    """Reward functions from what a user passes, as TRL's GRPOTrainer takes them: a callable, a registered name,
+    ``pkg.module:function``, or a sequence-classification reward model (a model object or a local folder)."""
+    specs = list(specs) if isinstance(specs, (list, tuple)) else [specs]
+    if not specs:
+        raise ValueError("at least one reward function is needed")
+    processing_classes = processing_classes or [None] * len(specs)
+    out = []
+    for spec, tokenizer in zip(specs, processing_classes, strict=True):
+        if isinstance(spec, torch.nn.Module) or (isinstance(spec, (str, os.PathLike)) and os.path.isdir(spec)):
+            out.append(RewardModelReward(spec, tokenizer))
+        else:
+            out.append(get_reward_func(spec))
+    return out
+
+
+def as_completion(prompt, text: str):
+    """TRL's completion form matches the prompt's: a string, or an assistant message list."""
+    return text if isinstance(prompt, str) else [{"role": "assistant", "content": text}]
+
+
+def reward_texts_and_parts(reward_funcs, weights, rows: list[dict], texts: list[str],
+                           **extra) -> tuple[torch.Tensor, torch.Tensor]:
+    """True rewards of ``texts[i]`` for dataset row ``rows[i]`` (other columns and ``extra`` keywords such as
+    ``trainer_state`` forwarded, as TRL does): the total (NaN where None) and each function's [B, F] part."""
+    prompts = [r["prompt"] for r in rows]
+    columns = {k: [r[k] for r in rows] for k in rows[0] if k != "prompt"} if rows else {}
+    total, per_func = combine_rewards(reward_funcs, weights, prompts,
+                                      [as_completion(p, t) for p, t in zip(prompts, texts, strict=True)],
+                                      **columns, **extra)
+    return torch.tensor([float("nan") if v is None else v for v in total], dtype=torch.float32), per_func
+
+
+def reward_texts(reward_funcs, weights, rows: list[dict], texts: list[str]) -> torch.Tensor:
+    """True rewards of ``texts[i]`` for dataset row ``rows[i]`` (other columns forwarded); NaN where None."""
+    return reward_texts_and_parts(reward_funcs, weights, rows, texts)[0]
+
+
+def reward_rollouts(reward_funcs, weights, rows: list[dict], ro) -> torch.Tensor:
+    """[G, N] true rewards of every completion of ``ro`` (``Rollouts``) for its row of ``rows``."""
+    g, n, _ = ro.shape
+    flat_rows = [rows[i] for i in range(g) for _ in range(n)]
+    return reward_texts(reward_funcs, weights, flat_rows, [t for group in ro.texts for t in group]).view(g, n)

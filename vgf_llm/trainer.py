@@ -27,14 +27,14 @@ from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.trainer_utils import get_last_checkpoint
 
 from vgf_llm.config import VGFConfig
+from vgf_llm.distill import MIN_TARGET_WEIGHT, completion_logps, distill_weights, group_std, pad_cat
 from vgf_llm.evaluation import policy_rewards
-from vgf_llm.rewards import get_reward_func, reward_func_name
-from vgf_llm.rollout import HFGenerateBackend, Rollouts, tokens_changed
-from vgf_llm.sampler import TransportBudget, VGFSampler
-from vgf_llm.scorers import RewardModelScorer, ValueModel, ValueModelConfig, active_adapter, pearson
-from vgf_llm.value_fitting import reward_texts_and_parts
+from vgf_llm.rewards import resolve_reward_funcs, reward_func_name, reward_texts_and_parts
+from vgf_llm.rollout.hf import Rollouts, tokens_changed
+from vgf_llm.rollout.vllm_backend import make_rollout_backend
+from vgf_llm.sampler import VGFSampler
+from vgf_llm.value import RewardModelScorer, ValueModel, ValueModelConfig, active_adapter, pearson
 
-MIN_TARGET_WEIGHT = 1e-3  # targets below this weight within their group are dropped (and the rest renormalised)
 POLICY = "default"  # PEFT's name for a single adapter, so the saved folder loads with PeftModel.from_pretrained
 
 
@@ -55,45 +55,6 @@ def check_prompt_dataset(dataset, name: str) -> None:
                          f"prompt-only datasets); it has {columns}")
     if len(dataset) == 0:
         raise ValueError(f"the {name} is empty")
-
-
-def pad_cat(tensors: list[torch.Tensor], value, left: bool = False) -> torch.Tensor:
-    """Concatenate along dim 0 tensors whose dim 1 differs, padding on the left or the right."""
-    width = max(t.shape[1] for t in tensors)
-    pads = [(width - t.shape[1], 0) if left else (0, width - t.shape[1]) for t in tensors]
-    return torch.cat([torch.nn.functional.pad(t, pad, value=value) for t, pad in zip(tensors, pads, strict=True)])
-
-
-def group_std(rewards: torch.Tensor) -> torch.Tensor:
-    """[G] standard deviation of each group's finite rewards (0 for groups with fewer than two)."""
-    finite = torch.isfinite(rewards)
-    return torch.stack([rewards[i][finite[i]].std() if finite[i].sum() > 1 else torch.tensor(0.0)
-                        for i in range(rewards.shape[0])]).nan_to_num(0)
-
-
-def distill_weights(rewards: torch.Tensor, how: str, temperature: float) -> torch.Tensor:
-    """[G, K] target weights from true rewards (NaN = not a target), each group summing to 1 (or 0 if empty)."""
-    finite = torch.isfinite(rewards)
-    r = torch.where(finite, rewards, torch.full_like(rewards, -math.inf))
-    if how == "softmax":
-        w = torch.softmax(r / temperature, dim=-1)
-    elif how == "best":
-        w = torch.nn.functional.one_hot(r.argmax(-1), rewards.shape[-1]).to(rewards.dtype)
-    else:  # advantage: the part of the reward above the group mean
-        mean = torch.where(finite, rewards, 0).sum(-1, keepdim=True) / finite.sum(-1, keepdim=True).clamp_min(1)
-        w = torch.where(finite, (rewards - mean).clamp_min(0), 0)
-        w = w / w.sum(-1, keepdim=True).clamp_min(1e-12)
-    return torch.nan_to_num(torch.where(finite, w, 0), nan=0.0)
-
-
-def completion_logps(model, input_ids, attention_mask, completion_start: int) -> torch.Tensor:
-    """Per-token log-probabilities of ``input_ids[:, completion_start:]`` (prompts left-padded). Only the
-    completion's logits are computed (``logits_to_keep``): the vocabulary projection dominates small models."""
-    positions = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
-    width = input_ids.shape[1] - completion_start
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                   logits_to_keep=width + 1).logits[:, :-1].float()
-    return torch.log_softmax(logits, -1).gather(-1, input_ids[:, completion_start:, None]).squeeze(-1)
 
 
 class SyncPolicyWeights(TrainerCallback):
@@ -158,7 +119,7 @@ class VGFTrainer(Trainer):
         check_prompt_dataset(train_dataset, "train_dataset")
         check_prompt_dataset(eval_dataset, "eval_dataset")
 
-        self.reward_funcs = self._reward_functions(reward_funcs, reward_processing_classes)
+        self.reward_funcs = resolve_reward_funcs(reward_funcs, reward_processing_classes)
         self.reward_names = [reward_func_name(f) for f in self.reward_funcs]
         if args.reward_weights is not None and len(args.reward_weights) != len(self.reward_funcs):
             raise ValueError(f"{len(args.reward_weights)} reward_weights for {len(self.reward_funcs)} reward functions")
@@ -175,13 +136,7 @@ class VGFTrainer(Trainer):
         self.backend = rollout_backend or self._rollout_backend()
         if args.particle_source == "policy" and hasattr(self.backend, "sync_weights"):
             self.add_callback(SyncPolicyWeights(self))
-        self.sampler = VGFSampler(
-            model, processing_class, self.scorer, num_particles=args.num_generations,
-            budget=TransportBudget(args.transport_steps, args.transport_step_size, args.transport_alpha,
-                                   args.transport_step_rule, args.transport_radius, args.repulsion),
-            decoder=args.decoder, topk=args.decoder_topk, max_edits=args.max_edits,
-            max_new_tokens=args.max_completion_length, temperature=args.temperature, top_p=args.top_p,
-            top_k=args.top_k, batch_size=args.generation_batch_size, backend=self.backend, progress=False)
+        self.sampler = VGFSampler(model, processing_class, self.scorer, args, backend=self.backend, progress=False)
         self.value_buffer: deque = deque(maxlen=max(1, args.value_buffer_steps))
         self._metrics: dict[str, list[float]] = defaultdict(list)
         self._phase_seconds: dict[str, float] = {}
@@ -190,24 +145,6 @@ class VGFTrainer(Trainer):
         self._micro_step = (-1, 0)  # (global step, micro-batch index): seeds rollouts reproducibly across resumes
 
     # -- construction -------------------------------------------------------------------------------------------
-    @staticmethod
-    def _reward_functions(reward_funcs, processing_classes):
-        from vgf_llm.rewards import RewardModelReward
-
-        funcs = reward_funcs if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
-        if not funcs:
-            raise ValueError("at least one reward function is needed")
-        processing_classes = processing_classes or [None] * len(funcs)
-        out = []
-        for func, tok in zip(funcs, processing_classes, strict=True):
-            if isinstance(func, PreTrainedModel):
-                out.append(RewardModelReward(func, tok))
-            elif isinstance(func, (str, os.PathLike)) and (os.path.isdir(func)):
-                out.append(RewardModelReward(func, tok))
-            else:
-                out.append(get_reward_func(func))
-        return out
-
     @staticmethod
     def _scorer(model, args: VGFConfig, tokenizer):
         if args.scorer == "reward_model":
@@ -223,18 +160,12 @@ class VGFTrainer(Trainer):
 
     def _rollout_backend(self):
         a = self.args
-        if a.use_vllm:
-            from vgf_llm.vllm_backend import make_rollout_backend
-
-            return make_rollout_backend(self.model, self.processing_class, use_vllm=True, vllm_mode=a.vllm_mode,
-                                        max_new_tokens=a.max_completion_length, temperature=a.temperature,
-                                        top_p=a.top_p, top_k=a.top_k, batch_size=a.generation_batch_size,
-                                        gpu_memory_utilization=a.vllm_gpu_memory_utilization,
-                                        enable_sleep_mode=a.vllm_enable_sleep_mode, server_host=a.vllm_server_host,
-                                        server_port=a.vllm_server_port, server_timeout=a.vllm_server_timeout)
-        return HFGenerateBackend(self.model, self.processing_class, max_new_tokens=a.max_completion_length,
-                                 temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
-                                 batch_size=a.generation_batch_size)
+        vllm = dict(vllm_mode=a.vllm_mode, gpu_memory_utilization=a.vllm_gpu_memory_utilization,
+                    enable_sleep_mode=a.vllm_enable_sleep_mode, server_host=a.vllm_server_host,
+                    server_port=a.vllm_server_port, server_timeout=a.vllm_server_timeout) if a.use_vllm else {}
+        return make_rollout_backend(self.model, self.processing_class, use_vllm=a.use_vllm,
+                                    max_new_tokens=a.max_completion_length, temperature=a.temperature, top_p=a.top_p,
+                                    top_k=a.top_k, batch_size=a.generation_batch_size, **vllm)
 
     # -- one step -----------------------------------------------------------------------------------------------
     def _next_seed(self) -> int:
@@ -333,7 +264,7 @@ class VGFTrainer(Trainer):
                 self._update_value_model(ro, rewards)
         with self._timed("transport"):
             if args.transport_steps > 0:
-                new_ids, new_mask, disp = self.sampler.move(ro, seed)
+                new_ids, new_mask, disp = self.sampler.move(ro)
                 self._metrics["transport/nonfinite"].append(float(self.sampler.last_trace.nonfinite.sum()))
             else:
                 new_ids, new_mask, disp = ro.completion_ids, ro.completion_mask, torch.zeros(g, n)
@@ -356,9 +287,7 @@ class VGFTrainer(Trainer):
     def _update_value_model(self, ro: Rollouts, rewards: torch.Tensor) -> None:
         if not isinstance(self.scorer, ValueModel):
             return
-        g, n, _ = ro.shape
-        p_ids, p_mask = ro.prompt_ids.repeat_interleave(n, 0), ro.prompt_mask.repeat_interleave(n, 0)
-        c_ids, c_mask = ro.completion_ids.reshape(g * n, -1), ro.completion_mask.reshape(g * n, -1)
+        p_ids, p_mask, c_ids, c_mask = ro.flat()
         r = rewards.reshape(-1)
         pred = self.scorer.score_ids(p_ids, p_mask, c_ids, c_mask)
         ok = torch.isfinite(r)

@@ -1,4 +1,4 @@
-"""vLLM server mode: ``vgf-llm vllm-serve`` (the server) and ``VLLMClient`` (used by ``VLLMBackend``).
+"""vLLM server mode, the server side: ``vgf-llm vllm-serve`` (``VLLMClient`` in ``vllm_client.py`` talks to it).
 
 The server holds one ``LocalVLLMEngine`` and answers plain HTTP/JSON (standard library only, one request at a
 time, so the engine is never used concurrently):
@@ -20,24 +20,14 @@ import json
 import logging
 import os
 import shutil
-import sys
 import tempfile
 import threading
-import time
-import urllib.error
-import urllib.request
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
-
-import torch
 
 logger = logging.getLogger(__name__)
 
 _CHUNK = 1 << 20
-
-
-class VLLMServerError(RuntimeError):
-    """The server answered with an error, or could not be reached."""
 
 
 def make_handler(engine, server_state: dict):
@@ -117,10 +107,10 @@ def serve(model: str | os.PathLike, *, host: str = "127.0.0.1", port: int = 8000
           **engine_kwargs) -> None:
     """Start a ``LocalVLLMEngine`` on ``model`` and answer requests until ``/shutdown`` or Ctrl-C.
 
-    ``engine_kwargs`` go to ``vgf_llm.vllm_backend.engine_kwargs`` (dtype, gpu_memory_utilization,
+    ``engine_kwargs`` go to ``vgf_llm.rollout.vllm_engine.engine_kwargs`` (dtype, gpu_memory_utilization,
     kv_cache_memory_bytes, max_model_len, tensor_parallel_size, enforce_eager, enable_sleep_mode, seed).
     """
-    from vgf_llm.vllm_backend import LocalVLLMEngine
+    from vgf_llm.rollout.vllm_engine import LocalVLLMEngine
 
     engine = LocalVLLMEngine(model, **engine_kwargs)
     state = {"weights_dir": tempfile.mkdtemp(prefix="vgf_llm_vllm_server_")}
@@ -138,95 +128,3 @@ def serve(model: str | os.PathLike, *, host: str = "127.0.0.1", port: int = 8000
         server.server_close()
         engine.close()
         shutil.rmtree(state["weights_dir"], ignore_errors=True)
-
-
-class VLLMClient:
-    """HTTP client of ``vgf-llm vllm-serve``; the engine interface ``VLLMBackend`` uses in server mode."""
-
-    def __init__(self, base_url: str | None = None, *, host: str = "127.0.0.1", port: int = 8000,
-                 connection_timeout: float = 240.0, request_timeout: float | None = None,
-                 shared_weights_dir: str | os.PathLike | None = None):
-        self.base_url = (base_url or f"http://{host}:{port}").rstrip("/")
-        self.request_timeout = request_timeout
-        self.shared_weights_dir = Path(shared_weights_dir) if shared_weights_dir else None
-        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via an HTTP proxy
-        self.server_info = self.wait_for_server(connection_timeout)
-        self.dtype = self.server_info.get("dtype", "")
-
-    def _request(self, method: str, path: str, payload: dict | None = None, *, data: bytes | None = None,
-                 timeout: float | None = None) -> dict:
-        headers = {}
-        if payload is not None:
-            data = json.dumps(payload).encode()
-            headers["Content-Type"] = "application/json"
-        elif data is not None:
-            headers["Content-Type"] = "application/octet-stream"
-        request = urllib.request.Request(self.base_url + path, data=data, headers=headers, method=method)
-        try:
-            with self._opener.open(request, timeout=timeout or self.request_timeout) as response:
-                return json.loads(response.read() or b"{}")
-        except urllib.error.HTTPError as err:
-            detail = err.read().decode(errors="replace")
-            raise VLLMServerError(f"{method} {self.base_url}{path} failed ({err.code}): {detail}") from err
-
-    def wait_for_server(self, timeout: float = 240.0) -> dict:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                return self._request("GET", "/health", timeout=5)
-            except (urllib.error.URLError, ConnectionError, OSError) as err:
-                if time.monotonic() > deadline:
-                    raise VLLMServerError(
-                        f"no vLLM server answered at {self.base_url} within {timeout:.0f} s; start one with "
-                        f"`vgf-llm vllm-serve --model MODEL --host HOST --port PORT` ({err})"
-                    ) from err
-                time.sleep(1.0)
-
-    def health(self) -> dict:
-        return self._request("GET", "/health")
-
-    def generate(self, requests: list[dict]) -> list[list[dict]]:
-        return self._request("POST", "/generate", {"requests": requests})["outputs"]
-
-    def update_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
-        if self.shared_weights_dir is not None:
-            from safetensors.torch import save_file
-
-            folder = self.shared_weights_dir / f"weights-{os.getpid()}"
-            shutil.rmtree(folder, ignore_errors=True)
-            folder.mkdir(parents=True)
-            save_file(state_dict, str(folder / "model.safetensors"))
-            self._request("POST", "/load_weights_from_path", {"weights_path": str(folder)})
-            return
-        from safetensors.torch import save
-
-        self._request("POST", "/update_weights", data=save(state_dict))
-
-    def load_weights_from_path(self, weights_path: str | os.PathLike) -> None:
-        self._request("POST", "/load_weights_from_path", {"weights_path": str(weights_path)})
-
-    def reset_prefix_cache(self) -> None:
-        self._request("POST", "/reset_prefix_cache", {})
-
-    def sleep(self, level: int = 1) -> None:
-        self._request("POST", "/sleep", {"level": level})
-
-    def wake_up(self, tags: list[str] | None = None) -> None:
-        self._request("POST", "/wake_up", {"tags": tags})
-
-    def shutdown_server(self) -> None:
-        self._request("POST", "/shutdown", {})
-
-    def close(self) -> None:
-        """The client holds no connection; the server keeps running (``shutdown_server`` stops it)."""
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m vgf_llm.vllm_server ...`` = ``vgf-llm vllm-serve ...``."""
-    from vgf_llm.cli import main as cli_main
-
-    return cli_main(["vllm-serve", *(argv if argv is not None else sys.argv[1:])])
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,13 +1,13 @@
 """Rollouts: N completions per prompt from a causal LM, as padded token tensors grouped by prompt.
 
-The interface is one method, ``generate(prompts, num_generations, seed) -> Rollouts``, so that other backends
-(vLLM) can plug in. Prompts are chat-formatted text or message lists (TRL's conversational form).
+A backend is any object with ``generate(prompts, num_generations, seed) -> Rollouts`` (and ``sync_weights`` when
+it holds its own copy of the weights, as vLLM does). Prompts are chat-formatted text or message lists (TRL's
+conversational form).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 from tqdm.auto import tqdm
@@ -35,15 +35,18 @@ class Rollouts:
     def shape(self) -> tuple[int, int, int]:
         return tuple(self.completion_ids.shape)
 
+    def flat(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(prompt_ids, prompt_mask, completion_ids, completion_mask), one row per completion ([G * N, ...]; each
+        prompt repeated for its N completions): the layout scorers, rewards and the distillation take."""
+        g, n, t = self.shape
+        return (self.prompt_ids.repeat_interleave(n, 0), self.prompt_mask.repeat_interleave(n, 0),
+                self.completion_ids.reshape(g * n, t), self.completion_mask.reshape(g * n, t))
+
     def __getitem__(self, groups: slice) -> Rollouts:
         """A slice of prompts (groups), e.g. to process a large set of rollouts in chunks."""
         return Rollouts(self.prompt_ids[groups], self.prompt_mask[groups], self.completion_ids[groups],
                         self.completion_mask[groups], self.texts[groups],
                         None if self.logprobs is None else self.logprobs[groups])
-
-
-class RolloutBackend(Protocol):
-    def generate(self, prompts: list, num_generations: int, seed: int) -> Rollouts: ...
 
 
 def format_prompt(prompt, tokenizer) -> str:

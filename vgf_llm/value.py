@@ -2,7 +2,7 @@
 
 Both run on ``inputs_embeds`` so gradients reach the particles. Particles live in ``scorer.embedding_weight``:
 - ``ValueModel``: the frozen base backbone (optionally cut after ``num_layers``) with its own LoRA adapter and a
-  scalar head (an ensemble of heads if ``num_heads > 1``), fitted to true rewards of rollouts. It shares the
+  scalar head, fitted to true rewards of rollouts (``vgf_llm.value_fit``). It shares the
   policy's embedding table, so decoded tokens are policy tokens.
 - ``RewardModelScorer``: a sequence-classification reward model sharing the policy's vocabulary.
 """
@@ -92,22 +92,20 @@ class ValueModelConfig:
     lora_alpha: int = 16
     lora_dropout: float = 0.0
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
-    num_heads: int = 1  # > 1: an ensemble of heads, each fitted on its own bootstrap resample
-    aggregate: str = "mean"  # how ensemble heads combine into the value: "mean" or "min"
     pooling: str = "mean"  # response-state pooling: "mean" or "last"
     adapter_name: str = "value"
 
 
 class ValueModel(nn.Module):
-    """V(x, y): frozen base backbone + LoRA adapter ``adapter_name`` + linear head(s) on pooled response states."""
+    """V(x, y): frozen base backbone + LoRA adapter ``adapter_name`` + a linear head on pooled response states."""
 
     def __init__(self, model, config: ValueModelConfig | None = None):
         super().__init__()
         from peft import LoraConfig
 
         self.config = config = config or ValueModelConfig()
-        if config.aggregate not in ("mean", "min") or config.pooling not in ("mean", "last"):
-            raise ValueError(f"bad aggregate/pooling: {config.aggregate!r}/{config.pooling!r}")
+        if config.pooling not in ("mean", "last"):
+            raise ValueError(f"pooling must be 'mean' or 'last', got {config.pooling!r}")
         self.model = model  # not registered as a submodule: the value model owns only its adapter and head
         for p in model.parameters():
             p.requires_grad_(False)
@@ -122,7 +120,7 @@ class ValueModel(nn.Module):
         self._adapter_params = self.adapter_parameters()
         self._fitting = False
         hidden = model.config.hidden_size
-        self.head = nn.Linear(hidden, config.num_heads)
+        self.head = nn.Linear(hidden, 1)
         nn.init.normal_(self.head.weight, std=1.0 / math.sqrt(hidden))
         nn.init.zeros_(self.head.bias)
         self.head.to(model.device).requires_grad_(False)
@@ -135,8 +133,8 @@ class ValueModel(nn.Module):
         name = self.config.adapter_name
         return [p for n, p in self.model.named_parameters() if "lora_" in n and f".{name}." in n]
 
-    def heads(self, prompt_ids, prompt_mask, response_embeds, response_mask) -> torch.Tensor:
-        """[B, num_heads] raw head outputs."""
+    def score_embeds(self, prompt_ids, prompt_mask, response_embeds, response_mask) -> torch.Tensor:
+        """[B] values of responses given as embedding rows (differentiable in ``response_embeds``)."""
         inputs, mask, positions = join_inputs(self.embedding_weight, prompt_ids, prompt_mask,
                                               response_embeds, response_mask)
         decoder = self.model.get_decoder()
@@ -151,11 +149,7 @@ class ValueModel(nn.Module):
         else:
             last = (rmask.sum(1).long() - 1).clamp_min(0)
             pooled = states[torch.arange(states.shape[0]), last]
-        return self.head(pooled.to(self.head.weight.dtype))
-
-    def score_embeds(self, prompt_ids, prompt_mask, response_embeds, response_mask) -> torch.Tensor:
-        out = self.heads(prompt_ids, prompt_mask, response_embeds, response_mask)
-        return out.mean(-1) if self.config.aggregate == "mean" else out.min(-1).values
+        return self.head(pooled.to(self.head.weight.dtype))[:, 0]
 
     def score_ids(self, prompt_ids, prompt_mask, response_ids, response_mask, batch_size: int = 32) -> torch.Tensor:
         return score_token_ids(self, prompt_ids, prompt_mask, response_ids, response_mask, batch_size)
@@ -168,7 +162,7 @@ class ValueModel(nn.Module):
         Returns held-out figures (``val_loss_before/after``, ``val_corr``) so users see if the value model is any
         good before trusting its gradient. Base weights stay frozen; only the adapter and the head train.
         ``groups`` [B] (e.g. the prompt index of each sample): the held-out set is made of whole groups, so samples
-        of one prompt (or noisy copies of one response) never sit on both sides of the split.
+        of one prompt never sit on both sides of the split.
         """
         targets = torch.as_tensor(targets, dtype=torch.float32)
         keep = torch.isfinite(targets)
@@ -194,10 +188,9 @@ class ValueModel(nn.Module):
             r = responses[sel]
             return self.embedding_weight[r] if r.dtype == torch.long else r
 
-        def loss_on(sel, weights=None):
-            pred = self.heads(prompt_ids[sel], prompt_mask[sel], rows(sel), response_mask[sel])
-            err = (pred - targets[sel, None].to(pred.device)) ** 2
-            return (err * weights).sum() / weights.sum().clamp_min(1) if weights is not None else err.mean()
+        def loss_on(sel):
+            pred = self.score_embeds(prompt_ids[sel], prompt_mask[sel], rows(sel), response_mask[sel])
+            return ((pred - targets[sel].to(pred.device)) ** 2).mean()
 
         def evaluate(sel):
             with torch.no_grad():
@@ -211,9 +204,6 @@ class ValueModel(nn.Module):
             p.requires_grad_(True)
         self._fitting = True
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-        # bootstrap weights per (sample, head): heads of an ensemble see different resamples
-        boot = (torch.distributions.Poisson(1.0).sample((len(targets), self.config.num_heads))
-                if self.config.num_heads > 1 else torch.ones(len(targets), 1))
         losses = []
         bar = tqdm(total=epochs * math.ceil(len(train) / batch_size), desc="value fit", disable=not progress,
                    leave=False)
@@ -221,7 +211,7 @@ class ValueModel(nn.Module):
         with active_adapter(self.model, self.config.adapter_name):
             for _ in range(epochs):
                 for b in train[torch.randperm(len(train), generator=gen)].split(batch_size):
-                    loss = loss_on(b, boot[b].to(self.head.weight.device))
+                    loss = loss_on(b)
                     opt.zero_grad()
                     loss.backward()
                     opt.step()
@@ -255,7 +245,11 @@ class ValueModel(nn.Module):
         path = Path(path)
         if not (path / "value_model.json").exists():
             raise FileNotFoundError(f"{path} holds no value model (value_model.json missing)")
-        vm = cls(model, ValueModelConfig(**json.loads((path / "value_model.json").read_text())))
+        saved = json.loads((path / "value_model.json").read_text())
+        if saved.pop("num_heads", 1) != 1:  # ensembles were retired (docs/benchmarks.md, tag variants-2026-11)
+            raise ValueError(f"{path} holds an ensemble value model, which this version no longer reads")
+        saved.pop("aggregate", None)
+        vm = cls(model, ValueModelConfig(**saved))
         vm.load_weights(path)
         return vm
 

@@ -1,0 +1,189 @@
+"""Particle spaces (vgf_llm.spaces): lift, gradient and decoding of embedding-row and soft-token particles."""
+
+import pytest
+import torch
+
+from vgf_llm.rollout.hf import HFGenerateBackend
+from vgf_llm.sampler import SamplerConfig
+from vgf_llm.spaces import (
+    SPACES,
+    GainEdits,
+    ReferenceTokens,
+    SoftTokens,
+    VerifiedEdits,
+    make_space,
+    movable_mask,
+    special_token_ids,
+)
+from vgf_llm.value import ValueModel, ValueModelConfig
+
+PROMPTS = [[{"role": "user", "content": "What is 3 + 4?"}], [{"role": "user", "content": "Say something nice."}],
+           [{"role": "user", "content": "What is 2 + 2?"}]]
+
+
+@pytest.fixture
+def rollouts(tiny_lm, tokenizer):
+    return HFGenerateBackend(tiny_lm, tokenizer, max_new_tokens=12, batch_size=2).generate(PROMPTS, 4, seed=3)
+
+
+class TokenCountScorer:
+    """A scorer with a known value: the number of "favourite" tokens in the response (the ``score_ids`` contract of
+    ``ValueModel``/``RewardModelScorer``), on the model's own embedding table."""
+
+    def __init__(self, model, favourite: torch.Tensor):
+        self.embedding_weight = model.get_input_embeddings().weight
+        self.favourite = favourite
+        self.calls = []
+
+    def score_ids(self, prompt_ids, prompt_mask, ids, mask):
+        self.calls.append(len(ids))
+        return (self.favourite[ids] * mask).sum(-1).float()
+
+
+def test_special_tokens_and_padding_never_move(tokenizer, rollouts):
+    special = special_token_ids(tokenizer)
+    movable = movable_mask(rollouts.completion_ids, rollouts.completion_mask, special)
+    is_special = torch.isin(rollouts.completion_ids, torch.tensor(sorted(special)))
+    assert not movable[is_special].any() and not movable[rollouts.completion_mask == 0].any()
+    assert movable.sum() > 0
+
+
+def test_reference_reads_the_table_when_decoding_and_refuses_a_sharded_one(tiny_lm):
+    """The trainer builds spaces before DeepSpeed ZeRO-3 gathers the embedding table, so they read it at decode
+    time; outside a gather the table is an empty shard (DeepSpeed keeps the real shape in ``ds_shape``)."""
+    table = torch.nn.Parameter(torch.zeros(6, 3), requires_grad=False)
+    table.ds_shape, table.ds_id = torch.Size([6, 3]), 0  # as a ZeRO-3 parameter
+    table.data = torch.empty(0)  # sharded at construction
+    reference = ReferenceTokens(tiny_lm, table, exclude_ids=[5], k=2)
+    assert reference.allowed.tolist() == [True] * 5 + [False]
+    with pytest.raises(RuntimeError, match="sharded"):
+        _ = reference.table
+    table.data = torch.eye(6, 3) * 2  # inside a gather
+    assert torch.equal(reference.table, torch.eye(6, 3) * 2)
+
+
+def test_reference_candidates_put_the_original_first_and_never_propose_specials(tiny_lm, tokenizer, rollouts):
+    special = special_token_ids(tokenizer)
+    reference = ReferenceTokens(tiny_lm, tiny_lm.get_input_embeddings().weight, exclude_ids=special, k=5)
+    p_ids, p_mask, ids, _ = rollouts.flat()
+    cand = reference.candidates(ids, p_ids, p_mask, batch_size=5)
+    assert cand.shape == (*ids.shape, 5) and torch.equal(cand[..., 0], ids)
+    assert all(len(set(row.tolist())) == 5 for row in cand.reshape(-1, 5))  # no candidate twice
+    assert not torch.isin(cand[..., 1:], torch.tensor(sorted(special))).any()
+    # the top-k are the reference's most likely next tokens, from one teacher-forced pass
+    full = torch.cat([rollouts.prompt_ids[0], ids[0]])[None]
+    mask = torch.cat([rollouts.prompt_mask[0], torch.ones_like(ids[0])])[None]
+    logits = tiny_lm(input_ids=full, attention_mask=mask,
+                     position_ids=(mask.cumsum(-1) - 1).clamp_min(0)).logits[0, rollouts.prompt_ids.shape[1] - 1]
+    logits[sorted(special)] = -float("inf")
+    assert set(reference.topk(ids[:1], p_ids[:1], p_mask[:1])[0, 0].tolist()) == set(logits.topk(5).indices.tolist())
+
+
+def test_make_space_builds_every_named_space_from_a_config(tiny_lm, tokenizer):
+    vm = ValueModel(tiny_lm, ValueModelConfig(lora_r=4))
+    for name, cls in SPACES.items():
+        space = make_space(name, tiny_lm, tokenizer, vm, SamplerConfig(decoder=name, decoder_topk=3, max_edits=2))
+        assert isinstance(space, cls) and space.max_edits == 2 and space.reference.k == 3
+    with pytest.raises(ValueError, match="choose one of"):
+        make_space("nearest", tiny_lm, tokenizer, vm, SamplerConfig())
+
+
+def test_embedding_rows_lift_to_the_scorers_rows_and_take_its_gradient(tiny_lm, tokenizer, rollouts):
+    vm = ValueModel(tiny_lm, ValueModelConfig(lora_r=4))
+    with torch.no_grad():
+        vm.head.weight.normal_()
+    space = GainEdits(tiny_lm, vm, exclude_ids=special_token_ids(tokenizer))
+    particles = space.lift(rollouts)
+    weight = tiny_lm.get_input_embeddings().weight.detach()
+    assert torch.equal(particles.start, weight[rollouts.completion_ids])
+    values, grad = space.grad(particles, particles.start)
+    p_ids, p_mask, ids, mask = rollouts.flat()
+    torch.testing.assert_close(values.reshape(-1), vm.score_ids(p_ids, p_mask, ids, mask))
+    assert grad.shape == particles.start.shape and torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+def test_gain_edits_follow_the_move_towards_a_reference_candidate(tiny_lm, tokenizer, rollouts):
+    special = special_token_ids(tokenizer)
+    vm = ValueModel(tiny_lm, ValueModelConfig(lora_r=4))
+    space = GainEdits(tiny_lm, vm, exclude_ids=special, topk=4, max_edits=1)
+    particles = space.lift(rollouts)
+    ids, movable, start = rollouts.completion_ids, particles.mask, particles.start
+    weight = tiny_lm.get_input_embeddings().weight.detach()
+    assert torch.equal(space.decode(particles, start)[0], ids)  # no move, no edit
+    # point one row of particle (0, 0) exactly at one of the reference's top-k candidates for that position
+    pos = int(movable[0, 0].nonzero()[0])
+    p_ids, p_mask, flat_ids, _ = rollouts.flat()
+    top = space.reference.topk(flat_ids[:1], p_ids[:1], p_mask[:1])[0, pos]
+    target = int(next(c for c in top if c != ids[0, 0, pos]))
+    moved = start.clone()
+    moved[0, 0, pos] += 5 * (weight[target] - weight[ids[0, 0, pos]])
+    new, mask = space.decode(particles, moved)
+    assert new[0, 0, pos] == target and int((new != ids).sum()) == 1 and torch.equal(mask, rollouts.completion_mask)
+    # random moves: at most max_edits tokens per response change, never a special or padding position
+    noisy = start + torch.randn_like(start) * movable[..., None]
+    for k in (1, 3):
+        new, _ = GainEdits(tiny_lm, vm, exclude_ids=special, topk=4, max_edits=k).decode(particles, noisy)
+        assert ((new != ids).sum(-1) <= k).all() and (new != ids).any()
+        assert torch.equal(new[movable == 0], ids[movable == 0])
+
+
+def test_verified_edits_only_keep_swaps_that_really_raise_the_value(tiny_lm, tokenizer, rollouts):
+    special = special_token_ids(tokenizer)
+    vocab = tiny_lm.get_input_embeddings().weight.shape[0]
+    favourite = torch.zeros(vocab)
+    favourite[torch.randperm(vocab, generator=torch.Generator().manual_seed(1))[:150]] = 1.0
+    scorer = TokenCountScorer(tiny_lm, favourite)
+
+    def space(**kw):
+        return VerifiedEdits(tiny_lm, scorer, exclude_ids=special, **{"topk": 8, "max_edits": 3, "candidates": 6,
+                                                                        "top": None, **kw})
+
+    particles = space().lift(rollouts)
+    ids, cmask, movable, start = rollouts.completion_ids, rollouts.completion_mask, particles.mask, particles.start
+    noisy = start + 3 * torch.randn_like(start) * movable[..., None]
+    dec = space()
+    new, _ = dec.decode(particles, noisy)
+    before = scorer.score_ids(None, None, ids.flatten(0, 1), cmask.flatten(0, 1))
+    after = scorer.score_ids(None, None, new.flatten(0, 1), cmask.flatten(0, 1))
+    assert (after >= before).all() and (after > before).any()  # never worse, sometimes better
+    changed = (new != ids).sum(-1).flatten()
+    assert (changed <= 3).all() and ((after - before) == changed).all()  # every kept swap gained exactly one
+    assert torch.equal(new[movable == 0], ids[movable == 0])
+    assert dec.last_stats["evaluated"] <= 6 * 3 * ids.shape[0] * ids.shape[1]
+    torch.testing.assert_close(dec.last_stats["value_after"].flatten(), after)
+    # a margin no swap can clear, or no movement at all: nothing changes
+    assert torch.equal(space(margin=1.5).decode(particles, noisy)[0], ids)
+    assert torch.equal(dec.decode(particles, start)[0], ids)
+    # top=1: only the best original of each prompt may be edited
+    new1, _ = space(top=1).decode(particles, noisy)
+    assert ((new1 != ids).any(-1).sum(-1) <= 1).all()
+
+
+def test_soft_tokens_mix_reference_candidates_and_decode_the_winners(tiny_lm, tokenizer, rollouts):
+    special = special_token_ids(tokenizer)
+    vm = ValueModel(tiny_lm, ValueModelConfig(lora_r=4))
+    space = SoftTokens(tiny_lm, vm, exclude_ids=special, topk=5, max_edits=1, init_margin=6.0)
+    particles = space.lift(rollouts)
+    ids, movable, cand = rollouts.completion_ids, particles.mask, particles.state["candidates"]
+    assert cand.shape == (*ids.shape, 5) and torch.equal(cand[..., 0], ids) and particles.start.shape == cand.shape
+    table = tiny_lm.get_input_embeddings().weight.detach()
+    # the start rows sit next to the original tokens: nearer to them than to any other candidate
+    dist = (space.rows(particles.start, particles)[..., None, :] - table[cand]).norm(dim=-1)
+    assert (dist.argmin(-1) == 0).all()
+    # gradients reach the logits through the mixture: the candidate most aligned with the objective gains most
+    z = particles.start.clone().requires_grad_(True)
+    direction = torch.randn(table.shape[1])
+    (space.rows(z, particles) @ direction).sum().backward()
+    assert torch.equal(z.grad[..., 1:].argmax(-1), (table[cand] @ direction)[..., 1:].argmax(-1))
+    # decoding: where a candidate overtook the original, the largest margin per response wins (max_edits=1)
+    z = particles.start.clone()
+    assert torch.equal(space.decode(particles, z)[0], ids)  # nothing overtaken: nothing changes
+    pos = movable[0, 0].nonzero().squeeze(1)[:2].tolist()
+    z[0, 0, pos[0], 2], z[0, 0, pos[1], 3] = 1.0, 2.0
+    got, _ = space.decode(particles, z)
+    assert got[0, 0, pos[1]] == cand[0, 0, pos[1], 3] and got[0, 0, pos[0]] == ids[0, 0, pos[0]]
+    assert (got != ids).sum() == 1
+    z[..., 1] = 9.0  # every position overtaken, but padding and special tokens never change
+    got, _ = space.decode(particles, z)
+    assert torch.equal(got[~movable.bool()], ids[~movable.bool()])
+    assert space.repulsion is False  # logits of two particles index different candidate sets

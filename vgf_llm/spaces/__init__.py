@@ -1,0 +1,34 @@
+"""Particle spaces: where VGF's particles live, how the scorer's gradient reaches them, how they become tokens.
+
+One interface (``base.ParticleSpace``), one file per space:
+
+    lift(rollouts) -> Particles            the flow's start and the positions that may move
+    grad(particles, u) -> (values, grad)   the scorer's value and its gradient in this space
+    decode(particles, moved) -> (ids, mask) tokens again
+
+``SPACES`` maps the names that ``decoder=`` takes (``SamplerConfig``, ``VGFConfig``, ``vgf-llm generate``) to
+them; a new space is a new file and one entry here. The variants that lost in docs/benchmarks.md (nearest-token
+and reference top-k projection, re-generation, a fluency prior) are in git tag ``variants-2026-11``.
+"""
+
+from __future__ import annotations
+
+from vgf_llm.spaces.base import Particles, ParticleSpace, value_and_grad
+from vgf_llm.spaces.reference import ReferenceTokens, movable_mask, special_token_ids
+from vgf_llm.spaces.soft_tokens import SoftTokens
+from vgf_llm.spaces.token_edits import GainEdits, VerifiedEdits
+
+SPACES = {"verified": VerifiedEdits, "reference_gain": GainEdits, "soft_topk": SoftTokens}
+DECODERS = tuple(SPACES)
+
+
+def make_space(name: str, model, tokenizer, scorer, config) -> ParticleSpace:
+    """The particle space called ``name``, built from a ``SamplerConfig``/``VGFConfig`` (``decoder_topk``,
+    ``max_edits``, ``verify_*``) on the scorer's embedding table; special tokens never move."""
+    if name not in SPACES:
+        raise ValueError(f"decoder={name!r}; choose one of {DECODERS}")
+    return SPACES[name].from_config(model, scorer, special_token_ids(tokenizer), config)
+
+
+__all__ = ["DECODERS", "SPACES", "GainEdits", "ParticleSpace", "Particles", "ReferenceTokens", "SoftTokens",
+           "VerifiedEdits", "make_space", "movable_mask", "special_token_ids", "value_and_grad"]
