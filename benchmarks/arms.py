@@ -62,11 +62,17 @@ class ArmSettings:
     lora_alpha: int = 32
     temperature: float = 1.0
     seed: int = 0
-    # VGF only (recipes/quickstart.yaml's values)
+    # VGF only (recipes/quickstart.yaml's values; VGFConfig's own defaults differ, so every one is passed)
     transport_steps: int = 2
     transport_step_size: float = 0.05
+    transport_alpha: float = 1.0
     decoder: str = "reference_gain"
+    decoder_topk: int = 8
     max_edits: int = 3
+    # decoder="verified" only: what the trainer used before these were VGFConfig fields (every original edited,
+    # 8 checked swaps per round), not VGFConfig's test-time defaults (verify_top=1, verify_candidates=4)
+    verify_top: int | None = None
+    verify_candidates: int = 8
     value_num_layers: int | None = 4
     value_epochs: int = 1
     value_buffer_steps: int = 2
@@ -80,7 +86,7 @@ class ArmSettings:
 
 def add_shared_arguments(p, d: ArmSettings) -> None:
     """The options ``speed.py`` and ``train.py`` share, with ``ArmSettings``' defaults."""
-    from vgf_llm.decoding import DECODERS
+    from vgf_llm.spaces import DECODERS
 
     p.add_argument("--model", default=d.model)
     p.add_argument("--task", default=d.task)
@@ -152,7 +158,9 @@ def vgf_trainer(s: ArmSettings, arm: str, output_dir: str, dataset=None, steps: 
         num_generations=s.generations, generation_batch_size=s.prompts, max_completion_length=s.max_completion_length,
         temperature=s.temperature, learning_rate=s.learning_rate, lr_scheduler_type="constant",
         transport_steps=s.transport_steps if arm == "vgf" else 0, transport_step_size=s.transport_step_size,
-        decoder=s.decoder, max_edits=s.max_edits, value_num_layers=s.value_num_layers, value_epochs=s.value_epochs,
+        transport_alpha=s.transport_alpha, decoder=s.decoder, decoder_topk=s.decoder_topk, max_edits=s.max_edits,
+        verify_top=s.verify_top, verify_candidates=s.verify_candidates,
+        value_num_layers=s.value_num_layers, value_epochs=s.value_epochs,
         value_buffer_steps=s.value_buffer_steps,
         logging_steps=1, save_strategy="no", report_to="none", use_cpu=use_cpu(), seed=s.seed,
         disable_tqdm=True, **s.extra)

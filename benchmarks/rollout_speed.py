@@ -72,8 +72,8 @@ def main() -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from vgf_llm.models import prepare_model
-    from vgf_llm.rollout import HFGenerateBackend
-    from vgf_llm.vllm_backend import VLLMBackend
+    from vgf_llm.rollout.hf import HFGenerateBackend
+    from vgf_llm.rollout.vllm_backend import VLLMBackend
 
     torch.set_num_threads(args.threads)
     path = prepare_model(args.model)

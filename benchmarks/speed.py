@@ -96,7 +96,7 @@ def time_grpo(s: arms.ArmSettings, warmup: int, steps: int, threads: int) -> dic
 def time_rollout(s: arms.ArmSettings, repeats: int, threads: int) -> dict:
     """Tokens/s of ``HFGenerateBackend`` on the base model: prompts x generations per call, like one step."""
     arms.set_threads(threads)
-    from vgf_llm.rollout import HFGenerateBackend
+    from vgf_llm.rollout.hf import HFGenerateBackend
 
     model, tok = arms.base_model(s)
     model.eval()

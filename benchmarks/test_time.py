@@ -3,22 +3,25 @@
 SmolLM2-135M-Instruct (offline), two kinds of task: exact-answer math (reasoning-gym chain_sum, 1 digit, 2 terms)
 and a smooth preference-style reward (VADER positivity of "Write one sentence about <topic>."). Per task:
 1. reference rollouts on train prompts with their true rewards (drawn once, cached under ``--cache``), and the
-   value models fitted to them: by default ``ridge`` (frozen backbone cut at a cross-validated layer + a
-   closed-form linear head; held-out correlation by prompt), or the LoRA ``plain`` / decode-consistent / ensemble
-   models (only those the variants need);
+   selector's value model fitted to them: by default ``ridge`` (frozen backbone cut at a cross-validated layer + a
+   closed-form linear head; held-out correlation by prompt), or the LoRA ``plain`` model (``--selector plain``);
 2. per seed: 2N reference samples per held-out prompt (cached; the first N are the particles), shared by every
    arm; arms are a single sample, best-of-n (``--bon_sizes``, default 4, 8, 16) with the value-model selector, VGF
-   variants with the *same* selector, and for each VGF variant best-of-n at the same wall-clock per prompt
-   (sampling is re-timed in this run, ``--retime_prompts``, so both sides are timed under the same load). Each
-   arm also gets its paired per-seed difference to best-of-N.
+   variants with the *same* selector (it also gives their gradient), and for each VGF variant best-of-n at the same
+   wall-clock per prompt (sampling is re-timed in this run, ``--retime_prompts``, so both sides are timed under the
+   same load). Each arm also gets its paired per-seed difference to best-of-N.
+Every VGF variant selects among the originals and the transported particles (``SamplerConfig.union_margin``).
 Prints a table and writes JSON + Markdown (``--write_docs`` puts it in docs/benchmarks.md; ``--render`` merges
-result files of runs over the same cache).
+result files of runs over the same cache, including runs of variants retired since: it only reads their JSON).
 
     python benchmarks/test_time.py --threads 1           # defaults, ~20 min per task on 2 busy CPU cores
     python benchmarks/test_time.py --variants all        # every variant (much longer)
     # the recorded run 4 (docs/benchmarks.md), one task at a time:
     python benchmarks/test_time.py --tasks sentiment --threads 1 --num_train_prompts 128 --num_test_prompts 24 \
         --ridge_layers 4,8,12,16,20,24,30 --variants verified3-top2-c4-b1+union,verified5-top1-c4-b1+union
+
+The variants that lost (nearest-token and reference top-k projection decoding, re-generation, a fluency prior,
+decode-consistent and ensemble value models) were retired; their code is in git tag ``variants-2026-11``.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import platform
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -38,119 +41,101 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from vgf_llm.models import load_model, load_tokenizer  # noqa: E402
-from vgf_llm.rewards import get_reward_func  # noqa: E402
-from vgf_llm.rollout import HFGenerateBackend, Rollouts  # noqa: E402
-from vgf_llm.sampler import TransportBudget, VGFSampler  # noqa: E402
-from vgf_llm.scorers import ValueModel, ValueModelConfig, active_adapter  # noqa: E402
+from vgf_llm.rewards import get_reward_func, reward_rollouts, reward_texts  # noqa: E402
+from vgf_llm.rollout.hf import HFGenerateBackend, Rollouts  # noqa: E402
+from vgf_llm.sampler import SamplerConfig, VGFSampler  # noqa: E402
 from vgf_llm.tasks import task_dataset, task_reward_names  # noqa: E402
-from vgf_llm.value_fitting import fit_value_model, reward_rollouts, reward_texts  # noqa: E402
+from vgf_llm.value import ValueModel, ValueModelConfig, active_adapter  # noqa: E402
+from vgf_llm.value_fit import fit_value_model  # noqa: E402
 
 
 @dataclass
 class Variant:
-    """One VGF arm: which value model gives the gradient, how particles decode, how the result is selected."""
+    """One VGF arm: the transport budget (``steps`` Adam steps of size ``step_size``), the particle space / decoder
+    and how the result is selected. The selector's value model gives the gradient of every variant."""
 
     name: str
-    scorer: str = "plain"  # plain | dc (decode-consistent) | ensemble
-    budget: TransportBudget = field(default_factory=lambda: TransportBudget(steps=4, step_size=0.02))
-    decoder: str = "nearest"
-    regenerate: bool = False
-    selection: str = "final"
-    fluency_weight: float = 0.0
-    # reference top-k candidates from one pass over the original response (exact for the first edit, which is
-    # all re-generation keeps; an approximation after it otherwise): ~T times cheaper than sequential decoding
-    sequential: bool = False
-    max_edits: int = 1  # for decoder="reference_gain" / "verified" (rounds)
+    steps: int = 8
+    step_size: float = 0.05
+    decoder: str = "verified"  # verified | reference_gain | soft_topk (vgf_llm.spaces)
+    max_edits: int = 1  # edits per particle (reference_gain, soft_topk) / rounds of checked edits (verified)
     verify_candidates: int = 8  # decoder="verified": exact value checks per response and round
     verify_top: int | None = None  # decoder="verified": only the best originals of each prompt are edited
-    union_margin: float = 0.0  # selection="union": a moved particle must beat the best original by this much
+    union_margin: float = 0.0  # a moved particle must beat the best original by this much
     # control: "random_direction" replaces each row's transport displacement by a random vector of the same norm
     # before decoding (does the value gradient's direction matter, or only the exact value checks?)
     control: str = ""
 
+    def sampler_config(self, args) -> SamplerConfig:
+        return SamplerConfig(
+            num_generations=args.num_particles, max_completion_length=args.max_new_tokens,
+            temperature=args.temperature, generation_batch_size=args.batch_size, transport_steps=self.steps,
+            transport_step_size=self.step_size, transport_alpha=1.0, decoder=self.decoder, decoder_topk=8,
+            max_edits=self.max_edits, verify_top=self.verify_top, verify_candidates=self.verify_candidates,
+            union_margin=self.union_margin)
+
 
 def B(steps, eps):  # noqa: N802 - a budget literal
-    return TransportBudget(steps=steps, step_size=eps, alpha=1.0, step_rule="adam")
+    return dict(steps=steps, step_size=eps)
 
 
 VARIANTS = {
     v.name: v for v in [
-        # the prototype's plain design: nearest-token decoding (small budgets change nothing, large ones garble)
-        Variant("plain", budget=B(4, 0.02)),
-        Variant("plain-large", budget=B(8, 0.05)),
-        # reference top-k decoding keeps edits on the reference's support, so it can use larger budgets
-        Variant("ref_topk", decoder="reference_topk", budget=B(8, 0.05)),
-        Variant("ref_topk+union", decoder="reference_topk", selection="union", budget=B(8, 0.05)),
-        Variant("ref_topk+union-xl", decoder="reference_topk", selection="union", budget=B(8, 0.1)),
-        Variant("ref_topk+regen", decoder="reference_topk", regenerate=True, budget=B(8, 0.05)),
-        Variant("ref_topk+regen+union", decoder="reference_topk", regenerate=True, selection="union",
-                budget=B(8, 0.05)),
-        Variant("dc+ref_topk+union", scorer="dc", decoder="reference_topk", selection="union", budget=B(8, 0.05)),
-        Variant("ensemble+ref_topk+union", scorer="ensemble", decoder="reference_topk", selection="union",
-                budget=B(8, 0.05)),
-        Variant("fluency+ref_topk+union", decoder="reference_topk", selection="union", fluency_weight=1.0,
-                budget=B(8, 0.05)),
         # first-order value gain of reference top-k swaps along the displacement (HotFlip-style), capped edits
-        Variant("gain1+union", decoder="reference_gain", selection="union", budget=B(8, 0.05)),
-        Variant("gain3+union", decoder="reference_gain", selection="union", max_edits=3, budget=B(8, 0.05)),
+        Variant("gain1+union", decoder="reference_gain", **B(8, 0.05)),
+        Variant("gain3+union", decoder="reference_gain", max_edits=3, **B(8, 0.05)),
         # verified edits: the transport proposes reference top-k swaps, exact value passes accept them
-        Variant("verified3+union", decoder="verified", selection="union", max_edits=3, budget=B(8, 0.05)),
-        Variant("verified3-b2+union", decoder="verified", selection="union", max_edits=3, budget=B(2, 0.05)),
-        Variant("verified3-top3+union", decoder="verified", selection="union", max_edits=3, verify_top=3,
-                budget=B(2, 0.05)),
-        Variant("verified5-top2+union", decoder="verified", selection="union", max_edits=5, verify_top=2,
-                budget=B(2, 0.05)),
-        Variant("verified3-top2-c4-b1+union", decoder="verified", selection="union", max_edits=3, verify_top=2,
-                verify_candidates=4, budget=B(1, 0.05)),
-        Variant("verified5-top1-c4-b1+union", decoder="verified", selection="union", max_edits=5, verify_top=1,
-                verify_candidates=4, budget=B(1, 0.05)),
+        Variant("verified3+union", decoder="verified", max_edits=3, **B(8, 0.05)),
+        Variant("verified3-b2+union", decoder="verified", max_edits=3, **B(2, 0.05)),
+        Variant("verified3-top3+union", decoder="verified", max_edits=3, verify_top=3, **B(2, 0.05)),
+        Variant("verified5-top2+union", decoder="verified", max_edits=5, verify_top=2, **B(2, 0.05)),
+        Variant("verified3-top2-c4-b1+union", decoder="verified", max_edits=3, verify_top=2, verify_candidates=4,
+                **B(1, 0.05)),
+        Variant("verified5-top1-c4-b1+union", decoder="verified", max_edits=5, verify_top=1, verify_candidates=4,
+                **B(1, 0.05)),
         # the same at other transport budgets (steps x Adam step size), for the budget sweep
-        Variant("verified5-top1-c4-b3+union", decoder="verified", selection="union", max_edits=5, verify_top=1,
-                verify_candidates=4, budget=B(3, 0.05)),
-        Variant("verified5-top1-c4-b1x0.2+union", decoder="verified", selection="union", max_edits=5, verify_top=1,
-                verify_candidates=4, budget=B(1, 0.2)),
-        Variant("verified5-top1-c4-b1+union-m0.05", decoder="verified", selection="union", max_edits=5,
-                verify_top=1, verify_candidates=4, union_margin=0.05, budget=B(1, 0.05)),
-        Variant("verified5-top1-c4-b1+union-random", decoder="verified", selection="union", max_edits=5,
-                verify_top=1, verify_candidates=4, budget=B(1, 0.05), control="random_direction"),
-        Variant("verified3-top2-c4-b1+union-m0.05", decoder="verified", selection="union", max_edits=3,
-                verify_top=2, verify_candidates=4, union_margin=0.05, budget=B(1, 0.05)),
-        Variant("verified3-b2+union-m0.05", decoder="verified", selection="union", max_edits=3, union_margin=0.05,
-                budget=B(2, 0.05)),
-        Variant("gain3+union-m0.05", decoder="reference_gain", selection="union", max_edits=3, union_margin=0.05,
-                budget=B(8, 0.05)),
+        Variant("verified5-top1-c4-b3+union", decoder="verified", max_edits=5, verify_top=1, verify_candidates=4,
+                **B(3, 0.05)),
+        Variant("verified5-top1-c4-b1x0.2+union", decoder="verified", max_edits=5, verify_top=1,
+                verify_candidates=4, **B(1, 0.2)),
+        Variant("verified5-top1-c4-b1+union-m0.05", decoder="verified", max_edits=5, verify_top=1,
+                verify_candidates=4, union_margin=0.05, **B(1, 0.05)),
+        Variant("verified5-top1-c4-b1+union-random", decoder="verified", max_edits=5, verify_top=1,
+                verify_candidates=4, control="random_direction", **B(1, 0.05)),
+        Variant("verified3-top2-c4-b1+union-m0.05", decoder="verified", max_edits=3, verify_top=2,
+                verify_candidates=4, union_margin=0.05, **B(1, 0.05)),
+        Variant("verified3-b2+union-m0.05", decoder="verified", max_edits=3, union_margin=0.05, **B(2, 0.05)),
+        Variant("gain3+union-m0.05", decoder="reference_gain", max_edits=3, union_margin=0.05, **B(8, 0.05)),
         # soft-token particles: logits over each position's reference top-8, moved through the embedding mixture
         # (budget in logits: 8 Adam steps x 0.5 can overturn the start margin of 6), then at most max_edits edits
-        Variant("soft-b8x0.5-e1+union", decoder="soft_topk", selection="union", max_edits=1, budget=B(8, 0.5)),
-        Variant("soft-b8x0.5-e3+union", decoder="soft_topk", selection="union", max_edits=3, budget=B(8, 0.5)),
-        Variant("dc+nearest", scorer="dc", budget=B(8, 0.05)),
-        Variant("ensemble+nearest", scorer="ensemble", budget=B(8, 0.05)),
+        Variant("soft-b8x0.5-e1+union", decoder="soft_topk", max_edits=1, **B(8, 0.5)),
+        Variant("soft-b8x0.5-e3+union", decoder="soft_topk", max_edits=3, **B(8, 0.5)),
     ]
 }
 DEFAULT_VARIANTS = ["verified5-top1-c4-b1+union"]
 
 
-
 def random_direction(decode, seed: int):
-    """Control: the decoder sees each moved row as start + a random vector with the displacement's norm."""
+    """Control: the decoder sees each moved row as start + a random vector with the displacement's norm (rows that
+    may not move keep a zero displacement). Wraps a particle space's ``decode(particles, moved)``."""
     gen = torch.Generator().manual_seed(seed + 12345)
 
-    def wrapped(moved, start, *args, **kwargs):
+    def wrapped(particles, moved, *args, **kwargs):
+        start = particles.start
         delta = moved - start
         noise = torch.randn(delta.shape, generator=gen, dtype=delta.dtype)
         noise = torch.nn.functional.normalize(noise, dim=-1) * delta.norm(dim=-1, keepdim=True)
-        return decode(start + noise, start, *args, **kwargs)
+        noise = noise * particles.mask.to(noise.dtype)[..., None]
+        return decode(particles, start + noise, *args, **kwargs)
 
     return wrapped
 
 
-def value_configs(layers: int) -> dict[str, tuple[ValueModelConfig, int]]:
-    """Value-model variants: (config, decode-consistent noisy copies)."""
+def value_configs(layers: int) -> dict[str, ValueModelConfig]:
+    """The selector's value-model choices."""
     return {
-        "ridge": (ValueModelConfig(adapter_name="value_ridge"), 0),  # layer chosen by CV (fit_value_head)
-        "plain": (ValueModelConfig(num_layers=layers, adapter_name="value"), 0),
-        "dc": (ValueModelConfig(num_layers=layers, adapter_name="value_dc"), 1),
-        "ensemble": (ValueModelConfig(num_layers=layers, num_heads=4, aggregate="min", adapter_name="value_ens"), 0),
+        "ridge": ValueModelConfig(adapter_name="value_ridge"),  # layer chosen by CV (fit_value_head)
+        "plain": ValueModelConfig(num_layers=layers, adapter_name="value"),  # LoRA + head, SGD
     }
 
 
@@ -239,37 +224,31 @@ def run_task(task: str, args, variants: list[Variant], cache: Path, out: Path) -
     test = list(task_dataset(task, args.num_test_prompts, 0, "test"))
     gen = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature)
 
-    # value models (cached by configuration), fitted on cached train rollouts
+    # the selector's value model (cached by configuration), fitted on cached train rollouts
     train_ro, train_rewards = train_rollouts(task, args, model, tok, reward, train, cache)
-    needed = {args.selector} | {v.scorer for v in variants if v.scorer != "plain"}
-    value_models, value_stats = {}, {}
-    for key, (cfg, copies) in value_configs(args.value_layers).items():
-        if key not in needed:
-            continue
-        method = "ridge" if key == "ridge" else "lora"
-        layers = args.value_layers if method == "lora" else "cv" + args.ridge_layers.replace(",", "-")
-        tag = (f"{task}-{key}-L{layers}-n{args.num_train_prompts}x"
-               f"{args.train_generations}" + (f"-e{args.value_epochs}" if method == "lora" else ""))
-        path = cache / tag
-        if (path / "value_model.json").exists():
-            value_models[key] = ValueModel.load(model, path)
-            value_stats[key] = json.loads((path / "stats.json").read_text())
-            print(f"value model {key}: loaded from cache ({value_stats[key].get('val_corr', float('nan')):.3f} corr)")
-            continue
+    key, cfg = args.selector, value_configs(args.value_layers)[args.selector]
+    method = "ridge" if key == "ridge" else "lora"
+    layers = args.value_layers if method == "lora" else "cv" + args.ridge_layers.replace(",", "-")
+    tag = (f"{task}-{key}-L{layers}-n{args.num_train_prompts}x"
+           f"{args.train_generations}" + (f"-e{args.value_epochs}" if method == "lora" else ""))
+    path = cache / tag
+    if (path / "value_model.json").exists():
+        selector = ValueModel.load(model, path)
+        stats = json.loads((path / "stats.json").read_text())
+        print(f"value model {key}: loaded from cache ({stats.get('val_corr', float('nan')):.3f} corr)")
+    else:
         t0 = time.time()
-        vm, stats, _, _ = fit_value_model(
+        selector, stats, _, _ = fit_value_model(
             model, tok, reward, train, config=cfg, num_generations=args.train_generations, epochs=args.value_epochs,
-            decode_consistent_copies=copies, edit_fraction=args.dc_edit_fraction, rollouts=train_ro,
-            rewards=train_rewards, seed=0, lr=args.value_lr, method=method, progress=False,
+            rollouts=train_ro, rewards=train_rewards, seed=0, lr=args.value_lr, method=method, progress=False,
             ridge_layers=[int(x) for x in args.ridge_layers.split(",")], **gen)
         stats["fit_seconds"] = time.time() - t0
-        vm.save(path)
+        selector.save(path)
         (path / "stats.json").write_text(json.dumps(stats, indent=2))
-        value_models[key], value_stats[key] = vm, stats
         shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in stats.items() if k != "cv"}
         print(f"value model {key}: {json.dumps(shown)}", flush=True)
-    selector = value_models[args.selector]
-    others = {k: vm for k, vm in value_models.items() if k != args.selector}
+    value_stats = {key: stats}
+    others = {}
     for extra in filter(None, args.compare_value_models.split(",")):  # e.g. an earlier run's value model
         others[Path(extra).name] = ValueModel.load(model, extra)
 
@@ -289,10 +268,7 @@ def run_task(task: str, args, variants: list[Variant], cache: Path, out: Path) -
             gen_time = gen_seconds / len(prompts) / 2  # as timed when the cached samples were drawn
 
         def scores(vm, ro2=ro2, n2=n2):
-            return torch.stack([
-                vm.score_ids(ro2[s:s + 1].prompt_ids.repeat_interleave(n2, 0),
-                             ro2[s:s + 1].prompt_mask.repeat_interleave(n2, 0),
-                             ro2.completion_ids[s], ro2.completion_mask[s]) for s in range(len(prompts))])
+            return torch.stack([vm.score_ids(*ro2[s:s + 1].flat()) for s in range(len(prompts))])
 
         t0 = time.time()
         sel2 = scores(selector)
@@ -322,22 +298,15 @@ def run_task(task: str, args, variants: list[Variant], cache: Path, out: Path) -
                 reward=float(true[rows, other.argmax(1)].nanmean()), seconds=bon_time,
                 per_prompt=true[rows, other.argmax(1)].tolist()))
         for v in variants:
-            scorer = selector if v.scorer == "plain" else value_models[v.scorer]  # "plain": the selector
-            sampler = VGFSampler(model, tok, scorer, selector=selector,
-                                 num_particles=args.num_particles, budget=v.budget, decoder=v.decoder,
-                                 regenerate=v.regenerate, selection=v.selection, fluency_weight=v.fluency_weight,
-                                 sequential_decoding=v.sequential, max_edits=v.max_edits,
-                                 verify_candidates=v.verify_candidates, verify_top=v.verify_top,
-                                 union_margin=v.union_margin, batch_size=args.batch_size, progress=False, **gen)
+            sampler = VGFSampler(model, tok, selector, v.sampler_config(args), selector=selector, progress=False)
             if v.control == "random_direction":
-                sampler.decoder.decode = random_direction(sampler.decoder.decode, seed)
+                sampler.space.decode = random_direction(sampler.space.decode, seed)
             elif v.control:
                 raise ValueError(f"unknown control {v.control!r}")
             t1 = time.time()
             results = []
             for s in range(0, len(prompts), args.batch_size):
-                results += sampler.transport_rollouts(prompts[s:s + args.batch_size], ro[s:s + args.batch_size],
-                                                      seed=seed)
+                results += sampler.transport_rollouts(prompts[s:s + args.batch_size], ro[s:s + args.batch_size])
             vgf_time = (time.time() - t1) / len(prompts) + gen_time  # transport, decode, re-score and select
             chosen = reward_texts(reward, None, test, [r.response for r in results])
             moved = reward_texts(reward, None, [row for row in test for _ in range(args.num_particles)],
@@ -354,17 +323,16 @@ def run_task(task: str, args, variants: list[Variant], cache: Path, out: Path) -
             k = int(vgf_time // per_sample)
             arms.setdefault(f"best-of-n at {v.name}'s wall-clock", []).append(
                 dict(best_of(max(1, min(k, n2))), capped=k > n2))
-            if v.selection == "union":  # the same particles under stricter union margins (selection only)
-                for m in [float(x) for x in args.extra_margins.split(",") if x]:
-                    picks = []
-                    for r in results:
-                        best_b = max(range(len(r.particles)), key=lambda i, r=r: r.particles[i].score_before)
-                        best_a = max(range(len(r.particles)), key=lambda i, r=r: r.particles[i].score_after)
-                        take = r.particles[best_a].score_after > r.particles[best_b].score_before + m
-                        picks.append(r.particles[best_a].text_after if take else r.particles[best_b].text_before)
-                    got = reward_texts(reward, None, test, picks)
-                    arms.setdefault(f"{v.name} (union margin {m:g})", []).append(dict(
-                        reward=float(got.nanmean()), seconds=vgf_time, per_prompt=got.tolist()))
+            for m in [float(x) for x in args.extra_margins.split(",") if x]:  # the same particles, other margins
+                picks = []
+                for r in results:
+                    best_b = max(range(len(r.particles)), key=lambda i, r=r: r.particles[i].score_before)
+                    best_a = max(range(len(r.particles)), key=lambda i, r=r: r.particles[i].score_after)
+                    take = r.particles[best_a].score_after > r.particles[best_b].score_before + m
+                    picks.append(r.particles[best_a].text_after if take else r.particles[best_b].text_before)
+                got = reward_texts(reward, None, test, picks)
+                arms.setdefault(f"{v.name} (union margin {m:g})", []).append(dict(
+                    reward=float(got.nanmean()), seconds=vgf_time, per_prompt=got.tolist()))
             print(f"seed {seed} {v.name:32s} reward {arms[v.name][-1]['reward']:.3f} "
                   f"(best-of-{n} {arms[f'best-of-{n}'][-1]['reward']:.3f}) tokens changed "
                   f"{arms[v.name][-1]['tokens_changed']:.2f} {vgf_time:.1f}s/prompt", flush=True)
@@ -481,13 +449,10 @@ def main(argv=None) -> None:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--value_layers", type=int, default=12, help="layers of the LoRA ('plain') value model")
     p.add_argument("--selector", default="ridge", choices=["ridge", "plain"],
-                   help="value model that selects for every arm (and gives the gradient of 'plain' variants): ridge "
+                   help="value model that selects for every arm and gives every VGF variant's gradient: ridge "
                         "(frozen backbone + closed-form head, layer by CV) or plain (LoRA + head, SGD)")
     p.add_argument("--value_epochs", type=int, default=3)
     p.add_argument("--value_lr", type=float, default=1e-3)
-    p.add_argument("--dc_edit_fraction", type=float, default=0.2,
-                   help="decode-consistent copies: largest share of a response's tokens moved towards a reference "
-                        "top-k token")
     p.add_argument("--batch_size", type=int, default=4)
     p.add_argument("--bon_sizes", default="4,8,16", help="best-of-n arms (n <= 2N; N is always one of them)")
     p.add_argument("--retime_prompts", type=int, default=8,

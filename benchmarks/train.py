@@ -78,10 +78,9 @@ def kl_to_base(model, tok, rows, adapter: str | None, samples: int, max_new_toke
     position KL(policy || base) along them."""
     import torch
 
-    from vgf_llm.rewards import combine_rewards
-    from vgf_llm.rollout import HFGenerateBackend
-    from vgf_llm.scorers import active_adapter
-    from vgf_llm.value_fitting import as_completion
+    from vgf_llm.rewards import as_completion, combine_rewards
+    from vgf_llm.rollout.hf import HFGenerateBackend
+    from vgf_llm.value import active_adapter
 
     backend = HFGenerateBackend(model, tok, max_new_tokens=max_new_tokens, temperature=1.0, batch_size=batch_size)
     model.eval()
@@ -91,9 +90,10 @@ def kl_to_base(model, tok, rows, adapter: str | None, samples: int, max_new_toke
         prompts = [r["prompt"] for r in chunk]
         with torch.no_grad(), active_adapter(model, adapter):
             ro = backend.generate(prompts, samples, seed=seed + start)
-        g, n, t = ro.shape
-        input_ids = torch.cat([ro.prompt_ids.repeat_interleave(n, 0), ro.completion_ids.reshape(g * n, t)], 1)
-        mask = torch.cat([ro.prompt_mask.repeat_interleave(n, 0), ro.completion_mask.reshape(g * n, t)], 1)
+        n = ro.shape[1]
+        p_ids, p_mask, c_ids, c_mask = ro.flat()
+        input_ids = torch.cat([p_ids, c_ids], 1)
+        mask = torch.cat([p_mask, c_mask], 1)
         positions = (mask.long().cumsum(-1) - 1).clamp_min(0)
         p = ro.prompt_ids.shape[1]
         dev = model.device
@@ -104,7 +104,7 @@ def kl_to_base(model, tok, rows, adapter: str | None, samples: int, max_new_toke
             with active_adapter(model, None):
                 lb = torch.log_softmax(model(**kwargs).logits[:, p - 1:-1].float(), -1)
         per_pos = (lp.exp() * (lp - lb)).sum(-1).cpu()  # [B, T] exact KL of the next-token distributions
-        cmask = ro.completion_mask.reshape(g * n, t).float()
+        cmask = c_mask.float()
         per_seq = (per_pos * cmask).sum(-1)
         kl_sums += per_seq.tolist()
         token_counts += cmask.sum(-1).tolist()

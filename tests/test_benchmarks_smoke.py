@@ -1,7 +1,8 @@
-"""Smoke runs of the training benchmarks (``benchmarks/speed.py`` and ``benchmarks/train.py``) on the tiny test model.
+"""Smoke runs of the benchmarks (``benchmarks/speed.py``, ``benchmarks/train.py``, ``benchmarks/test_time.py``) on
+the tiny test model.
 
-They check that every arm (VGF, VGF budget 0, TRL GRPO) runs end to end in one script run and that the outputs
-(JSON, Markdown, PNG) hold the numbers the docs quote; not the numbers themselves.
+They check that every arm (VGF, VGF budget 0, TRL GRPO; the test-time arms) runs end to end in one script run and that
+the outputs (JSON, Markdown, PNG) hold the numbers the docs quote; not the numbers themselves.
 """
 
 from __future__ import annotations
@@ -88,3 +89,45 @@ def test_test_time_tiny(tiny_lm_dir, tmp_path):
     assert rows[variant]["diff_per_seed"] == pytest.approx(
         [a["reward"] - b["reward"] for a, b in zip(arms[variant], arms["best-of-2"], strict=True)])
     assert "best-of-n at" in (tmp_path / "results.md").read_text()
+
+
+def test_test_time_variants_build_sampler_configs():
+    """Every test-time variant maps onto a valid ``SamplerConfig`` (a retired decoder or knob fails here)."""
+    import argparse
+
+    import test_time
+
+    args = argparse.Namespace(num_particles=4, max_new_tokens=8, temperature=1.0, batch_size=2)
+    for v in test_time.VARIANTS.values():
+        c = v.sampler_config(args)
+        assert (c.decoder, c.transport_steps, c.transport_step_size) == (v.decoder, v.steps, v.step_size), v.name
+        assert c.num_generations == 4 and c.generation_batch_size == 2, v.name
+    assert set(test_time.DEFAULT_VARIANTS) <= set(test_time.VARIANTS)
+
+
+def test_random_direction_control_keeps_norms_and_mask():
+    """The control hands the space's decode start + a random vector with each row's displacement norm, and leaves
+    rows that may not move (mask 0) at their start."""
+    import test_time
+    import torch
+
+    from vgf_llm.spaces import Particles
+
+    g, n, t, d = 2, 3, 5, 4
+    start = torch.randn(g, n, t, d)
+    mask = torch.ones(g, n, t)
+    mask[:, :, -1] = 0
+    moved = start + torch.randn(g, n, t, d) * mask[..., None]
+    particles = Particles(rollouts=None, start=start, mask=mask)
+    seen = {}
+
+    def decode(parts, x):
+        seen["particles"], seen["moved"] = parts, x
+        return "ids", "mask"
+
+    assert test_time.random_direction(decode, seed=0)(particles, moved) == ("ids", "mask")
+    assert seen["particles"] is particles
+    got = seen["moved"] - start
+    torch.testing.assert_close(got.norm(dim=-1), (moved - start).norm(dim=-1))
+    assert torch.equal(got[:, :, -1], torch.zeros(g, n, d))
+    assert not torch.allclose(got, moved - start)

@@ -15,7 +15,8 @@ import pytest
 import torch
 import yaml
 
-from vgf_llm.cli import launch_command, main
+from vgf_llm.cli import main
+from vgf_llm.cli.train import launch_command
 
 ROOT = Path(__file__).resolve().parents[1]
 

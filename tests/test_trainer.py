@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from vgf_llm.config import VGFConfig
-from vgf_llm.trainer import POLICY, VGFTrainer, distill_weights
+from vgf_llm.distill import distill_weights
+from vgf_llm.trainer import POLICY, VGFTrainer
 
 STEP_METRICS = ["reward", "reward_std", "frac_reward_zero_std", "transport/reward_before", "transport/reward_after",
                 "transport/tokens_changed", "transport/displacement", "value/loss", "value/corr", "kl",
@@ -243,18 +244,13 @@ def test_reward_model_scorer_with_another_vocabulary(tiny_lm_dir, other_vocab_re
 
 def test_non_finite_transport_is_skipped_and_logged(tiny_lm_dir, standard_prompts, tmp_path, monkeypatch):
     tr = trainer(tiny_lm_dir, standard_prompts, tmp_path, max_steps=1)
-    grad_fn = tr.sampler._grad_fn
+    grad = tr.sampler.space.grad
 
-    def poisoned(*args):
-        inner = grad_fn(*args)
+    def poisoned(particles, u):
+        values, g = grad(particles, u)
+        return values, torch.full_like(g, float("nan"))
 
-        def fn(u):
-            values, grad = inner(u)
-            return values, torch.full_like(grad, float("nan"))
-
-        return fn
-
-    monkeypatch.setattr(tr.sampler, "_grad_fn", poisoned)
+    monkeypatch.setattr(tr.sampler.space, "grad", poisoned)
     tr.train()
     log = logged(tr)
     assert log["transport/nonfinite"] > 0 and log["transport/tokens_changed"] == 0 and math.isfinite(log["loss"])
@@ -273,7 +269,7 @@ def test_batch_semantics(tmp_path):
 
 
 def test_completion_logps_match_a_full_forward(tiny_lm):
-    from vgf_llm.trainer import completion_logps
+    from vgf_llm.distill import completion_logps
 
     ids = torch.randint(5, 300, (3, 10))
     mask = torch.ones_like(ids)

@@ -22,9 +22,9 @@ def single_process_vllm(monkeypatch):
 
 def test_trainer_rolls_out_with_vllm_and_syncs_the_policy(smollm2_dir, single_process_vllm, tmp_path):
     from vgf_llm import VGFConfig, VGFTrainer
+    from vgf_llm.rollout.vllm_backend import VLLMBackend
     from vgf_llm.tasks import task_dataset
     from vgf_llm.trainer import POLICY
-    from vgf_llm.rollout.vllm_backend import VLLMBackend
 
     args = VGFConfig(output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=2, num_generations=2,
                      max_completion_length=8, transport_steps=1, value_num_layers=2, value_epochs=1,

@@ -25,7 +25,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from vgf_llm import cli
 from vgf_llm.rollout.hf import HFGenerateBackend, Rollouts, completion_mask_from_ids, encode_prompts
 from vgf_llm.rollout.vllm_backend import VLLMBackend, make_rollout_backend, request_seed
 from vgf_llm.rollout.vllm_client import VLLMClient
@@ -319,7 +318,7 @@ os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1], RANK="0", WO
 import deepspeed
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
-from vgf_llm.rollout.vllm_weights import _is_zero3
+from vgf_llm.rollout.vllm_weights import _is_zero3, policy_state_dict
 torch.distributed.init_process_group("gloo", rank=0, world_size=1)
 cfg = LlamaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
                   tie_word_embeddings=True)
@@ -423,12 +422,16 @@ def test_incompatible_vllm_is_detected(monkeypatch):
 
 def test_cli_vllm_serve_is_registered(monkeypatch, capsys):
     import vgf_llm.rollout.vllm_engine as vb
+    from vgf_llm.cli import COMMANDS, main
+    from vgf_llm.cli.common import parse
+    from vgf_llm.cli.vllm_serve import VLLMServeArguments
 
-    args = cli.build_parser().parse_args(["vllm-serve", "--model", "m", "--port", "9001", "--dtype", "float32"])
-    assert args.func is cli.cmd_vllm_serve and args.port == 9001 and args.host == "127.0.0.1"
+    assert COMMANDS["vllm-serve"][0] == "vgf_llm.cli.vllm_serve"
+    (args,) = parse((VLLMServeArguments,), "--model m --port 9001 --dtype float32".split(), "test", "")
+    assert (args.model, args.port, args.host, args.dtype) == ("m", 9001, "127.0.0.1", "float32")
     monkeypatch.setattr(vb, "vllm_compat_problems", lambda: ["vLLM is not installed"])
     with pytest.raises(SystemExit) as exit_:
-        cli.main(["vllm-serve", "--model", "m"])
+        main("vllm-serve --model m".split())
     assert exit_.value.code == 2 and "vLLM cannot be used" in capsys.readouterr().err
 
 
@@ -627,8 +630,8 @@ def test_real_engine_feeds_the_test_time_sampler(smollm2_dir, single_process_vll
     """VGFSampler(backend=VLLMBackend): particles come from the engine; budget 0 = best-of-N over them."""
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
-    from vgf_llm.sampler import TransportBudget, VGFSampler
-    from vgf_llm.scorers import RewardModelScorer
+    from vgf_llm.sampler import SamplerConfig, VGFSampler
+    from vgf_llm.value import RewardModelScorer
 
     model, tok = smollm2(smollm2_dir)
     rm = LlamaForSequenceClassification(LlamaConfig(
@@ -637,8 +640,8 @@ def test_real_engine_feeds_the_test_time_sampler(smollm2_dir, single_process_vll
     scorer = RewardModelScorer(rm, tok, tok)
     with make_rollout_backend(model, tok, use_vllm=True, max_new_tokens=MAX_NEW, temperature=1.0,
                               **ENGINE_KW) as vl:
-        sampler = VGFSampler(model, tok, scorer, num_particles=3, budget=TransportBudget(steps=0), backend=vl,
-                             progress=False, max_new_tokens=MAX_NEW)
+        config = SamplerConfig(num_generations=3, transport_steps=0, max_completion_length=MAX_NEW)
+        sampler = VGFSampler(model, tok, scorer, config, backend=vl, progress=False)
         results = sampler.sample(REAL_PROMPTS[:2], seed=1)
         particles = vl.generate(REAL_PROMPTS[:2], 3, seed=1 * 1_000_003)  # the sampler's seed for chunk 0
     assert len(results) == 2

@@ -25,7 +25,7 @@ def model_card(*, base_model: str, reward_names: list[str], config, dataset_name
     data = ModelCardData(library_name="peft", base_model=base_model, tags=["vgf-llm", "vgf", "lora", "peft"],
                          datasets=[dataset_name] if dataset_name else None, pipeline_tag="text-generation")
     budget = (f"{config.transport_steps} steps x step size {config.transport_step_size} "
-              f"(alpha {config.transport_alpha}, {config.transport_step_rule}, "
+              f"(alpha {config.transport_alpha}, adam, "
               f"radius {config.transport_radius}, repulsion {config.repulsion})")
     body = f"""
 # {repo_id or "VGF adapter"}

@@ -9,6 +9,9 @@ adds one training step (``_prepare_inputs`` builds the targets, ``compute_loss``
 
 One base model carries two adapters: ``default`` (the policy, what is saved and pushed) and ``value`` (the value
 model's trunk). The base weights never change and there is no second copy of the model.
+
+(Over 400 lines on purpose: these are overrides of one ``Trainer`` subclass, the step, logging, checkpoints,
+ZeRO-3 gathers and the Hub, which only make sense together; the distillation arithmetic is in ``distill.py``.)
 """
 
 from __future__ import annotations
