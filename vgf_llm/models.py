@@ -228,12 +228,12 @@ def convert_gguf(gguf_path: Path, out_dir: Path, spec: GGUFAlias, *, alias: str 
     marker = {
         "alias": alias,
         "source_package": spec.package,
-        "source_package_version": _version(spec.package),
+        "source_package_version": installed_version(spec.package),
         "source_file": str(gguf_path),
         "source_size": gguf_path.stat().st_size,
         "source_sha256": _sha256(gguf_path),
         "hub_id": spec.hub_id,
-        "versions": {pkg: _version(pkg) for pkg in ("vgf-llm", "transformers", "torch", "gguf", "tokenizers")},
+        "versions": {pkg: installed_version(pkg) for pkg in ("vgf-llm", "transformers", "torch", "gguf", "tokenizers")},
         "check": {"prompt": spec.check_prompt, "answer": answer},
         "seconds": round(elapsed, 1),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -263,7 +263,8 @@ def check_generation(model_dir: Path, prompt: str, expected: str, max_new_tokens
     return answer
 
 
-def _version(package: str) -> str | None:
+def installed_version(package: str) -> str | None:
+    """The installed version of a distribution, or None (one helper for model metadata, vLLM checks and env)."""
     try:
         return importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:

