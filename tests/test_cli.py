@@ -340,6 +340,22 @@ def test_generate_with_zero_steps_is_best_of_n(fitted, tiny_lm_dir, prompts_file
         assert all(p["text_after"] == p["text_before"] and p["tokens_changed"] == 0 for p in line["particles"])
 
 
+def test_generate_with_steering_particles_the_model_decodes(fitted, tiny_lm_dir, prompts_file, tmp_path, capsys):
+    out = tmp_path / "steer.jsonl"
+    code, stdout, _ = run_cli(
+        f"generate --model_name_or_path {tiny_lm_dir} --prompts {prompts_file} --num_prompts 2 --decoder steer "
+        f"--value_model_path {fitted[0]} --num_generations 4 --transport_steps 3 --transport_step_size 1.0 "
+        f"--steer_layer 1 --max_completion_length 8 --output {out}",
+        capsys,
+    )
+    assert code == 0, stdout
+    lines = read_jsonl(out)
+    check_result_lines(lines, [row["prompt"] for row in PROMPT_ROWS[:2]], 4)
+    assert all(p["displacement"] > 0 for line in lines for p in line["particles"])
+    expect_error(f"generate --model_name_or_path {tiny_lm_dir} --prompts {prompts_file} --decoder steer "
+                 f"--value_model_path {fitted[0]} --top_k 5 --output {out}", capsys, "top_k=0")
+
+
 def test_generate_with_a_reward_model_on_a_task_reports_the_true_reward(
     tiny_lm_dir, tiny_reward_model_dir, tmp_path, capsys
 ):

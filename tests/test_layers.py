@@ -14,7 +14,7 @@ FLOORS = [
      "vgf_llm.rollout.vllm_client"],
     ["vgf_llm.value_fit", "vgf_llm.evaluation", "vgf_llm.rollout.vllm_backend", "vgf_llm.rollout.vllm_server",
      "vgf_llm.spaces", "vgf_llm.spaces.base", "vgf_llm.spaces.reference", "vgf_llm.spaces.token_edits",
-     "vgf_llm.spaces.soft_tokens"],
+     "vgf_llm.spaces.soft_tokens", "vgf_llm.spaces.steering"],
     ["vgf_llm.sampler"],
     ["vgf_llm.config"],
     ["vgf_llm.trainer"],

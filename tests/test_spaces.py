@@ -82,8 +82,13 @@ def test_reference_candidates_put_the_original_first_and_never_propose_specials(
 def test_make_space_builds_every_named_space_from_a_config(tiny_lm, tokenizer):
     vm = ValueModel(tiny_lm, ValueModelConfig(lora_r=4))
     for name, cls in SPACES.items():
-        space = make_space(name, tiny_lm, tokenizer, vm, SamplerConfig(decoder=name, decoder_topk=3, max_edits=2))
-        assert isinstance(space, cls) and space.max_edits == 2 and space.reference.k == 3
+        config = SamplerConfig(decoder=name, decoder_topk=3, max_edits=2, steer_layer=1)
+        space = make_space(name, tiny_lm, tokenizer, vm, config)
+        assert isinstance(space, cls)
+        if name == "steer":
+            assert space.steer_layer == 1
+        else:
+            assert space.max_edits == 2 and space.reference.k == 3
     with pytest.raises(ValueError, match="choose one of"):
         make_space("nearest", tiny_lm, tokenizer, vm, SamplerConfig())
 
@@ -187,3 +192,121 @@ def test_soft_tokens_mix_reference_candidates_and_decode_the_winners(tiny_lm, to
     got, _ = space.decode(particles, z)
     assert torch.equal(got[~movable.bool()], ids[~movable.bool()])
     assert space.repulsion is False  # logits of two particles index different candidate sets
+
+
+# -- steering vectors: particles the model decodes itself -----------------------------------------------------------
+
+
+def test_posterior_gumbel_noise_re_creates_the_observed_token():
+    from vgf_llm.spaces.steering import posterior_gumbel
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(200, 30, generator=gen) * 3
+    logits[:, 7] = -float("inf")  # an impossible token stays impossible
+    observed = torch.distributions.Categorical(logits=logits).sample()
+    noise = posterior_gumbel(logits, observed, gen)
+    assert torch.equal((logits + noise).argmax(-1), observed)
+    assert torch.isfinite(noise).all() and (noise[:, 7] == 0).all()
+    # under other logits the same noise is a fresh Gumbel-max sample: a large shift towards token 3 makes it win
+    shifted = logits.clone()
+    shifted[:, 3] += 50
+    assert ((shifted + noise).argmax(-1) == 3).all()
+
+
+@pytest.fixture
+def sharp_lm(tiny_lm_dir):
+    """The tiny model with its (tied) embedding table scaled 20x: its next-token distributions are peaked like a
+    trained model's, so a steer of a few units moves the logits by more than the sampling noise."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir).eval()
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(20)
+    return model
+
+
+def steer_value_model(tiny_lm, favourite: int):
+    """A value model whose value is the mean logit of token ``favourite`` over the response: a head that prefers
+    one token (the tiny model ties its output head to the embedding table)."""
+    vm = ValueModel(tiny_lm, ValueModelConfig(lora_r=4))
+    with torch.no_grad():
+        vm.head.weight.copy_(tiny_lm.get_input_embeddings().weight[favourite][None])
+        vm.head.bias.zero_()
+    return vm
+
+
+def test_steering_at_zero_reproduces_the_reference_samples_through_the_model(tiny_lm, tokenizer, rollouts):
+    from vgf_llm.spaces import SteeringVectors
+
+    space = SteeringVectors(tiny_lm, tokenizer, steer_value_model(tiny_lm, 20), steer_layer=1)
+    particles = space.lift(rollouts)
+    assert particles.start.shape == (*rollouts.shape[:2], tiny_lm.config.hidden_size)
+    assert not particles.start.any()
+    assert particles.state["noise"].shape[:2] == rollouts.completion_ids.flatten(0, 1).shape
+    ids, mask = space.decode(particles, particles.start)  # u = 0: nothing to regenerate
+    assert torch.equal(ids, rollouts.completion_ids) and torch.equal(mask, rollouts.completion_mask)
+    # a vanishing steer goes through the model's own generation and still gives every sample back, token for token
+    ids, mask = space.decode(particles, particles.start + 1e-7)
+    assert torch.equal(mask, rollouts.completion_mask)
+    assert torch.equal(ids, rollouts.completion_ids)
+
+
+def test_the_value_gradient_moves_the_decoded_tokens_towards_the_preferred_token(sharp_lm, tokenizer):
+    from vgf_llm.spaces import SteeringVectors
+
+    rollouts = HFGenerateBackend(sharp_lm, tokenizer, max_new_tokens=12, batch_size=2).generate(PROMPTS, 4, seed=3)
+    favourite = 20
+    vm = steer_value_model(sharp_lm, favourite)
+    space = SteeringVectors(sharp_lm, tokenizer, vm, steer_layer=1)
+    particles = space.lift(rollouts)
+    values, grad = space.grad(particles, particles.start)
+    p_ids, p_mask, ids, mask = rollouts.flat()
+    torch.testing.assert_close(values.reshape(-1), vm.score_ids(p_ids, p_mask, ids, mask), rtol=1e-4, atol=1e-4)
+    assert grad.shape == particles.start.shape and grad.abs().sum() > 0
+    direction = grad / grad.norm(dim=-1, keepdim=True)
+    counts = []
+    for size in (0.0, 3.0, 6.0):  # along the value gradient the favourite token gets more frequent, never less
+        new, new_mask = space.decode(particles, particles.start + size * direction)
+        counts.append(int(((new == favourite) & new_mask.bool()).sum()))
+    assert counts[0] == int(((rollouts.completion_ids == favourite) & rollouts.completion_mask.bool()).sum())
+    assert counts[0] <= counts[1] <= counts[2] and counts[2] > counts[0] + 10
+    # a random direction of the same size does not favour it
+    other = torch.randn(direction.shape, generator=torch.Generator().manual_seed(0))
+    new, new_mask = space.decode(particles, particles.start + 6.0 * other / other.norm(dim=-1, keepdim=True))
+    assert int(((new == favourite) & new_mask.bool()).sum()) < counts[2]
+
+
+def test_the_sampler_runs_steering_particles_and_budget_zero_is_best_of_n(sharp_lm, tokenizer):
+    from vgf_llm.sampler import VGFSampler
+
+    tiny_lm = sharp_lm
+    vm = steer_value_model(tiny_lm, 20)
+    kw = dict(num_generations=4, max_completion_length=10, generation_batch_size=3, decoder="steer", steer_layer=1)
+    zero = VGFSampler(tiny_lm, tokenizer, vm, SamplerConfig(transport_steps=0, **kw), progress=False)
+    moved = VGFSampler(tiny_lm, tokenizer, vm, SamplerConfig(transport_steps=4, transport_step_size=0.5, **kw),
+                       progress=False)
+    base, steered = zero.sample(PROMPTS, seed=2), moved.sample(PROMPTS, seed=2)
+    assert [p.text_before for r in base for p in r.particles] == [p.text_before for r in steered for p in r.particles]
+    assert sum(p.tokens_changed for r in steered for p in r.particles) > 0
+    assert all(p.displacement > 0 for r in steered for p in r.particles)
+    for r in steered:  # union selection: the value of the chosen response is the best of originals and moved
+        best = max(max(p.score_before for p in r.particles), max(p.score_after for p in r.particles))
+        chosen = r.particles[r.chosen]
+        assert (chosen.score_after if r.chosen_moved else chosen.score_before) == pytest.approx(best)
+
+
+def test_steering_refuses_what_it_cannot_do(tiny_lm, tokenizer, tiny_reward_model_dir):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from vgf_llm.spaces import SteeringVectors
+    from vgf_llm.value import RewardModelScorer
+
+    vm = steer_value_model(tiny_lm, 20)
+    with pytest.raises(ValueError, match="top_k=0"):
+        SteeringVectors(tiny_lm, tokenizer, vm, top_k=5)
+    with pytest.raises(ValueError, match="steer_layer"):
+        SteeringVectors(tiny_lm, tokenizer, vm, steer_layer=2)  # the value model's last layer
+    rm = RewardModelScorer(AutoModelForSequenceClassification.from_pretrained(tiny_reward_model_dir),
+                           AutoTokenizer.from_pretrained(tiny_reward_model_dir), tokenizer)
+    with pytest.raises(ValueError, match="ValueModel"):
+        SteeringVectors(tiny_lm, tokenizer, rm)

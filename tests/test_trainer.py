@@ -43,10 +43,13 @@ def logged(tr: VGFTrainer) -> dict:
 
 
 @pytest.mark.parametrize("decoder,budget", [("verified", {}),  # soft tokens: the budget is in logits (margin 6)
-                                            ("soft_topk", dict(transport_steps=8, transport_step_size=1.0))])
+                                            ("soft_topk", dict(transport_steps=8, transport_step_size=1.0)),
+                                            ("reference_gain", {}),  # steer: a hidden-state vector, decoded by the LM
+                                            ("steer", dict(transport_steps=4, transport_step_size=1.0,
+                                                           steer_layer=1))])
 def test_every_sampler_decoder_trains(tiny_lm_dir, standard_prompts, tmp_path, decoder, budget):
-    """The trainer takes the sampler's decoders by name; the verified decoder's value checks and soft-token
-    particles both run inside a training step and edit some particles."""
+    """The trainer takes the sampler's particle spaces by name; each runs inside a training step and edits some
+    particles (steering vectors through the model's own re-generation)."""
     tr = trainer(tiny_lm_dir, standard_prompts, tmp_path, decoder=decoder, max_steps=1, **budget)
     tr.train()
     log = logged(tr)

@@ -41,10 +41,11 @@ class TransportConfig:
         "help": "Cap on each particle row's displacement (None: no cap)."})
     repulsion: bool = field(default=True, metadata={"help": "Keep SVGD's repulsive kernel term."})
     # -- particle space / decoder ----------------------------------------------------------------------------
-    decoder: Literal["verified", "reference_gain", "soft_topk"] = field(default="verified", metadata={
+    decoder: Literal["verified", "reference_gain", "soft_topk", "steer"] = field(default="verified", metadata={
         "help": "Particle space and decoder: 'verified' (transport proposes reference top-k swaps, the scorer "
                 "checks them on real tokens), 'reference_gain' (the swaps with the largest first-order gain), "
-                "'soft_topk' (particles are logits over each position's reference top-k)."})
+                "'soft_topk' (particles are logits over each position's reference top-k), 'steer' (a hidden-state "
+                "vector the model generates from again, under each sample's own noise)."})
     decoder_topk: int = field(default=8, metadata={"help": "Reference top-k candidates per position."})
     max_edits: int = field(default=5, metadata={
         "help": "Token edits per particle (reference_gain, soft_topk); rounds of checked edits (verified)."})
@@ -52,6 +53,8 @@ class TransportConfig:
         "help": "verified: edit only the best N originals of each prompt (None: all)."})
     verify_candidates: int = field(default=4, metadata={
         "help": "verified: swaps checked with real scorer passes per particle and round."})
+    steer_layer: int | None = field(default=None, metadata={
+        "help": "steer: the decoder layer whose output the particle shifts (default: half the value model's depth)."})
 
     def __post_init__(self):
         if self.decoder not in DECODERS:

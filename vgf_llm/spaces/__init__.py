@@ -1,6 +1,8 @@
 """Particle spaces: where VGF's particles live, how the scorer's gradient reaches them, how they become tokens.
 
-One interface (``base.ParticleSpace``), one file per space:
+One interface (``base.ParticleSpace``), one file per space: ``token_edits`` (embedding rows decoded by checked or
+unchecked token swaps), ``soft_tokens`` (distributions over the reference's top-k), ``steering`` (a hidden-state
+vector the model itself decodes from, under each sample's own Gumbel noise).
 
     lift(rollouts) -> Particles            the flow's start and the positions that may move
     grad(particles, u) -> (values, grad)   the scorer's value and its gradient in this space
@@ -16,19 +18,20 @@ from __future__ import annotations
 from vgf_llm.spaces.base import Particles, ParticleSpace, value_and_grad
 from vgf_llm.spaces.reference import ReferenceTokens, movable_mask, special_token_ids
 from vgf_llm.spaces.soft_tokens import SoftTokens
+from vgf_llm.spaces.steering import SteeringVectors
 from vgf_llm.spaces.token_edits import GainEdits, VerifiedEdits
 
-SPACES = {"verified": VerifiedEdits, "reference_gain": GainEdits, "soft_topk": SoftTokens}
+SPACES = {"verified": VerifiedEdits, "reference_gain": GainEdits, "soft_topk": SoftTokens, "steer": SteeringVectors}
 DECODERS = tuple(SPACES)
 
 
 def make_space(name: str, model, tokenizer, scorer, config) -> ParticleSpace:
     """The particle space called ``name``, built from a ``SamplerConfig``/``VGFConfig`` (``decoder_topk``,
-    ``max_edits``, ``verify_*``) on the scorer's embedding table; special tokens never move."""
+    ``max_edits``, ``verify_*``, ``steer_layer``, the sampling knobs)."""
     if name not in SPACES:
         raise ValueError(f"decoder={name!r}; choose one of {DECODERS}")
-    return SPACES[name].from_config(model, scorer, special_token_ids(tokenizer), config)
+    return SPACES[name].from_config(model, tokenizer, scorer, config)
 
 
 __all__ = ["DECODERS", "SPACES", "GainEdits", "ParticleSpace", "Particles", "ReferenceTokens", "SoftTokens",
-           "VerifiedEdits", "make_space", "movable_mask", "special_token_ids", "value_and_grad"]
+           "SteeringVectors", "VerifiedEdits", "make_space", "movable_mask", "special_token_ids", "value_and_grad"]

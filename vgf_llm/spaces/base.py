@@ -17,7 +17,7 @@ class Particles:
     """N particles per prompt, lifted from ``rollouts``.
 
     start [G, N, ...]: where the flow starts (``flow.transport`` moves a tensor of this shape);
-    mask [G, N, T]: 1 where a response position may move (generated, non-special tokens);
+    mask [G, N, ...] over the start's leading dims: 1 where a particle (or a response position) may move;
     state: whatever the space's ``decode`` needs besides the moved tensor (e.g. candidate tokens).
     """
 

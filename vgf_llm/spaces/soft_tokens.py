@@ -16,7 +16,7 @@ import torch
 
 from vgf_llm.rollout.hf import Rollouts
 from vgf_llm.spaces.base import Particles, value_and_grad
-from vgf_llm.spaces.reference import ReferenceTokens, movable_mask
+from vgf_llm.spaces.reference import ReferenceTokens, movable_mask, special_token_ids
 
 
 class SoftTokens:
@@ -31,8 +31,9 @@ class SoftTokens:
         self.reference = ReferenceTokens(model, scorer.embedding_weight, exclude_ids=exclude_ids, k=topk)
 
     @classmethod
-    def from_config(cls, model, scorer, exclude_ids, config):
-        return cls(model, scorer, exclude_ids=exclude_ids, topk=config.decoder_topk, max_edits=config.max_edits)
+    def from_config(cls, model, tokenizer, scorer, config):
+        return cls(model, scorer, exclude_ids=special_token_ids(tokenizer), topk=config.decoder_topk,
+                   max_edits=config.max_edits)
 
     def lift(self, rollouts: Rollouts) -> Particles:
         g, n, t = rollouts.shape

@@ -19,7 +19,7 @@ import torch
 
 from vgf_llm.rollout.hf import Rollouts
 from vgf_llm.spaces.base import Particles, value_and_grad
-from vgf_llm.spaces.reference import ReferenceTokens, movable_mask
+from vgf_llm.spaces.reference import ReferenceTokens, movable_mask, special_token_ids
 
 
 def swap_gains(table: torch.Tensor, cand: torch.Tensor, current: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -55,8 +55,9 @@ class GainEdits(EmbeddingRows):
     move. Candidates come from one reference pass over the original response: exact for a single edit."""
 
     @classmethod
-    def from_config(cls, model, scorer, exclude_ids, config):
-        return cls(model, scorer, exclude_ids=exclude_ids, topk=config.decoder_topk, max_edits=config.max_edits)
+    def from_config(cls, model, tokenizer, scorer, config):
+        return cls(model, scorer, exclude_ids=special_token_ids(tokenizer), topk=config.decoder_topk,
+                   max_edits=config.max_edits)
 
     @torch.no_grad()
     def decode(self, particles: Particles, moved: torch.Tensor):
@@ -95,8 +96,9 @@ class VerifiedEdits(EmbeddingRows):
         self.last_stats: dict = {}
 
     @classmethod
-    def from_config(cls, model, scorer, exclude_ids, config):
-        return cls(model, scorer, exclude_ids=exclude_ids, topk=config.decoder_topk, max_edits=config.max_edits,
+    def from_config(cls, model, tokenizer, scorer, config):
+        return cls(model, scorer, exclude_ids=special_token_ids(tokenizer), topk=config.decoder_topk,
+                   max_edits=config.max_edits,
                    candidates=config.verify_candidates, top=config.verify_top)
 
     def _value(self, p_ids, p_mask, ids, mask) -> torch.Tensor:
