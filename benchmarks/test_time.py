@@ -57,11 +57,12 @@ class Variant:
     name: str
     steps: int = 8
     step_size: float = 0.05
-    decoder: str = "verified"  # verified | reference_gain | soft_topk (vgf_llm.spaces)
+    decoder: str = "verified"  # verified | reference_gain | soft_topk | steer (vgf_llm.spaces)
     max_edits: int = 1  # edits per particle (reference_gain, soft_topk) / rounds of checked edits (verified)
     verify_candidates: int = 8  # decoder="verified": exact value checks per response and round
     verify_top: int | None = None  # decoder="verified": only the best originals of each prompt are edited
     union_margin: float = 0.0  # a moved particle must beat the best original by this much
+    steer_layer: int | None = None  # decoder="steer": the shifted layer (None: half the value model's depth)
     # control: "random_direction" replaces each row's transport displacement by a random vector of the same norm
     # before decoding (does the value gradient's direction matter, or only the exact value checks?)
     control: str = ""
@@ -72,7 +73,7 @@ class Variant:
             temperature=args.temperature, generation_batch_size=args.batch_size, transport_steps=self.steps,
             transport_step_size=self.step_size, transport_alpha=1.0, decoder=self.decoder, decoder_topk=8,
             max_edits=self.max_edits, verify_top=self.verify_top, verify_candidates=self.verify_candidates,
-            union_margin=self.union_margin)
+            union_margin=self.union_margin, steer_layer=self.steer_layer)
 
 
 def B(steps, eps):  # noqa: N802 - a budget literal
@@ -110,6 +111,12 @@ VARIANTS = {
         # (budget in logits: 8 Adam steps x 0.5 can overturn the start margin of 6), then at most max_edits edits
         Variant("soft-b8x0.5-e1+union", decoder="soft_topk", max_edits=1, **B(8, 0.5)),
         Variant("soft-b8x0.5-e3+union", decoder="soft_topk", max_edits=3, **B(8, 0.5)),
+        # steering vectors the model decodes itself (one d-vector per particle, Adam steps in hidden units)
+        Variant("steer-b3x0.05+union", decoder="steer", **B(3, 0.05)),
+        Variant("steer-b3x0.2+union", decoder="steer", **B(3, 0.2)),
+        Variant("steer-b3x0.5+union", decoder="steer", **B(3, 0.5)),
+        Variant("steer-b3x1+union", decoder="steer", **B(3, 1.0)),
+        Variant("steer-b3x0.5+union-random", decoder="steer", control="random_direction", **B(3, 0.5)),
     ]
 }
 DEFAULT_VARIANTS = ["verified5-top1-c4-b1+union"]

@@ -305,7 +305,7 @@ def test_steering_refuses_what_it_cannot_do(tiny_lm, tokenizer, tiny_reward_mode
     with pytest.raises(ValueError, match="top_k=0"):
         SteeringVectors(tiny_lm, tokenizer, vm, top_k=5)
     with pytest.raises(ValueError, match="steer_layer"):
-        SteeringVectors(tiny_lm, tokenizer, vm, steer_layer=2)  # the value model's last layer
+        SteeringVectors(tiny_lm, tokenizer, vm, steer_layer=3)  # deeper than the value model reads
     rm = RewardModelScorer(AutoModelForSequenceClassification.from_pretrained(tiny_reward_model_dir),
                            AutoTokenizer.from_pretrained(tiny_reward_model_dir), tokenizer)
     with pytest.raises(ValueError, match="ValueModel"):

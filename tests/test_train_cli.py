@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def tiny_recipe(tmp_path, tiny_lm_dir, **overrides) -> Path:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     data = tmp_path / "prompts.jsonl"
     rows = [{"prompt": f"Write one sentence about a {w}."} for w in ("chair", "river", "garden", "road") * 2]
     data.write_text("\n".join(json.dumps(r) for r in rows))
@@ -56,6 +57,32 @@ def test_recipe_with_override_trains_and_reports(tmp_path, tiny_lm_dir, capsys):
     assert json.loads((out / "adapter_config.json").read_text())["r"] == 4
     assert (out / "training_curves.png").stat().st_size > 0
     assert "held-out reward on 4 prompts" in capsys.readouterr().out
+
+
+def test_one_seed_gives_one_adapter_in_fresh_processes(tmp_path, tiny_lm_dir):
+    """Two `vgf-llm train` runs with the same seed, each in its own process (no test fixture seeds torch there),
+    write the same adapter bit for bit; another seed writes another one."""
+    from safetensors.torch import load_file
+
+    def adapter(name: str, seed: int) -> dict:
+        recipe = tiny_recipe(tmp_path / name, tiny_lm_dir, max_steps=1, compare_base=False, seed=seed)
+        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+        subprocess.run([sys.executable, "-m", "vgf_llm.cli", "train", "--config", str(recipe)], check=True, env=env,
+                       capture_output=True, timeout=300)
+        return load_file(str(tmp_path / name / "out" / "adapter_model.safetensors"))
+
+    first, again, other = adapter("a", 0), adapter("b", 0), adapter("c", 1)
+    assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)
+    assert any(not torch.equal(first[k], other[k]) for k in first)
+
+
+@pytest.mark.parametrize("word", ["true", "last"])
+def test_resume_true_on_the_command_line_means_the_last_checkpoint(tmp_path, tiny_lm_dir, word):
+    recipe = tiny_recipe(tmp_path, tiny_lm_dir, compare_base=False)
+    assert main(["train", "--config", str(recipe)]) == 0  # 2 steps, checkpoint-2
+    assert main(["train", "--config", str(recipe), "--max_steps", "3", "--resume_from_checkpoint", word]) == 0
+    history = json.loads((tmp_path / "out" / "log_history.json").read_text())
+    assert [e["step"] for e in history if "loss" in e] == [1, 2, 3]  # steps 1-2 come from checkpoint-2's state
 
 
 def test_unknown_key_in_recipe_fails_clearly(tmp_path, tiny_lm_dir, capsys):

@@ -136,6 +136,16 @@ def plot_curves(log_history: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def resume_argument(value):
+    """``resume_from_checkpoint`` as transformers means it: ``true``/``last`` on the command line or in YAML is the
+    last checkpoint of output_dir (True), ``false``/empty is none, anything else a checkpoint folder."""
+    if isinstance(value, str) and value.strip().lower() in ("true", "last"):
+        return True
+    if isinstance(value, str) and value.strip().lower() in ("false", "none", ""):
+        return None
+    return value
+
+
 def run(recipe: RecipeArguments, args: VGFConfig, model_args) -> dict:
     """Train, save the adapter, compare with the base model on held-out prompts; returns the summary."""
     from vgf_llm.trainer import POLICY, VGFTrainer
@@ -148,7 +158,7 @@ def run(recipe: RecipeArguments, args: VGFConfig, model_args) -> dict:
                      "world_size": args.world_size, "prompts_per_step": args.prompts_per_step}
     if recipe.compare_base and rows:
         summary["base_reward"], base = held_out_reward(trainer, rows, None)
-    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    trainer.train(resume_from_checkpoint=resume_argument(args.resume_from_checkpoint))
     trainer.save_model()
     if recipe.compare_base and rows:
         summary["trained_reward"], trained = held_out_reward(trainer, rows, POLICY)

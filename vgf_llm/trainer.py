@@ -27,7 +27,7 @@ import torch
 from accelerate.utils import gather_object
 from transformers import PreTrainedModel, Trainer, TrainerCallback
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import enable_full_determinism, get_last_checkpoint, set_seed
 
 from vgf_llm.config import VGFConfig
 from vgf_llm.distill import MIN_TARGET_WEIGHT, completion_logps, distill_weights, group_std, pad_cat
@@ -99,6 +99,9 @@ class VGFTrainer(Trainer):
         if args is None:
             name = model if isinstance(model, str) else model.config._name_or_path
             args = VGFConfig(output_dir=f"{Path(str(name)).name}-VGF")
+        # seed before the policy adapter and the value model are created (Trainer.__init__ seeds only later), so one
+        # seed gives one adapter, through the CLI as through the API
+        enable_full_determinism(args.seed) if args.full_determinism else set_seed(args.seed)
         if is_deepspeed_zero3_enabled():  # zero.Init (at load) sizes the shards from DeepSpeed's process group
             import deepspeed
 

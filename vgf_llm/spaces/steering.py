@@ -10,8 +10,9 @@ decodes to the reference sample token for token and budget 0 is best-of-N; a sma
 steer tips over, and what follows them is the model's own continuation under the same noise.
 
 The value gradient needs no backward pass below ``steer_layer``: the scorer (a ``ValueModel`` on the same base
-model, its trunk cut deeper than ``steer_layer``) is run teacher-forced on the particle's reference tokens with u
-added, and only the blocks above the steered one are differentiated. The flow moves N vectors of d numbers per
+model, its trunk cut at or above ``steer_layer``) is run teacher-forced on the particle's reference tokens with u
+added, and only the blocks above the steered one are differentiated (at the value model's own cut, only its final
+norm, pooling and head: the cheapest gradient). The flow moves N vectors of d numbers per
 prompt, so SVGD's kernel between particles is meaningful (repulsion on). Particles start at u = 0.
 
 Needs plain temperature sampling (``top_k=0``, ``top_p=1``, ``temperature > 0``): the noise model is Gumbel-max.
@@ -87,12 +88,9 @@ class SteeringVectors:
         depth = getattr(scorer.config, "num_layers", None) or model.config.num_hidden_layers
         depth = min(depth, model.config.num_hidden_layers)
         self.steer_layer = steer_layer if steer_layer is not None else max(1, depth // 2)
-        if not 1 <= self.steer_layer < depth + 1:
+        if not 1 <= self.steer_layer <= depth:
             raise ValueError(f"steer_layer must be in 1..{depth} (the value model reads layer {depth}), "
                              f"got {self.steer_layer}")
-        if self.steer_layer == depth:
-            raise ValueError(f"steer_layer {depth} is the value model's last layer: its gradient would not depend on "
-                             "the model's computation; pick a shallower layer")
         self.model, self.tokenizer, self.scorer = model, tokenizer, scorer
         self.temperature, self.seed = temperature, seed
         self.eos = eos_token_ids(model, tokenizer)
