@@ -200,3 +200,34 @@ def test_quickstart_recipe_on_smollm2(tmp_path, smollm2_dir):
     assert 0.0 <= summary["base_reward"] <= 1.0 and 0.0 <= summary["trained_reward"] <= 1.0
     assert (tmp_path / "out" / "adapter_model.safetensors").exists()
     assert (tmp_path / "out" / "training_curves.png").exists()
+
+
+def test_a_local_file_is_split_so_the_held_out_rows_are_never_trained_on(tmp_path, tiny_lm_dir):
+    from vgf_llm.recipe import RecipeArguments, load_datasets
+
+    data = tmp_path / "rows.jsonl"
+    data.write_text("\n".join(json.dumps({"prompt": f"Write about item {i}."}) for i in range(12)))
+    train, held, what = load_datasets(RecipeArguments(dataset_name=str(data), train_size=100, eval_size=4), seed=0)
+    assert [r["prompt"] for r in held] == [f"Write about item {i}." for i in range(8, 12)]
+    assert len(train) == 8 and not {r["prompt"] for r in train} & {r["prompt"] for r in held}
+    assert "last 4 rows" in what and "not trained on" in what
+    with pytest.raises(ValueError, match="too few"):
+        load_datasets(RecipeArguments(dataset_name=str(data), eval_size=12), seed=0)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(ValueError, match="empty"):
+        load_datasets(RecipeArguments(dataset_name=str(empty)), seed=0)
+
+
+def test_eval_results_are_strict_json_when_no_reward_applies(tmp_path, tiny_lm_dir):
+    """A reward that returns None for everything: the held-out means are NaN, written as null (bare NaN is not
+    JSON)."""
+    recipe = tiny_recipe(tmp_path, tiny_lm_dir, max_steps=1, reward_funcs=["tests.test_train_cli:no_reward"])
+    assert main(["train", "--config", str(recipe)]) == 0
+    text = (tmp_path / "out" / "eval_results.json").read_text()
+    summary = json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in eval_results.json"))
+    assert summary["base_reward"] is None and summary["trained_reward"] is None
+
+
+def no_reward(prompts, completions, **kwargs):
+    return [None] * len(completions)

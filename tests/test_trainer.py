@@ -11,6 +11,7 @@ import torch
 from vgf_llm.config import VGFConfig
 from vgf_llm.distill import distill_weights
 from vgf_llm.trainer import POLICY, VGFTrainer
+from vgf_llm.value import ValueModel
 
 STEP_METRICS = ["reward", "reward_std", "frac_reward_zero_std", "transport/reward_before", "transport/reward_after",
                 "transport/tokens_changed", "transport/displacement", "value/loss", "value/corr", "kl",
@@ -166,6 +167,38 @@ def test_two_plus_two_steps_with_resume_equal_four_steps(tiny_lm_dir, standard_p
     vb = load_file(str(tmp_path / "b" / "out" / "checkpoint-4" / "value_model" / "value_model.safetensors"))
     for k in va:
         torch.testing.assert_close(va[k], vb[k], rtol=1e-5, atol=1e-6)
+
+
+def test_a_save_cut_off_midway_keeps_the_last_good_checkpoint_and_is_never_resumed(
+        tiny_lm_dir, standard_prompts, tmp_path, monkeypatch, caplog):
+    from vgf_llm.trainer import CHECKPOINT_COMPLETE, last_complete_checkpoint
+
+    kw = dict(max_steps=4, save_strategy="steps", save_steps=2, save_total_limit=1)
+    tr = trainer(tiny_lm_dir, standard_prompts, tmp_path, **kw)
+    saves = []
+
+    def save_then_die(path):  # the value model's save of checkpoint-4 is "killed"
+        saves.append(path)
+        if len(saves) == 2:
+            raise KeyboardInterrupt("killed while saving")
+        return ValueModel.save(tr.scorer, path)
+
+    monkeypatch.setattr(tr.scorer, "save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        tr.train()
+    out = tmp_path / "out"
+    # rotation waits for the new checkpoint to be complete: the last good one survives the kill
+    assert (out / "checkpoint-2" / CHECKPOINT_COMPLETE).is_file()
+    assert (out / "checkpoint-4").is_dir() and not (out / "checkpoint-4" / CHECKPOINT_COMPLETE).exists()
+    with caplog.at_level("WARNING"):
+        assert last_complete_checkpoint(str(out)) == str(out / "checkpoint-2")
+    assert "checkpoint-4" in caplog.text and "incomplete" in caplog.text
+    resumed = trainer(tiny_lm_dir, standard_prompts, tmp_path, **kw)
+    with pytest.raises(ValueError, match="incomplete"):
+        resumed.train(resume_from_checkpoint=str(out / "checkpoint-4"))
+    resumed.train(resume_from_checkpoint=True)  # from checkpoint-2, to step 4; then checkpoint-2 is rotated out
+    assert (out / "checkpoint-4" / CHECKPOINT_COMPLETE).is_file() and not (out / "checkpoint-2").exists()
+    assert resumed.state.global_step == 4
 
 
 def test_push_uploads_the_adapter_and_card_only(tiny_lm_dir, standard_prompts, tmp_path, monkeypatch):

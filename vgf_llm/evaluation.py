@@ -1,9 +1,12 @@
-"""Held-out scoring of a model with or without its policy adapter: greedy completions, true rewards.
+"""Held-out scoring of a model with or without its policy adapter (greedy completions, true rewards), and strict
+JSON for the figures it reports.
 
-Used by ``VGFTrainer.evaluate`` and by the quickstart's base-vs-trained table.
+Used by ``VGFTrainer.evaluate``, the quickstart's base-vs-trained table and the CLI's result files.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -33,3 +36,14 @@ def policy_rewards(model, tokenizer, rows: list[dict], reward_funcs, reward_weig
         model.train(was_training)
     texts = [group[0] for group in ro.texts]
     return reward_texts(reward_funcs, reward_weights, rows, texts).tolist(), texts
+
+
+def json_safe(value):
+    """NaN/inf become null (bare NaN is not JSON), through dicts, lists and tuples."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value

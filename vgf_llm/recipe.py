@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vgf_llm.config import VGFConfig
+from vgf_llm.evaluation import json_safe
 
 
 @dataclass
@@ -40,40 +41,66 @@ class RecipeArguments:
 
 
 def load_datasets(recipe: RecipeArguments, seed: int):
-    """(train, held-out) prompt-only datasets."""
+    """(train, held-out, what the held-out rows are). Held out means never trained on, for every source: a built-in
+    task's test split, a dataset's ``dataset_test_split``, or, for a single table (a .jsonl/.json/.parquet/.csv
+    file, a saved Dataset, a dataset without that split), its last ``eval_size`` rows, with training on the rows
+    before them."""
     from vgf_llm.tasks import task_dataset
 
     if recipe.dataset_name:
-        return (_local_split(recipe.dataset_name, recipe.dataset_train_split, recipe.train_size),
-                _local_split(recipe.dataset_name, recipe.dataset_test_split, recipe.eval_size))
+        train, test = _local_splits(recipe.dataset_name, recipe.dataset_train_split, recipe.dataset_test_split)
+        if test is not None:
+            return (_first(train, recipe.train_size), _first(test, recipe.eval_size),
+                    f"split {recipe.dataset_test_split!r} of {recipe.dataset_name}")
+        n, held = len(train), recipe.eval_size
+        if n == 0:
+            raise ValueError(f"{recipe.dataset_name} has no rows")
+        if held and n <= held:
+            raise ValueError(f"{recipe.dataset_name} has {n} rows: too few to hold out eval_size={held} rows and "
+                             "train on the rest (add rows, lower eval_size, or give a dataset with a "
+                             f"{recipe.dataset_test_split!r} split)")
+        rest, test = train.select(range(n - held)), train.select(range(n - held, n))
+        return (_first(rest, recipe.train_size), test,
+                f"the last {held} rows of {recipe.dataset_name} (not trained on)")
     if not recipe.task:
         raise ValueError("the recipe needs a task or a dataset_name")
     kwargs = json.loads(recipe.task_config) if isinstance(recipe.task_config, str) else (recipe.task_config or {})
     return (task_dataset(recipe.task, size=recipe.train_size, seed=seed, split="train", **kwargs),
-            task_dataset(recipe.task, size=recipe.eval_size, seed=seed, split="test", **kwargs))
+            task_dataset(recipe.task, size=recipe.eval_size, seed=seed, split="test", **kwargs),
+            f"the test split of task {recipe.task}")
 
 
-def _local_split(name: str, split: str, size: int):
+def _first(data, size: int):
+    return data.select(range(min(size, len(data)))) if size else data
+
+
+def _local_splits(name: str, train_split: str, test_split: str):
+    """(train table, test table or None) of a local file or folder, or of a dataset in the local HF cache."""
     import datasets
 
     path = Path(name)
     if path.is_dir():
         data = datasets.load_from_disk(str(path))
-        data = data[split] if isinstance(data, datasets.DatasetDict) else data
-    elif path.is_file():
+        if isinstance(data, datasets.DatasetDict):
+            if train_split not in data:
+                raise ValueError(f"{name} has no split {train_split!r} (it has {list(data)})")
+            return data[train_split], data[test_split] if test_split in data else None
+        return data, None
+    if path.is_file():
         kind = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}.get(path.suffix)
         if kind is None:
             raise ValueError(f"{name}: give a .json/.jsonl/.parquet/.csv file or a save_to_disk folder")
-        data = datasets.load_dataset(kind, data_files=str(path), split="train")
-    else:
-        try:
-            data = datasets.load_dataset(name, split=split)
-        except Exception as err:  # offline: the Hub is unreachable
-            raise FileNotFoundError(
-                f"dataset {name!r} is neither a local file/folder nor in the local Hugging Face cache ({err}). "
-                "Download it where there is network (datasets.load_dataset(...).save_to_disk(DIR)) and set "
-                "dataset_name to DIR.") from err
-    return data.select(range(min(size, len(data)))) if size else data
+        if path.stat().st_size == 0:
+            raise ValueError(f"{name} is empty")
+        return datasets.load_dataset(kind, data_files=str(path), split="train"), None
+    try:
+        data = datasets.load_dataset(name)
+    except Exception as err:  # offline: the Hub is unreachable
+        raise FileNotFoundError(
+            f"dataset {name!r} is neither a local file/folder nor in the local Hugging Face cache ({err}). "
+            "Download it where there is network (datasets.load_dataset(...).save_to_disk(DIR)) and set "
+            "dataset_name to DIR.") from err
+    return data[train_split], data[test_split] if test_split in data else None
 
 
 def reward_functions(recipe: RecipeArguments) -> list:
@@ -150,11 +177,11 @@ def run(recipe: RecipeArguments, args: VGFConfig, model_args) -> dict:
     """Train, save the adapter, compare with the base model on held-out prompts; returns the summary."""
     from vgf_llm.trainer import POLICY, VGFTrainer
 
-    train_data, eval_data = load_datasets(recipe, args.seed)
+    train_data, eval_data, held_out = load_datasets(recipe, args.seed)
     trainer = VGFTrainer(model_args.model_name_or_path, reward_functions(recipe), args=args,
                          train_dataset=train_data, peft_config=peft_config_from(model_args))
     rows = [dict(r) for r in eval_data]
-    summary: dict = {"model": model_args.model_name_or_path, "held_out_prompts": len(rows),
+    summary: dict = {"model": model_args.model_name_or_path, "held_out_prompts": len(rows), "held_out": held_out,
                      "world_size": args.world_size, "prompts_per_step": args.prompts_per_step}
     if recipe.compare_base and rows:
         summary["base_reward"], base = held_out_reward(trainer, rows, None)
@@ -169,11 +196,14 @@ def run(recipe: RecipeArguments, args: VGFConfig, model_args) -> dict:
     if trainer.is_world_process_zero():
         out = Path(args.output_dir)
         (out / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=2))
-        (out / "eval_results.json").write_text(json.dumps(summary, indent=2, default=str))
+        (out / "eval_results.json").write_text(json.dumps(json_safe(summary), indent=2, default=str))
         if recipe.plot:
             plot_curves(trainer.state.log_history, out / "training_curves.png")
+        if rows and recipe.compare_base and math.isnan(summary["base_reward"]):
+            print("warning: no reward function scored any held-out completion (all returned None): the held-out "
+                  "figures below are undefined")
         if "trained_reward" in summary:
-            print(f"\nheld-out reward on {len(rows)} prompts (greedy): base {summary['base_reward']:.3f} | "
+            print(f"\nheld-out reward on {len(rows)} prompts ({held_out}; greedy): base {summary['base_reward']:.3f} | "
                   f"trained adapter {summary['trained_reward']:.3f}")
         print(f"adapter, logs and plots in {out}")
     if args.push_to_hub:

@@ -16,6 +16,7 @@ ZeRO-3 gathers and the Hub, which only make sense together; the distillation ari
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
@@ -27,7 +28,7 @@ import torch
 from accelerate.utils import gather_object
 from transformers import PreTrainedModel, Trainer, TrainerCallback
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
-from transformers.trainer_utils import enable_full_determinism, get_last_checkpoint, set_seed
+from transformers.trainer_utils import enable_full_determinism, rotate_checkpoints, set_seed
 
 from vgf_llm.config import VGFConfig
 from vgf_llm.distill import MIN_TARGET_WEIGHT, completion_logps, distill_weights, group_std, pad_cat
@@ -38,7 +39,21 @@ from vgf_llm.rollout.vllm_backend import make_rollout_backend
 from vgf_llm.sampler import VGFSampler
 from vgf_llm.value import RewardModelScorer, ValueModel, ValueModelConfig, active_adapter, pearson
 
+logger = logging.getLogger(__name__)
 POLICY = "default"  # PEFT's name for a single adapter, so the saved folder loads with PeftModel.from_pretrained
+CHECKPOINT_COMPLETE = "vgf_checkpoint_complete"  # written last into a checkpoint folder
+
+
+def last_complete_checkpoint(output_dir: str) -> str:
+    """The newest checkpoint of ``output_dir`` that was saved to the end (incomplete ones are skipped, with a
+    warning: they were cut off while saving)."""
+    folders = sorted(Path(output_dir).glob("checkpoint-*"), key=lambda f: int(f.name.split("-")[-1])
+                     if f.name.split("-")[-1].isdigit() else -1, reverse=True) if Path(output_dir).is_dir() else []
+    for folder in folders:
+        if (folder / CHECKPOINT_COMPLETE).is_file():
+            return str(folder)
+        logger.warning("skipping %s: incomplete (cut off while saving)", folder)
+    raise ValueError(f"no complete checkpoint to resume from in {output_dir}")
 
 
 def default_lora_config():
@@ -191,6 +206,10 @@ class VGFTrainer(Trainer):
         for name, col in zip(self.reward_names, per_func.T, strict=True):
             if torch.isfinite(col).any():
                 self._metrics[f"rewards/{name}/mean"].append(float(col.nanmean()))
+        if len(total) and not torch.isfinite(total).any():
+            logger.warning("step %d: every reward function returned None for all %d completions: nothing to learn "
+                           "from this batch (check the reward functions and the dataset columns they need)",
+                           self.state.global_step, len(total))
         return total
 
     @contextmanager
@@ -441,25 +460,39 @@ class VGFTrainer(Trainer):
             torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
 
     def _save_checkpoint(self, model, trial) -> None:
-        """Adds the value model (adapter + head) and its rollout buffer to the Trainer's checkpoint."""
-        super()._save_checkpoint(model, trial)
-        folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
+        """The Trainer's checkpoint plus the value model (adapter + head) and its rollout buffer, then a marker
+        file written last: a checkpoint without it was cut off while saving and is never resumed from. Old
+        checkpoints are rotated out only after the new one is complete, so a kill mid-save keeps the last good one."""
+        limit, self.args.save_total_limit = self.args.save_total_limit, None
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
+        run_dir = Path(self._get_output_dir(trial=trial))
+        folder = run_dir / f"checkpoint-{self.state.global_step}"
         if isinstance(self.scorer, ValueModel):
             with self._value_adapter_whole(writes=False):  # under ZeRO-3 a collective: every process takes part
                 if self.args.should_save:
                     self.scorer.save(folder / "value_model")
         if self.args.should_save:
-            torch.save({"value_buffer": list(self.value_buffer)}, folder / "vgf_state.pt")
+            partial = folder / "vgf_state.pt.partial"
+            torch.save({"value_buffer": list(self.value_buffer)}, partial)
+            os.replace(partial, folder / "vgf_state.pt")
+            (folder / CHECKPOINT_COMPLETE).write_text(f"{self.state.global_step}\n")
+            if limit:
+                rotate_checkpoints(output_dir=str(run_dir), save_total_limit=limit,
+                                   best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
 
     def _load_vgf_state(self, checkpoint: str) -> None:
         folder = Path(checkpoint)
+        if not (folder / CHECKPOINT_COMPLETE).is_file():
+            raise ValueError(f"{folder} is incomplete (no {CHECKPOINT_COMPLETE}: it was cut off while saving); resume "
+                             "from an earlier checkpoint, or with resume_from_checkpoint=true for the last complete "
+                             "one")
         if isinstance(self.scorer, ValueModel):
-            if not (folder / "value_model").is_dir():
-                raise FileNotFoundError(f"{folder} has no value_model/: not a VGF checkpoint")
             self.scorer.load_weights(folder / "value_model")
-        if (folder / "vgf_state.pt").exists():
-            self.value_buffer.clear()
-            self.value_buffer.extend(torch.load(folder / "vgf_state.pt", weights_only=False)["value_buffer"])
+        self.value_buffer.clear()
+        self.value_buffer.extend(torch.load(folder / "vgf_state.pt", weights_only=False)["value_buffer"])
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         """The policy adapter back into ``default`` (the parent only knows PeftModel-wrapped adapters)."""
@@ -478,9 +511,7 @@ class VGFTrainer(Trainer):
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
         if resume_from_checkpoint:
             if resume_from_checkpoint is True:
-                resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
-                if resume_from_checkpoint is None:
-                    raise ValueError(f"no checkpoint to resume from in {self.args.output_dir}")
+                resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
             self._load_vgf_state(resume_from_checkpoint)
         return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial,
                              ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)

@@ -4,7 +4,6 @@ strict JSON output."""
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -123,17 +122,6 @@ def read_prompts_jsonl(path: str | os.PathLike) -> list[dict]:
     if not rows:
         raise CLIError(f"prompts file has no rows: {path}")
     return rows
-
-
-def json_safe(value):
-    """NaN/inf become null so every written line is strict JSON."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    return value
 
 
 def parse(dataclasses: tuple, argv: list[str], prog: str, description: str):

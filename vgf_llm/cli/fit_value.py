@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Literal
 
 from vgf_llm.cli import CLIError
-from vgf_llm.cli.common import PromptArguments, json_safe, parse
+from vgf_llm.cli.common import PromptArguments, parse
+from vgf_llm.evaluation import json_safe
 
 TASK_PROMPTS = 64  # train prompts of a task when num_prompts is not given
 

@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vgf_llm.cli import CLIError
-from vgf_llm.cli.common import PromptArguments, json_safe, parse
+from vgf_llm.cli.common import PromptArguments, parse
+from vgf_llm.evaluation import json_safe
 from vgf_llm.sampler import SamplerConfig
 
 TASK_PROMPTS = 32  # test prompts of a task when num_prompts is not given
