@@ -346,3 +346,33 @@ def test_async_trl_reward_functions_work_unchanged(tiny_lm_dir, standard_prompts
     tr.train()
     assert calls and calls[0] == 2 * 4  # 2 prompts x 4 particles in the first call
     assert "rewards/remote_judge/mean" in logged(tr)
+
+
+def test_trl_reward_functions_run_unchanged_with_trls_keywords(tiny_lm_dir, conversational_prompts, tmp_path,
+                                                                capsys, monkeypatch):
+    """trl.rewards' own functions (which need ``completion_ids``, ``solution`` and ``log_extra``) and a custom one
+    using ``log_metric``, through VGFTrainer unchanged; log_completions prints TRL's completions table."""
+    from trl.rewards import accuracy_reward, get_repetition_penalty_reward, get_soft_overlong_punishment
+
+    seen = {}
+
+    def logs_a_metric(prompts, completions, completion_ids, log_metric, trainer_state, **kwargs):
+        seen["ids"] = completion_ids
+        log_metric("custom/mean_tokens", sum(len(c) for c in completion_ids) / len(completion_ids))
+        return [0.0] * len(completions)
+
+    monkeypatch.setenv("COLUMNS", "400")  # rich sizes the completions table to the terminal
+    data = conversational_prompts.map(lambda row: {"solution": row["answer"] or "1"})
+    rewards = [get_soft_overlong_punishment(max_completion_len=6, soft_punish_cache=2),
+               get_repetition_penalty_reward(ngram_size=2), accuracy_reward, logs_a_metric]
+    tr = VGFTrainer(str(tiny_lm_dir), rewards, args=config(tmp_path, max_steps=1, log_completions=True),
+                    train_dataset=data)
+    tr.train()
+    log = logged(tr)
+    assert math.isfinite(log["train_loss"]) and "custom/mean_tokens" in log
+    assert 0 < log["custom/mean_tokens"] <= 6
+    assert all(isinstance(ids, list) and all(isinstance(t, int) for t in ids) for ids in seen["ids"])
+    for name in ("soft_overlong_punishment_reward", "repetition_penalty_reward"):
+        assert any(k.startswith(f"rewards/{name}") for k in log), name
+    out = capsys.readouterr().out
+    assert "after transport" in out and "original" in out  # TRL's table, with the transport's before/after

@@ -162,7 +162,8 @@ class VGFTrainer(Trainer):
         self._metrics: dict[str, list[float]] = defaultdict(list)
         self._phase_seconds: dict[str, float] = {}
         self._micro_batches = 0
-        self._last_completions: list[tuple[str, str, str, float, float]] = []
+        self._last_completions: dict = {}
+        self._extra_columns: dict[str, list] = {}
         self._micro_step = (-1, 0)  # (global step, micro-batch index): seeds rollouts reproducibly across resumes
 
     # -- construction -------------------------------------------------------------------------------------------
@@ -196,11 +197,18 @@ class VGFTrainer(Trainer):
         return ((self.args.seed * 1_000_003 + self.state.global_step) * 101 + micro) * 1009 + \
             self.accelerator.process_index
 
-    def _rewards(self, rows: list[dict], texts: list[str]) -> torch.Tensor:
-        """True rewards (NaN where every function returned None), TRL's call: extra columns + ``trainer_state``."""
+    def _rewards(self, rows: list[dict], texts: list[str], ro: Rollouts, idx: list[int] | None = None) -> torch.Tensor:
+        """True rewards (NaN where every function returned None) of ``texts`` (the completions of ``ro``, or those at
+        flat positions ``idx``), called as TRL's GRPOTrainer calls reward functions: the dataset columns,
+        ``completion_ids``, ``trainer_state``, and ``log_extra`` / ``log_metric`` for the functions' own logs."""
+        _, _, ids, mask = ro.flat()
+        rows_of = range(len(ids)) if idx is None else idx
+        completion_ids = [ids[i][mask[i].bool()].tolist() for i in rows_of]
         try:
-            total, per_func = reward_texts_and_parts(self.reward_funcs, self.args.reward_weights, rows, texts,
-                                                     trainer_state=self.state)
+            total, per_func = reward_texts_and_parts(
+                self.reward_funcs, self.args.reward_weights, rows, texts, completion_ids=completion_ids,
+                trainer_state=self.state, log_extra=self._log_extra,
+                log_metric=lambda name, value: self._metrics[name].append(float(value)))
         except Exception as err:
             raise RuntimeError(f"a reward function failed at step {self.state.global_step}: {err}") from err
         for name, col in zip(self.reward_names, per_func.T, strict=True):
@@ -211,6 +219,10 @@ class VGFTrainer(Trainer):
                            "from this batch (check the reward functions and the dataset columns they need)",
                            self.state.global_step, len(total))
         return total
+
+    def _log_extra(self, column: str, values: list) -> None:
+        """A reward function's extra column for the completions printed with ``log_completions`` (TRL's log_extra)."""
+        self._extra_columns.setdefault(column, list(values))  # the rollouts' call, not the re-scoring of edits
 
     @contextmanager
     def _timed(self, phase: str):
@@ -283,7 +295,7 @@ class VGFTrainer(Trainer):
             ro = self.backend.generate(prompts, n, seed)
         flat_rows = [r for r in rows for _ in range(n)]
         with self._timed("reward"):
-            rewards = self._rewards(flat_rows, [t for group in ro.texts for t in group]).view(g, n)
+            rewards = self._rewards(flat_rows, [t for group in ro.texts for t in group], ro).view(g, n)
         if args.transport_steps > 0:  # budget 0 (best-of-N distillation) never reads the value model
             with self._timed("value_fit"):
                 self._update_value_model(ro, rewards)
@@ -302,11 +314,11 @@ class VGFTrainer(Trainer):
         if idx:
             with self._timed("reward"):
                 texts = [moved.texts[i // n][i % n] for i in idx]
-                moved_rewards.view(-1)[idx] = self._rewards([flat_rows[i] for i in idx], texts)
+                moved_rewards.view(-1)[idx] = self._rewards([flat_rows[i] for i in idx], texts, moved, idx)
         with self._timed("distill"):  # the reference's log-probabilities of the targets (for the KL)
             targets = self._targets(ro, moved, rewards, moved_rewards, changed)
         model.train()
-        self._log_step(ro, moved, rewards, moved_rewards, changed, disp)
+        self._log_step(prompts, ro, moved, rewards, moved_rewards, changed, disp)
         return targets
 
     def _update_value_model(self, ro: Rollouts, rewards: torch.Tensor) -> None:
@@ -391,7 +403,7 @@ class VGFTrainer(Trainer):
             self._metrics["distill/nll"].append(float((nll.detach() * weights).sum() / weights.sum()))
         return (loss, None) if return_outputs else loss
 
-    def _log_step(self, ro, moved, rewards, moved_rewards, changed, disp) -> None:
+    def _log_step(self, prompts, ro, moved, rewards, moved_rewards, changed, disp) -> None:
         m = self._metrics
         finite = torch.isfinite(rewards)
         stds = group_std(rewards)
@@ -404,8 +416,12 @@ class VGFTrainer(Trainer):
         m["transport/tokens_changed"].append(float(changed.float().mean()))
         m["transport/displacement"].append(float(disp.float().mean()))
         m["completions/mean_length"].append(float(ro.completion_mask.sum(-1).float().mean()))
-        self._last_completions = [(str(ro.texts[i][0]), moved.texts[i][0], float(rewards[i, 0]),
-                                   float(moved_rewards[i, 0])) for i in range(min(ro.shape[0], 4))]
+        g, n = rewards.shape
+        self._last_completions = dict(  # every rollout of the micro-batch, for TRL's completions table
+            prompts=[prompts[i // n] for i in range(g * n)], completions=[t for group in moved.texts for t in group],
+            rewards={"reward": rewards.reshape(-1).tolist(), "after transport": moved_rewards.reshape(-1).tolist()},
+            extra={"original": [t for group in ro.texts for t in group], **self._extra_columns})
+        self._extra_columns = {}
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Adds the step metrics (averaged over the micro-batches and processes since the last log) to the logs."""
@@ -423,10 +439,12 @@ class VGFTrainer(Trainer):
                 logs[key] = sum(values) / len(values)
             self._metrics.clear()
             if self.args.log_completions and self._last_completions and self.is_world_process_zero():
-                rows = self._last_completions[: self.args.num_completions_to_print or 4]
-                for before, after, r0, r1 in rows:
-                    print(f"[step {self.state.global_step}] reward {r0:.3f} -> {r1:.3f}\n  before: {before!r}\n"
-                          f"  after:  {after!r}")
+                from trl.trainer.utils import print_prompt_completions_sample
+
+                c = self._last_completions
+                extra = {k: v for k, v in c["extra"].items() if len(v) == len(c["completions"])}
+                print_prompt_completions_sample(c["prompts"], c["completions"], c["rewards"], None,
+                                                self.state.global_step, self.args.num_completions_to_print, extra)
         super().log(logs, start_time)
 
     # -- evaluation -----------------------------------------------------------------------------------------------
