@@ -227,7 +227,7 @@ def test_models_prepare_prints_the_folder_or_fails_clearly(tiny_lm_dir, tmp_path
     assert code == 0 and out.strip() == str(tiny_lm_dir)
     expect_error(f"models prepare {tmp_path / 'no-such-model'}", capsys, "no model folder at")
     expect_error(
-        "models prepare no-such-org/no-such-model", capsys, "not available offline", "huggingface-cli download"
+        "models prepare no-such-org/no-such-model", capsys, "not available offline", "hf download"
     )
 
 

@@ -58,7 +58,7 @@ def test_unknown_hub_id_says_how_to_provide_it(empty_hf_cache):
     with pytest.raises(ModelNotAvailableError) as info:
         prepare_model("nobody-here/does-not-exist")
     message = str(info.value)
-    assert "huggingface-cli download nobody-here/does-not-exist --local-dir" in message
+    assert "hf download nobody-here/does-not-exist --local-dir" in message
     assert "pass its path" in message and ALIAS in message
     assert isinstance(info.value, OSError)
     with pytest.raises(ModelNotAvailableError):
@@ -68,7 +68,7 @@ def test_unknown_hub_id_says_how_to_provide_it(empty_hf_cache):
 def test_missing_local_path_raises(tmp_path):
     with pytest.raises(ModelNotAvailableError, match="no model folder at") as info:
         prepare_model(tmp_path / "no" / "such" / "model")
-    assert "huggingface-cli" not in str(info.value)  # a path is not a Hub id: no download advice
+    assert "hf download" not in str(info.value)  # a path is not a Hub id: no download advice
     (tmp_path / "weights.bin").write_bytes(b"x")
     with pytest.raises(ModelNotAvailableError, match="is a file"):
         prepare_model(tmp_path / "weights.bin")

@@ -231,3 +231,26 @@ def test_eval_results_are_strict_json_when_no_reward_applies(tmp_path, tiny_lm_d
 
 def no_reward(prompts, completions, **kwargs):
     return [None] * len(completions)
+
+
+def test_model_config_options_load_the_model_as_asked_or_are_refused(tmp_path, tiny_lm_dir, capsys):
+    recipe = tiny_recipe(tmp_path, tiny_lm_dir, max_steps=1, compare_base=False)
+    assert main(["train", "--config", str(recipe), "--dtype", "bfloat16", "--attn_implementation", "eager"]) == 0
+    assert json.loads((tmp_path / "out" / "eval_results.json").read_text())["dtype"] == "bfloat16"
+    for bad, message in ((["--load_in_4bit", "true"], "not supported"), (["--use_peft", "false"], "LoRA"),
+                         (["--lora_task_type", "SEQ_CLS"], "CAUSAL_LM")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["train", "--config", str(recipe), *bad])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err, bad
+
+
+def test_lora_options_reach_the_adapter_with_the_default_target_modules():
+    from vgf_llm.recipe import VGFModelConfig, model_init_kwargs, peft_config_from
+    from vgf_llm.trainer import default_lora_config
+
+    cfg = peft_config_from(VGFModelConfig(lora_r=4, use_rslora=True, use_dora=True, lora_modules_to_save=["score"]))
+    assert (cfg.r, cfg.use_rslora, cfg.use_dora, cfg.modules_to_save) == (4, True, True, ["score"])
+    assert set(cfg.target_modules) == set(default_lora_config().target_modules)
+    assert peft_config_from(VGFModelConfig(lora_target_modules=["q_proj"])).target_modules in ("q_proj", {"q_proj"})
+    kwargs = model_init_kwargs(VGFModelConfig(dtype="bfloat16", model_revision="v2", attn_implementation="sdpa"))
+    assert kwargs == {"dtype": "bfloat16", "revision": "v2", "attn_implementation": "sdpa"}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 
@@ -376,3 +377,33 @@ def test_trl_reward_functions_run_unchanged_with_trls_keywords(tiny_lm_dir, conv
         assert any(k.startswith(f"rewards/{name}") for k in log), name
     out = capsys.readouterr().out
     assert "after transport" in out and "original" in out  # TRL's table, with the transport's before/after
+
+
+def test_a_pushed_adapter_names_the_hub_id_of_its_base_and_loads_from_it(tiny_lm_dir, standard_prompts, tmp_path,
+                                                                          monkeypatch):
+    """A base converted from an alias records its Hub repository; the adapter's config names that id (not the local
+    folder), and PEFT resolves the base from it (here from a Hugging Face cache folder, offline)."""
+    import shutil
+
+    from peft import AutoPeftModelForCausalLM
+
+    from vgf_llm.models import MARKER_FILE
+
+    base = tmp_path / "converted"
+    shutil.copytree(tiny_lm_dir, base)
+    (base / MARKER_FILE).write_text(json.dumps({"alias": "tiny", "hub_id": "vgf-test-org/tiny-base"}))
+    tr = trainer(base, standard_prompts, tmp_path, max_steps=1)
+    tr.train()
+    tr.save_model()
+    config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "vgf-test-org/tiny-base" == tr.base_model_name
+    # the Hub cache layout, offline: models--org--name/snapshots/<rev>/ and refs/main
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--vgf-test-org--tiny-base" / "snapshots" / "0"
+    shutil.copytree(tiny_lm_dir, snapshot)
+    (cache / "models--vgf-test-org--tiny-base" / "refs").mkdir()
+    (cache / "models--vgf-test-org--tiny-base" / "refs" / "main").write_text("0")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    loaded = AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "out"), cache_dir=str(cache))
+    ids = torch.tensor([[5, 6, 7]])
+    torch.testing.assert_close(loaded(input_ids=ids).logits, tr.model(input_ids=ids).logits, atol=1e-5, rtol=1e-4)

@@ -125,11 +125,25 @@ def _not_available_message(name: str) -> str:
     return (
         f"Model {name!r} is not available offline: it is not a model alias, not a local folder, and not in the "
         f"local Hugging Face cache (the Hub cannot be reached from here). To provide it:\n"
-        f"  1. on a machine with network access run: huggingface-cli download {name} --local-dir ./models/"
+        f"  1. on a machine with network access run: hf download {name} --local-dir ./models/"
         f"{name.rsplit('/', 1)[-1]}\n"
         f"  2. copy that folder here and pass its path instead of {name!r};\n"
         f"  or use a built-in alias that works offline: {aliases}."
     )
+
+
+def hub_id(name_or_path: str | os.PathLike) -> str:
+    """The Hub repository a model comes from, for model cards and ``adapter_config.json`` (so a pushed adapter
+    loads anywhere): an alias's original repository, the one recorded in a folder converted from an alias, or the
+    name as given (a Hub id, or a local folder of unknown origin)."""
+    name = os.fspath(name_or_path)
+    if name in MODEL_ALIASES:
+        return MODEL_ALIASES[name].hub_id
+    marker = Path(name) / MARKER_FILE
+    if marker.is_file():
+        with contextlib.suppress(OSError, ValueError):
+            return json.loads(marker.read_text()).get("hub_id") or name
+    return name
 
 
 def ensure_converted(alias: str) -> Path:

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+
+from trl import ModelConfig
 
 from vgf_llm.config import VGFConfig
 from vgf_llm.evaluation import json_safe
@@ -113,19 +115,43 @@ def reward_functions(recipe: RecipeArguments) -> list:
     return names
 
 
-def peft_config_from(model_args):
-    """TRL's ``ModelConfig`` LoRA fields as a ``LoraConfig`` (the trainer's default if LoRA fields are unset)."""
-    from peft import LoraConfig
+@dataclass
+class VGFModelConfig(ModelConfig):
+    """TRL's ``ModelConfig``, every field of which does what TRL's scripts make it do, or is refused: VGF always
+    trains a LoRA adapter (``use_peft`` is true), and 8/4-bit loading is not supported."""
+
+    use_peft: bool = field(default=True, metadata={"help": "VGF always trains a LoRA adapter; false is refused."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.use_peft:
+            raise ValueError("use_peft=false: VGF trains a LoRA policy adapter (full fine-tuning is not supported)")
+        if self.load_in_8bit or self.load_in_4bit:
+            raise ValueError("load_in_8bit / load_in_4bit are not supported by vgf-llm (the transport reads the "
+                             "embedding table and the value model trains its own adapter on the base): load the "
+                             "model in bfloat16 (--dtype bfloat16) instead")
+        if self.lora_task_type != "CAUSAL_LM":
+            raise ValueError(f"lora_task_type={self.lora_task_type!r}: the policy is a causal LM (CAUSAL_LM)")
+
+
+def model_init_kwargs(model_args: ModelConfig) -> dict:
+    """``from_pretrained`` keywords from ``ModelConfig``, as TRL's scripts build them."""
+    kwargs = {"revision": model_args.model_revision, "dtype": model_args.dtype}
+    if model_args.attn_implementation is not None:
+        kwargs["attn_implementation"] = model_args.attn_implementation
+    return kwargs
+
+
+def peft_config_from(model_args: ModelConfig):
+    """The policy's ``LoraConfig`` from ``ModelConfig`` with TRL's own ``get_peft_config`` (rsLoRA, DoRA,
+    modules_to_save, target_parameters included); unset target modules mean every attention and MLP projection."""
+    from trl import get_peft_config
 
     from vgf_llm.trainer import default_lora_config
 
-    if not model_args.lora_target_modules:
-        cfg = default_lora_config()
-        cfg.r, cfg.lora_alpha, cfg.lora_dropout = model_args.lora_r, model_args.lora_alpha, model_args.lora_dropout
-        return cfg
-    return LoraConfig(r=model_args.lora_r, lora_alpha=model_args.lora_alpha, lora_dropout=model_args.lora_dropout,
-                      target_modules=model_args.lora_target_modules, task_type="CAUSAL_LM",
-                      use_rslora=model_args.use_rslora, use_dora=model_args.use_dora)
+    if not model_args.lora_target_modules and not model_args.lora_target_parameters:
+        model_args = replace(model_args, lora_target_modules=list(default_lora_config().target_modules))
+    return get_peft_config(replace(model_args, use_peft=True))
 
 
 def held_out_reward(trainer, rows: list[dict], adapter: str | None) -> tuple[float, list[float]]:
@@ -178,11 +204,13 @@ def run(recipe: RecipeArguments, args: VGFConfig, model_args) -> dict:
     from vgf_llm.trainer import POLICY, VGFTrainer
 
     train_data, eval_data, held_out = load_datasets(recipe, args.seed)
+    args.model_init_kwargs = {**model_init_kwargs(model_args), **(args.model_init_kwargs or {})}
     trainer = VGFTrainer(model_args.model_name_or_path, reward_functions(recipe), args=args,
                          train_dataset=train_data, peft_config=peft_config_from(model_args))
     rows = [dict(r) for r in eval_data]
     summary: dict = {"model": model_args.model_name_or_path, "held_out_prompts": len(rows), "held_out": held_out,
-                     "world_size": args.world_size, "prompts_per_step": args.prompts_per_step}
+                     "world_size": args.world_size, "prompts_per_step": args.prompts_per_step,
+                     "dtype": str(trainer.model.dtype).removeprefix("torch.")}
     if recipe.compare_base and rows:
         summary["base_reward"], base = held_out_reward(trainer, rows, None)
     trainer.train(resume_from_checkpoint=resume_argument(args.resume_from_checkpoint))

@@ -16,6 +16,7 @@ ZeRO-3 gathers and the Hub, which only make sense together; the distillation ari
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -109,7 +110,7 @@ class VGFTrainer(Trainer):
     def __init__(self, model, reward_funcs, args: VGFConfig | None = None, train_dataset=None, eval_dataset=None,
                  processing_class=None, peft_config=None, callbacks=None, reward_processing_classes=None,
                  rollout_backend=None):
-        from vgf_llm.models import load_model, load_tokenizer
+        from vgf_llm.models import hub_id, load_model, load_tokenizer
 
         if args is None:
             name = model if isinstance(model, str) else model.config._name_or_path
@@ -132,7 +133,7 @@ class VGFTrainer(Trainer):
                             f"base model and its LoraConfig as peft_config), got {type(model).__name__}")
         if getattr(model, "_hf_peft_config_loaded", False):
             raise ValueError("the model already carries adapters: pass the plain base model and a peft_config")
-        self.base_model_name = base_name
+        self.base_model_name = hub_id(base_name)  # what the card and adapter_config.json name, so the adapter loads
         if processing_class is None:
             processing_class = load_tokenizer(base_name)
         if processing_class.pad_token_id is None:
@@ -147,7 +148,7 @@ class VGFTrainer(Trainer):
 
         self.scorer = self._scorer(model, args, processing_class)
         peft_config = peft_config or default_lora_config()
-        peft_config.base_model_name_or_path = base_name
+        peft_config.base_model_name_or_path = self.base_model_name
         model.add_adapter(peft_config, adapter_name=POLICY)
         model.enable_adapters()
         model.set_adapter(POLICY)  # trainable: the policy adapter only (the value adapter trains in its own fit)
@@ -473,6 +474,11 @@ class VGFTrainer(Trainer):
         model = self.accelerator.unwrap_model(self.model)
         with active_adapter(model, POLICY):
             model.save_pretrained(output_dir, state_dict=state_dict)
+        config = Path(output_dir) / "adapter_config.json"
+        if self.args.should_save and config.is_file():  # transformers writes the local folder: name the Hub id
+            data = json.loads(config.read_text())
+            data["base_model_name_or_path"] = self.base_model_name
+            config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
         if self.args.should_save:
             self.processing_class.save_pretrained(output_dir)
             torch.save(self.args, os.path.join(output_dir, "training_args.bin"))

@@ -21,13 +21,13 @@ from tqdm.auto import tqdm
 
 
 def join_inputs(embed_weight, prompt_ids, prompt_mask, response_embeds, response_mask):
-    """[prompt | response] as inputs_embeds, attention mask and position ids (prompt left-padded), on the model's
-    device (rollouts are kept on the CPU)."""
+    """[prompt | response] as inputs_embeds in the model's dtype, attention mask and position ids (prompt
+    left-padded), on the model's device (rollouts are kept on the CPU)."""
     device = embed_weight.device
     prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
     response_embeds, response_mask = response_embeds.to(device), response_mask.to(device)
-    prompt_embeds = embed_weight[prompt_ids].to(response_embeds.dtype)
-    inputs = torch.cat([prompt_embeds, response_embeds], dim=1)
+    # the model's own dtype (bfloat16 models too): particles are float32, the cast passes their gradient back
+    inputs = torch.cat([embed_weight[prompt_ids], response_embeds.to(embed_weight.dtype)], dim=1)
     mask = torch.cat([prompt_mask, response_mask.to(prompt_mask.dtype)], dim=1)
     positions = (mask.long().cumsum(-1) - 1).clamp_min(0)
     return inputs, mask, positions

@@ -1,6 +1,6 @@
 """``vgf-llm train --config recipe.yaml [--key value ...] [--accelerate_config NAME --num_processes N]``.
 
-TRL's parser owns the options (``RecipeArguments``, ``VGFConfig``, TRL's ``ModelConfig``); with
+TRL's parser owns the options (``RecipeArguments``, ``VGFConfig``, ``VGFModelConfig`` = TRL's ``ModelConfig``); with
 ``--accelerate_config`` the command re-runs itself in N processes (``accelerate launch`` with CUDA, ``torchrun``
 over gloo without) and ``vgf_llm.recipe.run`` does the work.
 """
@@ -61,10 +61,10 @@ def launch_command(argv: list[str], accelerate_config: str, num_processes: int, 
 
 def run(argv: list[str]) -> int:
     """``vgf-llm train --config recipe.yaml [--key value ...] [--accelerate_config NAME --num_processes N]``."""
-    from trl import ModelConfig, TrlParser
+    from trl import TrlParser
 
     from vgf_llm.config import VGFConfig
-    from vgf_llm.recipe import RecipeArguments, run
+    from vgf_llm.recipe import RecipeArguments, VGFModelConfig, run
 
     argv = list(argv)
     accelerate_config = _pop_option(argv, "--accelerate_config")
@@ -78,7 +78,7 @@ def run(argv: list[str]) -> int:
                              torch.cuda.is_available())
         print("launching:", " ".join(cmd), file=sys.stderr)
         return subprocess.call(cmd)
-    parser = TrlParser((RecipeArguments, VGFConfig, ModelConfig), prog="vgf-llm train",
+    parser = TrlParser((RecipeArguments, VGFConfig, VGFModelConfig), prog="vgf-llm train",
                        description="Fine-tune a LoRA policy with Value Gradient Flow. Options come from --config "
                        "recipe.yaml; --key value on the command line overrides the file.")
     recipe, args, model_args = parser.parse_args_and_config(argv)
