@@ -155,7 +155,8 @@ def vgf_trainer(s: ArmSettings, arm: str, output_dir: str, dataset=None, steps: 
     model, tok = base_model(s)
     args = VGFConfig(
         output_dir=output_dir, max_steps=steps or s.steps, per_device_train_batch_size=s.prompts,
-        num_generations=s.generations, generation_batch_size=s.prompts, max_completion_length=s.max_completion_length,
+        num_generations=s.generations, generation_batch_size=s.prompts * s.generations,
+        max_completion_length=s.max_completion_length,
         temperature=s.temperature, learning_rate=s.learning_rate, lr_scheduler_type="constant",
         transport_steps=s.transport_steps if arm == "vgf" else 0, transport_step_size=s.transport_step_size,
         transport_alpha=s.transport_alpha, decoder=s.decoder, decoder_topk=s.decoder_topk, max_edits=s.max_edits,

@@ -70,7 +70,8 @@ class Variant:
     def sampler_config(self, args) -> SamplerConfig:
         return SamplerConfig(
             num_generations=args.num_particles, max_completion_length=args.max_new_tokens,
-            temperature=args.temperature, generation_batch_size=args.batch_size, transport_steps=self.steps,
+            temperature=args.temperature, generation_batch_size=args.batch_size * args.num_particles,
+            transport_steps=self.steps,
             transport_step_size=self.step_size, transport_alpha=1.0, decoder=self.decoder, decoder_topk=8,
             max_edits=self.max_edits, verify_top=self.verify_top, verify_candidates=self.verify_candidates,
             union_margin=self.union_margin, steer_layer=self.steer_layer)

@@ -101,7 +101,7 @@ def test_test_time_variants_build_sampler_configs():
     for v in test_time.VARIANTS.values():
         c = v.sampler_config(args)
         assert (c.decoder, c.transport_steps, c.transport_step_size) == (v.decoder, v.steps, v.step_size), v.name
-        assert c.num_generations == 4 and c.generation_batch_size == 2, v.name
+        assert c.num_generations == 4 and c.prompts_per_generation == 2, v.name
     assert set(test_time.DEFAULT_VARIANTS) <= set(test_time.VARIANTS)
 
 

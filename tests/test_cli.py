@@ -314,7 +314,7 @@ def test_generate_with_the_fitted_value_model(fitted, tiny_lm_dir, prompts_file,
     code, stdout, _ = run_cli(
         f"generate --model_name_or_path {tiny_lm_dir} --prompts {prompts_file} --num_prompts 2 "
         f"--value_model_path {fitted[0]} --num_generations 4 --transport_steps 2 "
-        f"--max_completion_length 8 --generation_batch_size 2 --output {out}",
+        f"--max_completion_length 8 --generation_batch_size 8 --output {out}",
         capsys,
     )
     assert code == 0 and "wrote 2 lines" in stdout

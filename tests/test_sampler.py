@@ -37,7 +37,7 @@ def best_of_n(model, tokenizer, selector, prompts, *, n, seed, batch_size, max_n
 
 def test_budget_zero_equals_best_of_n(value_sampler_parts):
     model, tok, vm = value_sampler_parts
-    config = SamplerConfig(num_generations=4, transport_steps=0, max_completion_length=10, generation_batch_size=2)
+    config = SamplerConfig(num_generations=4, transport_steps=0, max_completion_length=10, generation_batch_size=8)
     got = VGFSampler(model, tok, vm, config, progress=False).sample(PROMPTS, seed=5)
     expected = best_of_n(model, tok, vm, PROMPTS, n=4, seed=5, batch_size=2, max_new_tokens=10)
     assert [(r.response, r.chosen) for r in got] == expected
@@ -48,7 +48,7 @@ def test_budget_zero_equals_best_of_n(value_sampler_parts):
 @pytest.mark.parametrize("decoder", DECODERS)
 def test_sampler_moves_particles_and_reports_every_field(value_sampler_parts, decoder):
     model, tok, vm = value_sampler_parts
-    config = SamplerConfig(num_generations=4, max_completion_length=10, generation_batch_size=2, transport_steps=3,
+    config = SamplerConfig(num_generations=4, max_completion_length=10, generation_batch_size=8, transport_steps=3,
                            transport_step_size=2.0, transport_alpha=0.01, decoder=decoder, verify_top=None)
     sampler = VGFSampler(model, tok, vm, config, progress=False)
     results = sampler.sample(PROMPTS, seed=1)
@@ -67,7 +67,7 @@ def test_sampler_moves_particles_and_reports_every_field(value_sampler_parts, de
 
 def test_union_margin_keeps_the_best_original_unless_a_moved_particle_clearly_wins(value_sampler_parts):
     model, tok, vm = value_sampler_parts
-    kw = dict(num_generations=4, max_completion_length=10, generation_batch_size=2, transport_steps=2,
+    kw = dict(num_generations=4, max_completion_length=10, generation_batch_size=8, transport_steps=2,
               transport_step_size=2.0, transport_alpha=0.01, decoder="verified", max_edits=2, verify_candidates=4,
               verify_top=None)
     plain = VGFSampler(model, tok, vm, SamplerConfig(**kw), progress=False).sample(PROMPTS, seed=1)
@@ -90,10 +90,14 @@ def test_one_set_of_defaults_for_the_sampler_and_the_trainer():
     assert (shared["decoder"], shared["transport_steps"], shared["transport_step_size"], shared["max_edits"],
             shared["verify_top"], shared["verify_candidates"]) == ("verified", 3, 0.05, 5, 1, 4)
     assert SamplerConfig().union_margin == 0.0 and not hasattr(trainer, "union_margin")
+    # generation_batch_size counts completions, as in TRL's GRPOConfig
+    assert SamplerConfig(num_generations=8, generation_batch_size=32).prompts_per_generation == 4
+    assert SamplerConfig(num_generations=6).prompts_per_generation == 4
 
 
 @pytest.mark.parametrize("bad", [dict(decoder="nearest"), dict(transport_steps=-1), dict(transport_alpha=0),
-                                 dict(max_edits=0), dict(verify_top=0), dict(num_generations=0)])
+                                 dict(max_edits=0), dict(verify_top=0), dict(num_generations=0),
+                                 dict(num_generations=8, generation_batch_size=12)])
 def test_bad_sampler_settings_are_refused(bad):
     with pytest.raises(ValueError):
         SamplerConfig(**bad)

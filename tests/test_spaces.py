@@ -281,7 +281,7 @@ def test_the_sampler_runs_steering_particles_and_budget_zero_is_best_of_n(sharp_
 
     tiny_lm = sharp_lm
     vm = steer_value_model(tiny_lm, 20)
-    kw = dict(num_generations=4, max_completion_length=10, generation_batch_size=3, decoder="steer", steer_layer=1)
+    kw = dict(num_generations=4, max_completion_length=10, generation_batch_size=12, decoder="steer", steer_layer=1)
     zero = VGFSampler(tiny_lm, tokenizer, vm, SamplerConfig(transport_steps=0, **kw), progress=False)
     moved = VGFSampler(tiny_lm, tokenizer, vm, SamplerConfig(transport_steps=4, transport_step_size=0.5, **kw),
                        progress=False)

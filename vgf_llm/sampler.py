@@ -32,7 +32,9 @@ class TransportConfig:
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of the rollouts."})
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling of the rollouts."})
     top_k: int = field(default=0, metadata={"help": "Top-k sampling of the rollouts (0: off)."})
-    generation_batch_size: int = field(default=4, metadata={"help": "Prompts per generate() call."})
+    generation_batch_size: int | None = field(default=None, metadata={
+        "help": "Completions per generate() call (TRL's unit): generation_batch_size / num_generations prompts, "
+                "each with its num_generations samples; a multiple of num_generations (None: 4 prompts' worth)."})
     # -- transport budget ------------------------------------------------------------------------------------
     transport_steps: int = field(default=3, metadata={"help": "L, Adam transport steps per group (0 = best-of-N)."})
     transport_step_size: float = field(default=0.05, metadata={"help": "eps, the step size (logits for soft_topk)."})
@@ -59,17 +61,25 @@ class TransportConfig:
     def __post_init__(self):
         if self.decoder not in DECODERS:
             raise ValueError(f"decoder={self.decoder!r}; choose one of {DECODERS}")
-        for name in ("num_generations", "max_completion_length", "generation_batch_size", "decoder_topk",
-                     "max_edits", "verify_candidates"):
+        for name in ("num_generations", "max_completion_length", "decoder_topk", "max_edits", "verify_candidates"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.transport_steps < 0 or self.transport_step_size < 0 or self.transport_alpha <= 0:
             raise ValueError("transport_steps and transport_step_size must be >= 0 and transport_alpha > 0")
+        if self.generation_batch_size is not None and (self.generation_batch_size < self.num_generations
+                                                       or self.generation_batch_size % self.num_generations):
+            raise ValueError(f"generation_batch_size={self.generation_batch_size} counts completions (as in TRL): it "
+                             f"must be a multiple of num_generations={self.num_generations}")
         if self.verify_top is not None and self.verify_top < 1:
             raise ValueError(f"verify_top must be >= 1 or None, got {self.verify_top}")
         parent = getattr(super(), "__post_init__", None)  # TrainingArguments, when VGFConfig mixes this in
         if parent is not None:
             parent()
+
+    @property
+    def prompts_per_generation(self) -> int:
+        """Prompts per generate() call: ``generation_batch_size`` completions of ``num_generations`` each."""
+        return 4 if self.generation_batch_size is None else self.generation_batch_size // self.num_generations
 
 
 @dataclass
@@ -122,7 +132,7 @@ class VGFSampler:
         self.space = make_space(c.decoder, model, tokenizer, scorer, c)
         self.backend = backend or make_rollout_backend(model, tokenizer, max_new_tokens=c.max_completion_length,
                                                        temperature=c.temperature, top_p=c.top_p, top_k=c.top_k,
-                                                       batch_size=c.generation_batch_size)
+                                                       batch_size=c.prompts_per_generation)
         self.last_trace: TransportTrace | None = None
 
     def rollout(self, prompts: list, seed: int) -> Rollouts:
@@ -130,8 +140,8 @@ class VGFSampler:
             return self.backend.generate(prompts, self.config.num_generations, seed)
 
     def sample(self, prompts: list, seed: int = 0) -> list[SampleResult]:
-        """One ``SampleResult`` per prompt, ``generation_batch_size`` prompts at a time."""
-        size = self.config.generation_batch_size
+        """One ``SampleResult`` per prompt, ``prompts_per_generation`` prompts at a time."""
+        size = self.config.prompts_per_generation
         results = []
         starts = range(0, len(prompts), size)
         for c, s in enumerate(tqdm(starts, desc="vgf", disable=not self.progress)):

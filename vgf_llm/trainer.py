@@ -188,7 +188,7 @@ class VGFTrainer(Trainer):
                     server_port=a.vllm_server_port, server_timeout=a.vllm_server_timeout) if a.use_vllm else {}
         return make_rollout_backend(self.model, self.processing_class, use_vllm=a.use_vllm,
                                     max_new_tokens=a.max_completion_length, temperature=a.temperature, top_p=a.top_p,
-                                    top_k=a.top_k, batch_size=a.generation_batch_size, **vllm)
+                                    top_k=a.top_k, batch_size=a.prompts_per_generation, **vllm)
 
     # -- one step -----------------------------------------------------------------------------------------------
     def _next_seed(self) -> int:
