@@ -43,6 +43,11 @@ class VGFConfig(TransportConfig, TrainingArguments):
     vllm_server_host: str = "127.0.0.1"
     vllm_server_port: int = 8000
     vllm_server_timeout: float = 240.0
+    vllm_server_base_url: str | None = field(default=None, metadata={
+        "help": "Server mode: the server's URL (overrides vllm_server_host and vllm_server_port)."})
+    vllm_tensor_parallel_size: int = field(default=1, metadata={"help": "Colocate mode: GPUs per vLLM engine."})
+    vllm_max_model_length: int | None = field(default=None, metadata={
+        "help": "Colocate mode: vLLM's context length (default: the model's)."})
 
     # -- rewards --------------------------------------------------------------------------------------------
     reward_weights: list[float] | None = field(default=None, metadata={"help": "One weight per reward function."})

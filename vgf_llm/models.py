@@ -173,18 +173,11 @@ def ensure_converted(alias: str) -> Path:
 
 @contextlib.contextmanager
 def _file_lock(path: Path):
-    """Serialise conversions between processes (e.g. ranks of one launch); a no-op where fcntl is missing."""
-    try:
-        import fcntl
-    except ImportError:  # Windows
+    """Serialise conversions between processes (e.g. ranks of one launch), on every platform."""
+    from filelock import FileLock
+
+    with FileLock(str(path)):
         yield
-        return
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def convert_gguf(gguf_path: Path, out_dir: Path, spec: GGUFAlias, *, alias: str = "") -> None:

@@ -185,7 +185,9 @@ class VGFTrainer(Trainer):
         a = self.args
         vllm = dict(vllm_mode=a.vllm_mode, gpu_memory_utilization=a.vllm_gpu_memory_utilization,
                     enable_sleep_mode=a.vllm_enable_sleep_mode, server_host=a.vllm_server_host,
-                    server_port=a.vllm_server_port, server_timeout=a.vllm_server_timeout) if a.use_vllm else {}
+                    server_port=a.vllm_server_port, server_timeout=a.vllm_server_timeout,
+                    server_base_url=a.vllm_server_base_url, tensor_parallel_size=a.vllm_tensor_parallel_size,
+                    max_model_length=a.vllm_max_model_length) if a.use_vllm else {}
         return make_rollout_backend(self.model, self.processing_class, use_vllm=a.use_vllm,
                                     max_new_tokens=a.max_completion_length, temperature=a.temperature, top_p=a.top_p,
                                     top_k=a.top_k, batch_size=a.prompts_per_generation, **vllm)

@@ -25,16 +25,10 @@ def _gathered(params, zero3: bool):
 
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
-    """Strip DDP / DeepSpeed engine / torch.compile wrappers."""
-    while True:
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif isinstance(getattr(model, "module", None), torch.nn.Module) and type(model).__name__ in (
-            "DistributedDataParallel", "DataParallel", "DeepSpeedEngine", "FullyShardedDataParallel",
-        ):
-            model = model.module
-        else:
-            return model
+    """Strip DDP / DeepSpeed engine / FSDP / torch.compile wrappers (accelerate's own unwrapping)."""
+    from accelerate.utils import extract_model_from_parallel
+
+    return extract_model_from_parallel(model, keep_torch_compile=False)
 
 
 def _merged_tuner_layer(layer, adapters: list[str]) -> dict[str, torch.Tensor]:
