@@ -421,9 +421,9 @@ def test_every_vllm_option_of_the_config_reaches_the_backend(tiny_lm_dir, standa
 
     monkeypatch.setattr(trainer_module, "make_rollout_backend", fake_backend)
     trainer(tiny_lm_dir, standard_prompts, tmp_path, use_vllm=True, vllm_mode="server",
-            vllm_server_base_url="http://10.0.0.2:8001", vllm_tensor_parallel_size=2, vllm_max_model_length=1024,
+            vllm_server_base_url="http://127.0.0.1:8001", vllm_tensor_parallel_size=2, vllm_max_model_length=1024,
             vllm_gpu_memory_utilization=0.5)
     assert seen["use_vllm"] and seen["vllm_mode"] == "server"
     assert (seen["server_base_url"], seen["tensor_parallel_size"], seen["max_model_length"],
-            seen["gpu_memory_utilization"]) == ("http://10.0.0.2:8001", 2, 1024, 0.5)
+            seen["gpu_memory_utilization"]) == ("http://127.0.0.1:8001", 2, 1024, 0.5)
     assert seen["batch_size"] == 4 and seen["max_new_tokens"] == 6  # prompts per generate call, completion length
