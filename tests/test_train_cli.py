@@ -254,3 +254,21 @@ def test_lora_options_reach_the_adapter_with_the_default_target_modules():
     assert peft_config_from(VGFModelConfig(lora_target_modules=["q_proj"])).target_modules in ("q_proj", {"q_proj"})
     kwargs = model_init_kwargs(VGFModelConfig(dtype="bfloat16", model_revision="v2", attn_implementation="sdpa"))
     assert kwargs == {"dtype": "bfloat16", "revision": "v2", "attn_implementation": "sdpa"}
+
+
+def raises_key_error(prompts, completions, **kwargs):
+    raise KeyError("answer")
+
+
+def returns_a_scalar(prompts, completions, **kwargs):
+    return 1.0
+
+
+@pytest.mark.parametrize("reward, message", [("raises_key_error", "reward function 'raises_key_error' raised KeyError"),
+                                             ("returns_a_scalar", "expected a list with one float")])
+def test_a_bad_reward_function_ends_in_one_clear_line(tmp_path, tiny_lm_dir, capsys, reward, message):
+    recipe = tiny_recipe(tmp_path, tiny_lm_dir, max_steps=1, reward_funcs=[f"tests.test_train_cli:{reward}"])
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--config", str(recipe)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and message in err and "Traceback" not in err

@@ -260,7 +260,9 @@ def test_reward_function_that_raises(tiny_lm_dir, standard_prompts, tmp_path):
     def broken(prompts, completions, **kwargs):
         raise KeyError("score")
 
-    with pytest.raises(RuntimeError, match="reward function failed at step 0"):
+    from vgf_llm.rewards import RewardFunctionError
+
+    with pytest.raises(RewardFunctionError, match="at step 0: reward function 'broken' raised KeyError: 'score'"):
         trainer(tiny_lm_dir, standard_prompts, tmp_path, reward=broken).train()
 
 
@@ -268,7 +270,7 @@ def test_nan_rewards(tiny_lm_dir, standard_prompts, tmp_path):
     def nan_reward(prompts, completions, **kwargs):
         return [float("nan")] * len(completions)
 
-    with pytest.raises(RuntimeError, match="return None"):
+    with pytest.raises(ValueError, match="at step 0: .*return None"):
         trainer(tiny_lm_dir, standard_prompts, tmp_path, reward=nan_reward).train()
 
 

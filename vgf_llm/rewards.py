@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import functools
 import importlib
 import inspect
@@ -337,6 +338,9 @@ def _check_output(name: str, output, n: int) -> list[float]:
     """Validate one function's rewards; None becomes NaN ("not applicable"), a NaN/inf returned is an error."""
     if isinstance(output, torch.Tensor):
         output = output.tolist()
+    if isinstance(output, (str, bytes, dict)) or not hasattr(output, "__len__"):
+        raise TypeError(f"Reward function {name!r} returned {type(output).__name__} {output!r:.60}; expected a list "
+                        f"with one float (or None) per completion ({n} here).")
     output = list(output)
     if len(output) != n:
         raise ValueError(f"Reward function {name!r} returned {len(output)} rewards for {n} completions.")
@@ -354,6 +358,20 @@ def _check_output(name: str, output, n: int) -> list[float]:
             )
         values.append(float(value))
     return values
+
+
+class RewardFunctionError(ValueError):
+    """A reward function raised: the message names it and what it was given."""
+
+
+@contextlib.contextmanager
+def _naming_failures(name: str, columns: dict):
+    try:
+        yield
+    except Exception as err:
+        given = sorted(k for k in columns if k not in ("trainer_state", "log_extra", "log_metric"))
+        raise RewardFunctionError(f"reward function {name!r} raised {type(err).__name__}: {err} (it was given "
+                                  f"prompts, completions and the columns {given})") from err
 
 
 def _run_coroutines(coroutines: list) -> list:
@@ -395,13 +413,16 @@ def combine_rewards(
     outputs: list = [None] * len(funcs)
     pending: list[tuple[int, object]] = []
     for i, func in enumerate(funcs):
-        output = func(prompts=list(prompts), completions=list(completions), **columns)
+        with _naming_failures(names[i], columns):
+            output = func(prompts=list(prompts), completions=list(completions), **columns)
         if inspect.isawaitable(output):
             pending.append((i, output))
         else:
             outputs[i] = output
     if pending:
-        for (i, _), output in zip(pending, _run_coroutines([c for _, c in pending]), strict=True):
+        with _naming_failures(", ".join(names[i] for i, _ in pending), columns):
+            results = _run_coroutines([c for _, c in pending])
+        for (i, _), output in zip(pending, results, strict=True):
             outputs[i] = output
 
     per_func = (

@@ -34,7 +34,7 @@ from transformers.trainer_utils import enable_full_determinism, rotate_checkpoin
 from vgf_llm.config import VGFConfig
 from vgf_llm.distill import MIN_TARGET_WEIGHT, completion_logps, distill_weights, group_std, pad_cat
 from vgf_llm.evaluation import policy_rewards
-from vgf_llm.rewards import resolve_reward_funcs, reward_func_name, reward_texts_and_parts
+from vgf_llm.rewards import RewardFunctionError, resolve_reward_funcs, reward_func_name, reward_texts_and_parts
 from vgf_llm.rollout.hf import Rollouts, tokens_changed
 from vgf_llm.rollout.vllm_backend import make_rollout_backend
 from vgf_llm.sampler import VGFSampler
@@ -212,8 +212,8 @@ class VGFTrainer(Trainer):
                 self.reward_funcs, self.args.reward_weights, rows, texts, completion_ids=completion_ids,
                 trainer_state=self.state, log_extra=self._log_extra,
                 log_metric=lambda name, value: self._metrics[name].append(float(value)))
-        except Exception as err:
-            raise RuntimeError(f"a reward function failed at step {self.state.global_step}: {err}") from err
+        except (RewardFunctionError, TypeError, ValueError) as err:
+            raise type(err)(f"at step {self.state.global_step}: {err}") from err
         for name, col in zip(self.reward_names, per_func.T, strict=True):
             if torch.isfinite(col).any():
                 self._metrics[f"rewards/{name}/mean"].append(float(col.nanmean()))
