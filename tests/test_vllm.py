@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import os
 import socket
 import subprocess
 import sys
 import threading
-from http.server import HTTPServer
+import time
 from pathlib import Path
 
 import pytest
@@ -29,7 +30,7 @@ from vgf_llm.rollout.hf import HFGenerateBackend, Rollouts, completion_mask_from
 from vgf_llm.rollout.vllm_backend import VLLMBackend, make_rollout_backend, request_seed
 from vgf_llm.rollout.vllm_client import VLLMClient
 from vgf_llm.rollout.vllm_engine import VLLM_COMPAT_TABLE, VLLMUnavailableError, vllm_available, vllm_compat_problems
-from vgf_llm.rollout.vllm_server import make_handler
+from vgf_llm.rollout.vllm_server import VLLMHTTPServer, make_handler
 from vgf_llm.rollout.vllm_weights import policy_state_dict
 
 PROMPTS = [
@@ -440,9 +441,10 @@ def test_cli_vllm_serve_is_registered(monkeypatch, capsys):
 
 
 @contextlib.contextmanager
-def fake_server(engine, tmp_path):
-    state = {"weights_dir": str(tmp_path / "server_weights")}
-    server = HTTPServer(("127.0.0.1", 0), make_handler(engine, state))
+def fake_server(engine, tmp_path, **settings):
+    state = {"weights_dir": str(tmp_path / "server_weights"), "allowed_weights_dirs": [tmp_path / "shared"],
+             **settings}
+    server = VLLMHTTPServer(("127.0.0.1", 0), make_handler(engine, state))
     state["server"] = server
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -476,6 +478,67 @@ def test_server_mode_round_trips_on_loopback(tokenizer, tiny_lm, tmp_path):
         assert torch.equal(engine.updates[-1]["w"], torch.ones(2))
         with pytest.raises(Exception, match="404"):
             client._request("POST", "/nope", {})
+
+
+def raw_post(url: str, path: str, body: bytes, headers: dict | None = None) -> tuple[int, dict]:
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url + path, data=body, method="POST", headers=headers or {})
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(request, timeout=10) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def test_server_refuses_bad_requests_with_a_status_and_a_reason(tokenizer, tmp_path):
+    engine = FakeEngine(len(tokenizer), tokenizer.eos_token_id)
+    with fake_server(engine, tmp_path, max_request_bytes=1000) as url:
+        assert raw_post(url, "/generate", b"{not json")[0] == 400
+        status, reply = raw_post(url, "/generate", b"{}")
+        assert status == 400 and "requests" in reply["error"]
+        assert raw_post(url, "/generate", b"[1, 2]")[0] == 400
+        status, reply = raw_post(url, "/generate", json.dumps({"requests": [], "pad": "x" * 2000}).encode())
+        assert status == 413 and "1000" in reply["error"]
+        outside = tmp_path / "elsewhere"
+        outside.mkdir()
+        status, reply = raw_post(url, "/load_weights_from_path", json.dumps({"weights_path": str(outside)}).encode())
+        assert status == 403 and "allowed_weights_dir" in reply["error"]
+        status, _ = raw_post(url, "/load_weights_from_path", json.dumps(
+            {"weights_path": str(tmp_path / "shared" / ".." / "elsewhere")}).encode())
+        assert status == 403  # no escape with ..
+        assert engine.num_weight_updates == 0 and not engine.updates
+
+
+def test_server_with_an_api_key_answers_only_clients_that_send_it(tokenizer, tmp_path, monkeypatch):
+    engine = FakeEngine(len(tokenizer), tokenizer.eos_token_id)
+    with fake_server(engine, tmp_path, api_key="s3cret") as url:
+        assert raw_post(url, "/shutdown", b"{}")[0] == 401
+        assert raw_post(url, "/reset_prefix_cache", b"{}", {"Authorization": "Bearer wrong"})[0] == 401
+        assert engine.calls == []
+        VLLMClient(url, api_key="s3cret").reset_prefix_cache()
+        monkeypatch.setenv("VGF_LLM_VLLM_API_KEY", "s3cret")  # what the trainer's client sends by default
+        VLLMClient(url).reset_prefix_cache()
+        assert engine.calls == ["reset_prefix_cache", "reset_prefix_cache"]
+
+
+def test_a_stalled_client_does_not_block_the_server(tokenizer, tmp_path):
+    """A client that announces 1 MB and sends 11 bytes: /health still answers at once, and the stalled connection is
+    dropped after the socket timeout."""
+    engine = FakeEngine(len(tokenizer), tokenizer.eos_token_id)
+    with fake_server(engine, tmp_path, socket_timeout=1.0) as url:
+        port = int(url.rsplit(":", 1)[1])
+        stalled = socket.create_connection(("127.0.0.1", port))
+        stalled.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n{\"requests\"")
+        start = time.monotonic()
+        assert VLLMClient(url, connection_timeout=5).health()["status"] == "ok"
+        assert time.monotonic() - start < 3
+        stalled.settimeout(5)
+        reply = stalled.recv(4096)  # the server gives up on it: a 408, then the connection is closed
+        assert reply.startswith(b"HTTP/1.1 408")
+        stalled.close()
 
 
 def test_client_gives_up_with_instructions_when_no_server():

@@ -1,9 +1,11 @@
 """``vgf-llm vllm-serve``: a vLLM engine behind a small HTTP server that ``VLLMBackend(vllm_mode='server')``
 generates from and pushes the policy weights to after each update (docs/vllm.md). Needs vLLM (on CPU:
-scripts/install_vllm.sh). The server has no authentication: keep it on 127.0.0.1 or a private network."""
+scripts/install_vllm.sh). Bound to 127.0.0.1 by default; set an API key (VGF_LLM_VLLM_API_KEY) before binding another
+address, and keep it on a private network (no TLS)."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, field
 
 from vgf_llm.cli import CLIError
@@ -27,6 +29,11 @@ class VLLMServeArguments:
     enable_sleep_mode: bool = field(default=False, metadata={"help": "Allow /sleep and /wake_up."})
     seed: int = field(default=0, metadata={"help": "Engine seed (requests carry their own seeds)."})
     ready_file: str | None = field(default=None, metadata={"help": "Write the server's URL here once it listens."})
+    api_key: str | None = field(default=None, metadata={
+        "help": "Require 'Authorization: Bearer KEY' on every POST (default: $VGF_LLM_VLLM_API_KEY; the trainer's "
+                "client sends that variable)."})
+    allowed_weights_dir: str | None = field(default=None, metadata={
+        "help": "The shared folder /load_weights_from_path may read (vllm_server_shared_dir); none by default."})
 
 
 def run(argv: list[str]) -> int:
@@ -42,6 +49,8 @@ def run(argv: list[str]) -> int:
     except VLLMUnavailableError as err:
         raise CLIError(str(err)) from err
     settings = asdict(args)
-    model, host, port, ready_file = (settings.pop(k) for k in ("model", "host", "port", "ready_file"))
-    serve(prepare_model(model), host=host, port=port, ready_file=ready_file, **settings)
+    if settings["api_key"] is None:
+        settings["api_key"] = os.environ.get("VGF_LLM_VLLM_API_KEY") or None
+    model = settings.pop("model")
+    serve(prepare_model(model), **settings)
     return 0

@@ -25,8 +25,9 @@ class VLLMClient:
 
     def __init__(self, base_url: str | None = None, *, host: str = "127.0.0.1", port: int = 8000,
                  connection_timeout: float = 240.0, request_timeout: float | None = None,
-                 shared_weights_dir: str | os.PathLike | None = None):
+                 shared_weights_dir: str | os.PathLike | None = None, api_key: str | None = None):
         self.base_url = (base_url or f"http://{host}:{port}").rstrip("/")
+        self.api_key = api_key if api_key is not None else os.environ.get("VGF_LLM_VLLM_API_KEY")
         self.request_timeout = request_timeout
         self.shared_weights_dir = Path(shared_weights_dir) if shared_weights_dir else None
         self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via an HTTP proxy
@@ -35,7 +36,7 @@ class VLLMClient:
 
     def _request(self, method: str, path: str, payload: dict | None = None, *, data: bytes | None = None,
                  timeout: float | None = None) -> dict:
-        headers = {}
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         if payload is not None:
             data = json.dumps(payload).encode()
             headers["Content-Type"] = "application/json"
