@@ -37,7 +37,7 @@ def posterior_gumbel(logits: torch.Tensor, observed: torch.Tensor, generator: to
     safe = torch.where(finite, logits, torch.zeros_like(logits))
     top = torch.logsumexp(logits, -1, keepdim=True) + _gumbel(logits.shape[:-1] + (1,), generator)
     values = safe + _gumbel(logits.shape, generator)
-    truncated = -torch.log(torch.exp(-top) + torch.exp(-values))  # Gumbel(l_i) conditioned on being < top
+    truncated = -torch.logaddexp(-top, -values)  # Gumbel(l_i) conditioned on being < top, without overflow
     truncated.scatter_(-1, observed[:, None], top)
     return torch.where(finite, truncated - safe, torch.zeros_like(logits))
 
