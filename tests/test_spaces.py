@@ -310,3 +310,29 @@ def test_steering_refuses_what_it_cannot_do(tiny_lm, tokenizer, tiny_reward_mode
                            AutoTokenizer.from_pretrained(tiny_reward_model_dir), tokenizer)
     with pytest.raises(ValueError, match="ValueModel"):
         SteeringVectors(tiny_lm, tokenizer, rm)
+
+
+@pytest.mark.slow
+def test_steering_on_smollm2_reproduces_at_zero_and_edits_through_the_model(smollm2_dir):
+    """The real model: a vanishing steer regenerates every sample token for token (the posterior Gumbel noise is
+    exact for a 49k vocabulary too); a steer along the value gradient changes tokens and the model continues them."""
+    from vgf_llm.models import load_model, load_tokenizer
+    from vgf_llm.spaces import SteeringVectors
+
+    model, tok = load_model(str(smollm2_dir)).eval(), load_tokenizer(str(smollm2_dir))
+    prompts = [[{"role": "user", "content": "Write one sentence about a river."}],
+               [{"role": "user", "content": "What is 3 + 4?"}]]
+    ro = HFGenerateBackend(model, tok, max_new_tokens=12, batch_size=2).generate(prompts, 3, seed=0)
+    vm = ValueModel(model, ValueModelConfig(num_layers=4))
+    with torch.no_grad():
+        vm.head.weight.normal_(std=0.05)
+    space = SteeringVectors(model, tok, vm, steer_layer=2)
+    particles = space.lift(ro)
+    ids, mask = space.decode(particles, particles.start + 1e-6)
+    assert torch.equal(ids, ro.completion_ids) and torch.equal(mask, ro.completion_mask)
+    _, grad = space.grad(particles, particles.start)
+    moved = particles.start + 8.0 * grad / grad.norm(dim=-1, keepdim=True)
+    new, new_mask = space.decode(particles, moved)
+    assert (new != ro.completion_ids).any()
+    texts = [tok.decode(new[g, n][new_mask[g, n].bool()], skip_special_tokens=True) for g in range(2) for n in range(3)]
+    assert all(t.strip() for t in texts)  # every steered particle still decodes to text
