@@ -3,9 +3,11 @@
 from vgf_llm.flow import TransportTrace, svgd_direction, transport
 
 __version__ = "0.1.0"
-__all__ = ["TransportTrace", "VGFConfig", "VGFSampler", "VGFTrainer", "svgd_direction", "transport", "__version__"]
+__all__ = ["SamplerConfig", "TransportTrace", "VGFConfig", "VGFSampler", "VGFTrainer", "svgd_direction", "transport",
+           "__version__"]
 
-_LAZY = {"VGFConfig": "vgf_llm.config", "VGFTrainer": "vgf_llm.trainer", "VGFSampler": "vgf_llm.sampler"}
+_LAZY = {"VGFConfig": "vgf_llm.config", "VGFTrainer": "vgf_llm.trainer", "VGFSampler": "vgf_llm.sampler",
+         "SamplerConfig": "vgf_llm.sampler"}
 
 
 def __getattr__(name: str):
