@@ -272,3 +272,18 @@ def test_a_bad_reward_function_ends_in_one_clear_line(tmp_path, tiny_lm_dir, cap
         main(["train", "--config", str(recipe)])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and message in err and "Traceback" not in err
+
+
+def test_one_run_per_output_dir(tmp_path, tiny_lm_dir, capsys):
+    from filelock import FileLock
+
+    recipe = tiny_recipe(tmp_path, tiny_lm_dir, max_steps=1, compare_base=False)
+    assert main(["train", "--config", str(recipe)]) == 0
+    with pytest.raises(SystemExit) as exit_info:  # a second run would overwrite the first one's results
+        main(["train", "--config", str(recipe)])
+    assert exit_info.value.code == 2 and "--overwrite_output_dir true" in capsys.readouterr().err
+    with FileLock(str(tmp_path / "out" / ".vgf_llm.lock")):  # another run is writing there right now
+        with pytest.raises(SystemExit):
+            main(["train", "--config", str(recipe), "--overwrite_output_dir", "true"])
+        assert "another vgf-llm run is writing" in capsys.readouterr().err
+    assert main(["train", "--config", str(recipe), "--overwrite_output_dir", "true"]) == 0

@@ -130,3 +130,14 @@ def test_an_ensemble_value_model_saved_by_an_older_version_is_refused(tiny_lm, t
     (tmp_path / "vm" / "value_model.json").write_text(json.dumps({**config, "num_heads": 3, "aggregate": "min"}))
     with pytest.raises(ValueError, match="ensemble"):
         ValueModel.load(tiny_lm, tmp_path / "vm")
+
+
+def test_a_value_model_refuses_a_base_with_the_same_shapes_but_other_weights(tiny_lm_dir, tiny_lm, tmp_path):
+    vm = ValueModel(tiny_lm, ValueModelConfig(lora_r=4))
+    vm.save(tmp_path / "vm")
+    same = AutoModelForCausalLM.from_pretrained(tiny_lm_dir)
+    ValueModel.load(same, tmp_path / "vm")  # the base it was fitted on: fine (also loaded again from disk)
+    ValueModel.load(AutoModelForCausalLM.from_pretrained(tiny_lm_dir, dtype=torch.bfloat16), tmp_path / "vm")
+    other = AutoModelForCausalLM.from_config(same.config)  # same shapes, other weights
+    with pytest.raises(ValueError, match="another base model"):
+        ValueModel.load(other, tmp_path / "vm")

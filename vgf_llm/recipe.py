@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -40,6 +41,8 @@ class RecipeArguments:
     compare_base: bool = field(default=True, metadata={
         "help": "Score the base model and the trained adapter on the held-out prompts (greedy) and print both."})
     plot: bool = field(default=True, metadata={"help": "Write training_curves.png (reward and KL per step)."})
+    overwrite_output_dir: bool = field(default=False, metadata={
+        "help": "Replace a previous run in output_dir (otherwise a run that would overwrite one stops at once)."})
 
 
 def load_datasets(recipe: RecipeArguments, seed: int):
@@ -199,8 +202,45 @@ def resume_argument(value):
     return value
 
 
+PREVIOUS_RUN_FILES = ("adapter_model.safetensors", "eval_results.json", "log_history.json")
+
+
+@contextmanager
+def output_dir_lock(args: VGFConfig, recipe: RecipeArguments):
+    """One run per output_dir: a second run while one is writing stops with a message, and a run that would
+    overwrite a finished or interrupted one stops too, unless it resumes it or ``overwrite_output_dir`` is set.
+    Only the main process holds the lock (the ranks of one launch share the folder)."""
+    from filelock import FileLock, Timeout
+
+    out = Path(args.output_dir)
+    resuming = resume_argument(args.resume_from_checkpoint) is not None
+    previous = [f for f in PREVIOUS_RUN_FILES if (out / f).exists()] + sorted(p.name for p in out.glob("checkpoint-*"))
+    if previous and not resuming and not recipe.overwrite_output_dir:
+        raise ValueError(f"{out} holds a previous run ({', '.join(previous[:3])}): pass --overwrite_output_dir true "
+                         "to replace it, --resume_from_checkpoint true to continue it, or another --output_dir")
+    if args.process_index != 0:
+        yield
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(out / ".vgf_llm.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise ValueError(f"another vgf-llm run is writing to {out} (it holds {lock.lock_file}); wait for it to end "
+                         "or choose another --output_dir") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def run(recipe: RecipeArguments, args: VGFConfig, model_args) -> dict:
     """Train, save the adapter, compare with the base model on held-out prompts; returns the summary."""
+    with output_dir_lock(args, recipe):
+        return _run(recipe, args, model_args)
+
+
+def _run(recipe: RecipeArguments, args: VGFConfig, model_args) -> dict:
     from vgf_llm.trainer import POLICY, VGFTrainer
 
     train_data, eval_data, held_out = load_datasets(recipe, args.seed)

@@ -10,6 +10,7 @@ Both run on ``inputs_embeds`` so gradients reach the particles. Particles live i
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -77,6 +78,18 @@ def score_token_ids(scorer, prompt_ids, prompt_mask, response_ids, response_mask
                             weight[response_ids[s:s + batch_size].to(weight.device)], response_mask[s:s + batch_size])
         for s in range(0, response_ids.shape[0], batch_size)
     ]).cpu()
+
+
+def base_fingerprint(model) -> str | None:
+    """A short hash of the base model's embedding table (its first 256 rows, rounded to bfloat16 so fp32 and bf16
+    loads agree): a value head means something only on the base it was fitted on, even where another base has the
+    same shapes. None while the table is sharded (DeepSpeed ZeRO-3 outside a gather)."""
+    weight = model.get_input_embeddings().weight.detach()
+    if weight.numel() == 0:
+        return None
+    rows = weight[:256].to(torch.bfloat16).float().cpu().contiguous()
+    digest = hashlib.sha256(rows.numpy().tobytes() + str(tuple(weight.shape)).encode())
+    return digest.hexdigest()[:16]
 
 
 def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -237,7 +250,8 @@ class ValueModel(nn.Module):
                  if "lora_" in n and f".{self.config.adapter_name}." in n}
         state.update({f"head.{k}": v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()})
         save_file(state, str(path / "value_model.safetensors"))
-        (path / "value_model.json").write_text(json.dumps(asdict(self.config), indent=2))
+        record = {**asdict(self.config), "base_fingerprint": base_fingerprint(self.model)}
+        (path / "value_model.json").write_text(json.dumps(record, indent=2))
 
     @classmethod
     def load(cls, model, path: str | Path) -> ValueModel:
@@ -249,8 +263,13 @@ class ValueModel(nn.Module):
         if saved.pop("num_heads", 1) != 1:  # ensembles were retired (docs/benchmarks.md, tag variants-2026-11)
             raise ValueError(f"{path} holds an ensemble value model, which this version no longer reads")
         saved.pop("aggregate", None)
+        fitted_on = saved.pop("base_fingerprint", None)
         vm = cls(model, ValueModelConfig(**saved))
-        vm.load_weights(path)
+        vm.load_weights(path)  # another architecture fails here, naming the tensor that does not fit
+        here = base_fingerprint(model)
+        if fitted_on and here and fitted_on != here:
+            raise ValueError(f"the value model in {path} was fitted on another base model (its embedding table's "
+                             f"fingerprint {fitted_on} differs from this model's {here}), even if the shapes match")
         return vm
 
     def load_weights(self, path: str | Path) -> None:
