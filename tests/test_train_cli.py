@@ -287,3 +287,27 @@ def test_one_run_per_output_dir(tmp_path, tiny_lm_dir, capsys):
             main(["train", "--config", str(recipe), "--overwrite_output_dir", "true"])
         assert "another vgf-llm run is writing" in capsys.readouterr().err
     assert main(["train", "--config", str(recipe), "--overwrite_output_dir", "true"]) == 0
+
+
+@pytest.mark.parametrize("tracker", ["trackio", "tensorboard"])
+def test_report_to_a_local_tracker_records_the_vgf_metrics(tmp_path, tiny_lm_dir, tracker):
+    """TRL's recommended tracker (trackio, local-first) and TensorBoard, offline, from a fresh process."""
+    import glob
+    import sqlite3
+
+    recipe = tiny_recipe(tmp_path, tiny_lm_dir, max_steps=2, compare_base=False, report_to=tracker,
+                         project="vgf-test")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRACKIO_DIR": str(tmp_path / "trackio")}
+    subprocess.run([sys.executable, "-m", "vgf_llm.cli", "train", "--config", str(recipe)], check=True, env=env,
+                   capture_output=True, timeout=300)
+    if tracker == "trackio":
+        rows = sqlite3.connect(tmp_path / "trackio" / "vgf-test.db").execute("select metrics from metrics").fetchall()
+        keys = set().union(*(json.loads(r[0]) for r in rows))
+    else:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        events = EventAccumulator(glob.glob(str(tmp_path / "out" / "runs" / "*"))[0])
+        events.Reload()
+        keys = set(events.Tags()["scalars"])
+    for metric in ("train/loss", "train/reward", "train/kl", "train/transport/reward_after", "train/value/loss"):
+        assert metric in keys, (tracker, metric, sorted(keys))
