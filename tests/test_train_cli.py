@@ -110,7 +110,7 @@ def test_missing_local_dataset_says_how_to_provide_it(tmp_path, tiny_lm_dir, cap
 def test_launch_command_on_cpu_uses_torchrun_and_deepspeed_json():
     cmd = launch_command(["--config", "r.yaml"], "zero2", 2, cuda=False)
     assert cmd[1:5] == ["-m", "torch.distributed.run", "--nproc_per_node", "2"]
-    assert cmd[cmd.index("--deepspeed") + 1].endswith("recipes/deepspeed/zero2.json")
+    assert cmd[cmd.index("--deepspeed") + 1].endswith("vgf_llm/launch/deepspeed/zero2.json")
     assert Path(cmd[cmd.index("--deepspeed") + 1]).exists()
     gpu = launch_command(["--config", "r.yaml"], "zero3", 8, cuda=True)
     assert "accelerate.commands.launch" in gpu and gpu[gpu.index("--config_file") + 1].endswith("zero3.yaml")
@@ -311,3 +311,21 @@ def test_report_to_a_local_tracker_records_the_vgf_metrics(tmp_path, tiny_lm_dir
         keys = set(events.Tags()["scalars"])
     for metric in ("train/loss", "train/reward", "train/kl", "train/transport/reward_after", "train/value/loss"):
         assert metric in keys, (tracker, metric, sorted(keys))
+
+
+def test_the_wheel_ships_the_launch_configs_and_the_plotting_dependency(tmp_path):
+    """`--accelerate_config zero2` and the default `plot: true` work from a plain `pip install vgf-llm`."""
+    import zipfile
+    from email.parser import Parser
+
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(tmp_path), str(ROOT)], check=True, capture_output=True, timeout=300)
+    (wheel,) = tmp_path.glob("vgf_llm-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+        metadata = Parser().parsestr(archive.read(next(n for n in names if n.endswith("METADATA"))).decode())
+    for name in ("multi_gpu.yaml", "zero2.yaml", "zero3.yaml"):
+        assert f"vgf_llm/launch/accelerate/{name}" in names
+    assert {"vgf_llm/launch/deepspeed/zero2.json", "vgf_llm/launch/deepspeed/zero3.json"} <= names
+    required = [r for r in metadata.get_all("Requires-Dist") if "extra ==" not in r]
+    assert any(r.startswith("matplotlib") for r in required)

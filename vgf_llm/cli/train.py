@@ -16,8 +16,9 @@ from vgf_llm.cli import CLIError
 ACCELERATE_CONFIGS = ("multi_gpu", "zero2", "zero3")
 
 
-def recipes_dir() -> Path:
-    return Path(__file__).resolve().parents[2] / "recipes"
+def launch_configs_dir() -> Path:
+    """The accelerate and DeepSpeed configs shipped in the package (also at recipes/ of a checkout)."""
+    return Path(__file__).resolve().parents[1] / "launch"
 
 
 def _pop_option(argv: list[str], name: str) -> str | None:
@@ -38,14 +39,14 @@ def _pop_option(argv: list[str], name: str) -> str | None:
 def launch_command(argv: list[str], accelerate_config: str, num_processes: int, cuda: bool) -> list[str]:
     """The command that re-runs ``vgf-llm train argv`` in ``num_processes`` processes.
 
-    With CUDA: ``accelerate launch`` with the named config (recipes/accelerate/NAME.yaml) or a path. Without
+    With CUDA: ``accelerate launch`` with the named config (vgf_llm/launch/accelerate/NAME.yaml) or a path. Without
     (CPU machines, CI): ``torchrun`` over gloo, the named DeepSpeed config passed to the Trainer as
-    ``--deepspeed recipes/deepspeed/NAME.json``, since accelerate's CPU launcher starts a single process.
+    ``--deepspeed vgf_llm/launch/deepspeed/NAME.json``, since accelerate's CPU launcher starts a single process.
     """
     train = ["-m", "vgf_llm.cli", "train", *argv]
     named = accelerate_config in ACCELERATE_CONFIGS
     if cuda:
-        path = recipes_dir() / "accelerate" / f"{accelerate_config}.yaml" if named else Path(accelerate_config)
+        path = launch_configs_dir() / "accelerate" / f"{accelerate_config}.yaml" if named else Path(accelerate_config)
         if not path.exists():
             raise CLIError(f"no accelerate config {path} (names: {', '.join(ACCELERATE_CONFIGS)}, or a path)")
         return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(path),
@@ -55,7 +56,7 @@ def launch_command(argv: list[str], accelerate_config: str, num_processes: int, 
                        "accelerate launch yourself for a custom config)")
     extra = ["--use_cpu", "true", "--ddp_backend", "gloo"]
     if accelerate_config.startswith("zero"):
-        extra += ["--deepspeed", str(recipes_dir() / "deepspeed" / f"{accelerate_config}.json")]
+        extra += ["--deepspeed", str(launch_configs_dir() / "deepspeed" / f"{accelerate_config}.json")]
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(num_processes), *train, *extra]
 
 
