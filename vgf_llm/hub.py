@@ -1,4 +1,10 @@
-"""The Hub: a model card for a VGF-trained adapter, and an upload of the adapter and card only."""
+"""The Hub: a model card for a VGF-trained adapter, and an upload of the adapter and card only.
+
+Not TRL's ``generate_model_card`` on purpose: its template has no place for what a VGF adapter needs said (the
+reward functions, the transport budget, the particle space and scorer) and its quick start loads the repository as
+a full model, while this card shows ``PeftModel.from_pretrained`` on the base it names; the Hub metadata (tags,
+``base_model``, datasets, ``library_name: peft``) is the same ``ModelCardData`` TRL fills.
+"""
 
 from __future__ import annotations
 
