@@ -195,6 +195,18 @@ def other_vocab_reward_model_dir(tmp_path_factory):
     return _save_reward_model(tok, tmp_path_factory.mktemp("other_vocab_reward_model"))
 
 
+CHAT_PROMPTS = [[{"role": "user", "content": "What is 3 + 4?"}], [{"role": "user", "content": "Say something nice."}],
+                [{"role": "user", "content": "What is 2 + 2?"}]]
+
+
+@pytest.fixture
+def rollouts(tiny_lm, tokenizer):
+    """4 samples of each of ``CHAT_PROMPTS`` from the tiny model (seeded)."""
+    from vgf_llm.rollout.hf import HFGenerateBackend
+
+    return HFGenerateBackend(tiny_lm, tokenizer, max_new_tokens=12, batch_size=2).generate(CHAT_PROMPTS, 4, seed=3)
+
+
 PROMPT_ROWS = [
     ("What is 3 + 4?", "7"),
     ("What is 9 - 5?", "4"),

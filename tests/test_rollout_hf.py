@@ -2,18 +2,10 @@
 
 import pytest
 import torch
+from conftest import CHAT_PROMPTS as PROMPTS  # the chat prompts the conftest rollouts fixture samples
 from transformers.utils import logging as transformers_logging
 
 from vgf_llm.rollout.hf import HFGenerateBackend, eos_token_ids, tokens_changed
-
-PROMPTS = [[{"role": "user", "content": "What is 3 + 4?"}], [{"role": "user", "content": "Say something nice."}],
-           [{"role": "user", "content": "What is 2 + 2?"}]]
-
-
-@pytest.fixture
-def rollouts(tiny_lm, tokenizer):
-    backend = HFGenerateBackend(tiny_lm, tokenizer, max_new_tokens=12, batch_size=2)
-    return backend.generate(PROMPTS, num_generations=4, seed=3)
 
 
 def test_rollouts_have_the_documented_shape_and_are_seeded(tiny_lm, tokenizer, rollouts):

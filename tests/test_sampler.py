@@ -4,15 +4,13 @@ import dataclasses
 
 import pytest
 import torch
+from conftest import CHAT_PROMPTS as PROMPTS  # the chat prompts the conftest rollouts fixture samples
 
 from vgf_llm.config import VGFConfig
 from vgf_llm.rollout.hf import HFGenerateBackend
 from vgf_llm.sampler import SamplerConfig, TransportConfig, VGFSampler
 from vgf_llm.spaces import DECODERS
 from vgf_llm.value import ValueModel, ValueModelConfig, active_adapter
-
-PROMPTS = [[{"role": "user", "content": "What is 3 + 4?"}], [{"role": "user", "content": "Say something nice."}],
-           [{"role": "user", "content": "What is 2 + 2?"}]]
 
 
 @pytest.fixture

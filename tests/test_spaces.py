@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import CHAT_PROMPTS as PROMPTS  # the chat prompts the conftest rollouts fixture samples
 
 from vgf_llm.rollout.hf import HFGenerateBackend
 from vgf_llm.sampler import SamplerConfig
@@ -16,14 +17,6 @@ from vgf_llm.spaces import (
     special_token_ids,
 )
 from vgf_llm.value import ValueModel, ValueModelConfig
-
-PROMPTS = [[{"role": "user", "content": "What is 3 + 4?"}], [{"role": "user", "content": "Say something nice."}],
-           [{"role": "user", "content": "What is 2 + 2?"}]]
-
-
-@pytest.fixture
-def rollouts(tiny_lm, tokenizer):
-    return HFGenerateBackend(tiny_lm, tokenizer, max_new_tokens=12, batch_size=2).generate(PROMPTS, 4, seed=3)
 
 
 class TokenCountScorer:

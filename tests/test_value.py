@@ -4,20 +4,12 @@ import json
 
 import pytest
 import torch
+from conftest import CHAT_PROMPTS as PROMPTS  # the chat prompts the conftest rollouts fixture samples
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from vgf_llm.rollout.hf import HFGenerateBackend
 from vgf_llm.value import RewardModelScorer, ValueModel, ValueModelConfig, active_adapter
 from vgf_llm.value_fit import fit_value_head, pooled_features, prompt_groups
-
-PROMPTS = [[{"role": "user", "content": "What is 3 + 4?"}], [{"role": "user", "content": "Say something nice."}],
-           [{"role": "user", "content": "What is 2 + 2?"}]]
-
-
-@pytest.fixture
-def rollouts(tiny_lm, tokenizer):
-    backend = HFGenerateBackend(tiny_lm, tokenizer, max_new_tokens=12, batch_size=2)
-    return backend.generate(PROMPTS, num_generations=4, seed=3)
 
 
 def _value_data(model, tokenizer, rollouts):
