@@ -26,6 +26,7 @@ import torch
 
 from vgf_llm.rollout.hf import Rollouts, completion_mask_from_ids, eos_token_ids
 from vgf_llm.spaces.base import Particles
+from vgf_llm.spaces.reference import ReferenceTokens
 from vgf_llm.value import active_adapter
 
 
@@ -95,6 +96,8 @@ class SteeringVectors:
         self.temperature, self.seed = temperature, seed
         self.eos = eos_token_ids(model, tokenizer)
         self.hook = SteeringHook(model.get_decoder().layers[self.steer_layer - 1])
+        # the reference's own next-token logits (nothing excluded: the noise must re-create every sampled token)
+        self.reference = ReferenceTokens(model, scorer.embedding_weight)
 
     @classmethod
     def from_config(cls, model, tokenizer, scorer, config):
@@ -109,7 +112,7 @@ class SteeringVectors:
         gen = torch.Generator().manual_seed(self.seed)
         noise = []
         for s in range(0, g * n, 16):
-            logits = self._teacher_forced_logits(p_ids[s:s + 16], p_mask[s:s + 16], ids[s:s + 16]) / self.temperature
+            logits = self.reference.logits(ids[s:s + 16], p_ids[s:s + 16], p_mask[s:s + 16]) / self.temperature
             b, _, v = logits.shape
             e = posterior_gumbel(logits.reshape(b * t, v), ids[s:s + 16].reshape(-1), gen).reshape(b, t, v)
             free = ~cmask[s:s + 16].bool()  # after the sample's end: no observation, prior noise
@@ -118,16 +121,6 @@ class SteeringVectors:
         d = self.model.config.hidden_size
         movable = (cmask.sum(-1) > 0).float().reshape(g, n)
         return Particles(rollouts, torch.zeros(g, n, d), movable, {"noise": torch.cat(noise)})
-
-    def _teacher_forced_logits(self, p_ids, p_mask, ids) -> torch.Tensor:
-        """[B, T, V] float32 reference logits predicting each response token (unsteered)."""
-        full_ids = torch.cat([p_ids, ids], 1).to(self.model.device)
-        full_mask = torch.cat([p_mask, torch.ones_like(ids)], 1).to(self.model.device)
-        with active_adapter(self.model, None):
-            logits = self.model(input_ids=full_ids, attention_mask=full_mask,
-                                position_ids=(full_mask.cumsum(-1) - 1).clamp_min(0),
-                                logits_to_keep=ids.shape[1] + 1).logits
-        return logits[:, :-1].float().cpu()
 
     # -- grad: the scorer on the reference tokens with u added at the steered layer --------------------------------
     def _steer_mask(self, p_mask: torch.Tensor, t: int) -> torch.Tensor:
