@@ -147,10 +147,22 @@ def base_model(s: ArmSettings):
     return model, load_tokenizer(s.model)
 
 
-def vgf_trainer(s: ArmSettings, arm: str, output_dir: str, dataset=None, steps: int | None = None):
+PROXY_REWARD_MODEL = "smollm2-135m-helpful-rm"
+
+
+def training_reward(s: ArmSettings):
+    """The reward every arm trains on: the proxy reward model on the ``helpful`` task (its gold reward is kept for
+    evaluation), the task's checker otherwise."""
+    from vgf_llm.rewards import RewardModelReward, reasoning_gym_reward
+
+    if s.task == "helpful":
+        return RewardModelReward(s.extra.get("reward_model_path", PROXY_REWARD_MODEL))
+    return reasoning_gym_reward
+
+
+def vgf_trainer(s: ArmSettings, arm: str, output_dir: str, dataset=None, steps: int | None = None, callbacks=None):
     """``arm`` is ``vgf`` (transport) or ``bon`` (transport_steps=0)."""
     from vgf_llm import VGFConfig, VGFTrainer
-    from vgf_llm.rewards import reasoning_gym_reward
 
     model, tok = base_model(s)
     args = VGFConfig(
@@ -165,16 +177,14 @@ def vgf_trainer(s: ArmSettings, arm: str, output_dir: str, dataset=None, steps: 
         value_buffer_steps=s.value_buffer_steps,
         logging_steps=1, save_strategy="no", report_to="none", use_cpu=use_cpu(), seed=s.seed,
         disable_tqdm=True, **s.extra)
-    return VGFTrainer(model, reasoning_gym_reward, args=args, train_dataset=dataset or train_dataset(s),
-                      processing_class=tok, peft_config=lora_config(s))
+    return VGFTrainer(model, training_reward(s), args=args, train_dataset=dataset or train_dataset(s),
+                      processing_class=tok, peft_config=lora_config(s), callbacks=callbacks)
 
 
-def grpo_trainer(s: ArmSettings, output_dir: str, dataset=None, steps: int | None = None):
+def grpo_trainer(s: ArmSettings, output_dir: str, dataset=None, steps: int | None = None, callbacks=None):
     """TRL's GRPO with the same LoRA, prompts and completions per step. TRL's GRPOConfig defaults bf16 and gradient
     checkpointing on; both are turned off here, as in the VGF arms (float32, no checkpointing)."""
     from trl import GRPOConfig, GRPOTrainer
-
-    from vgf_llm.rewards import reasoning_gym_reward
 
     model, tok = base_model(s)
     args = GRPOConfig(
@@ -183,8 +193,9 @@ def grpo_trainer(s: ArmSettings, output_dir: str, dataset=None, steps: int | Non
         temperature=s.temperature, learning_rate=s.learning_rate, lr_scheduler_type="constant", beta=s.grpo_beta,
         bf16=False, gradient_checkpointing=False, logging_steps=1, save_strategy="no", report_to="none",
         use_cpu=use_cpu(), seed=s.seed, disable_tqdm=True)
-    return GRPOTrainer(model=model, reward_funcs=reasoning_gym_reward, args=args,
-                       train_dataset=dataset or train_dataset(s), processing_class=tok, peft_config=lora_config(s))
+    return GRPOTrainer(model=model, reward_funcs=training_reward(s), args=args,
+                       train_dataset=dataset or train_dataset(s), processing_class=tok, peft_config=lora_config(s),
+                       callbacks=callbacks)
 
 
 class MethodTimer:

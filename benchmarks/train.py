@@ -73,18 +73,20 @@ def train_arm(s: arms.ArmSettings, arm: str, adapter_dir: str, threads: int, inl
 
 
 def kl_to_base(model, tok, rows, adapter: str | None, samples: int, max_new_tokens: int, seed: int,
-               reward_funcs, batch_size: int = 8) -> dict:
-    """Sampled completions of the policy (adapter ``adapter``) on ``rows``; their true rewards and the exact per-
-    position KL(policy || base) along them."""
+               reward_sets: dict, batch_size: int = 8) -> dict:
+    """Sampled completions of the policy (adapter ``adapter``) on ``rows``; their rewards under every set of
+    ``reward_sets`` (``{name: reward_funcs}``, reported as ``sampled_<name>``) and the exact per-position
+    KL(policy || base) along them."""
     import torch
 
-    from vgf_llm.rewards import as_completion, combine_rewards
+    from vgf_llm.rewards import reward_texts
     from vgf_llm.rollout.hf import HFGenerateBackend
     from vgf_llm.value import active_adapter
 
     backend = HFGenerateBackend(model, tok, max_new_tokens=max_new_tokens, temperature=1.0, batch_size=batch_size)
     model.eval()
-    kl_tokens, kl_sums, token_counts, rewards = [], [], [], []
+    kl_tokens, kl_sums, token_counts = [], [], []
+    rewards: dict[str, list[float]] = {name: [] for name in reward_sets}
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
         prompts = [r["prompt"] for r in chunk]
@@ -111,14 +113,14 @@ def kl_to_base(model, tok, rows, adapter: str | None, samples: int, max_new_toke
         kl_tokens.append(float((per_pos * cmask).sum()))
         flat_rows = [r for r in chunk for _ in range(n)]
         texts = [x for group in ro.texts for x in group]
-        fp = [r["prompt"] for r in flat_rows]
-        columns = {k: [r[k] for r in flat_rows] for k in flat_rows[0] if k != "prompt"}
-        completions = [as_completion(a, b) for a, b in zip(fp, texts, strict=True)]
-        total, _ = combine_rewards(reward_funcs, None, fp, completions, **columns)
-        rewards += [float("nan") if v is None else float(v) for v in total]
-    return {"kl_per_token": sum(kl_tokens) / max(1.0, sum(token_counts)), "kl_per_sequence": _mean(kl_sums),
-            "sampled_accuracy": _mean(rewards), "sampled_n": len(rewards),
-            "mean_sampled_length": _mean(token_counts)}
+        for name, funcs in reward_sets.items():
+            rewards[name] += reward_texts(funcs, None, flat_rows, texts).tolist()
+    out = {"kl_per_token": sum(kl_tokens) / max(1.0, sum(token_counts)), "kl_per_sequence": _mean(kl_sums),
+           "kl_per_sequence_sem": _std(kl_sums) / math.sqrt(max(1, len(kl_sums))),
+           "sampled_n": len(kl_sums), "mean_sampled_length": _mean(token_counts)}
+    for name, values in rewards.items():
+        out[f"sampled_{name}"] = _mean(values)
+    return out
 
 
 def evaluate(s: arms.ArmSettings, adapters: dict[str, str], eval_prompts: int, kl_samples: int, threads: int,
@@ -143,7 +145,7 @@ def evaluate(s: arms.ArmSettings, adapters: dict[str, str], eval_prompts: int, k
         res = {"accuracy": _mean(acc), "n": len(acc), "examples": texts[:3]}
         if kl_samples:
             res.update(kl_to_base(model, tok, rows, adapter, kl_samples, s.max_completion_length, eval_seed + 7,
-                                  funcs))
+                                  {"accuracy": funcs}))
         res["eval_seconds"] = time.perf_counter() - start
         return res
 

@@ -131,3 +131,30 @@ def test_random_direction_control_keeps_norms_and_mask():
     torch.testing.assert_close(got.norm(dim=-1), (moved - start).norm(dim=-1))
     assert torch.equal(got[:, :, -1], torch.zeros(g, n, d))
     assert not torch.allclose(got, moved - start)
+
+
+def test_frontier_tiny(tiny_lm_dir, tiny_reward_model_dir, tmp_path):
+    import frontier
+
+    frontier.main(["--tiny", "--inline", "--model", str(tiny_lm_dir), "--reward_model", str(tiny_reward_model_dir),
+                   "--arms", "vgf,bon,grpo,grpo_kl", "--seeds", "0,1", "--out_dir", str(tmp_path), "--name", "smoke"])
+    saved = json.loads((tmp_path / "smoke.json").read_text())
+    assert saved["partial"] is False
+    assert saved["base"]["n"] == 4 and saved["base"]["kl_per_sequence"] == pytest.approx(0.0, abs=1e-5)
+    assert 0.0 <= saved["base"]["sampled_gold"] <= 1.0  # the gold reward, never trained on
+    assert math.isfinite(saved["base"]["sampled_proxy"])  # the proxy reward model every arm trains on
+    assert saved["best_of_n"]["2"]["kl_per_sequence"] == pytest.approx(math.log(2) - 0.5)
+    for arm in ("vgf", "bon", "grpo", "grpo_kl"):
+        runs = saved["runs"][arm]
+        assert [r["seed"] for r in runs] == [0, 1], arm
+        for r in runs:
+            assert set(r["checkpoints"]) == {"1", "2"}, arm  # one adapter saved and scored per checkpoint step
+            for sc in r["checkpoints"].values():
+                assert sc["kl_per_sequence"] >= 0 and 0.0 <= sc["sampled_gold"] <= 1.0, arm
+            assert r["completions_generated"] == 2 * 2 * 2, arm
+        assert saved["summary"][arm]["2"]["seeds"] == 2, arm
+    vgf = saved["runs"]["vgf"][0]
+    assert vgf["transport_reward_before"] is not None and vgf["transport_reward_after"] is not None
+    assert saved["runs"]["bon"][0]["transport_raised_steps"] in (None, 0)  # budget 0 moves nothing
+    assert saved["table_md"].count("\n") >= 2 + 1 + 1 + 4 * 2  # header, base, best-of-2, 4 arms x 2 checkpoints
+    assert (tmp_path / "smoke.png").stat().st_size > 1000

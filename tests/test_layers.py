@@ -12,7 +12,7 @@ FLOORS = [
     ["vgf_llm.models", "vgf_llm.tasks", "vgf_llm.rewards", "vgf_llm.hub", "vgf_llm.value", "vgf_llm.distill",
      "vgf_llm.rollout", "vgf_llm.rollout.hf", "vgf_llm.rollout.vllm_engine", "vgf_llm.rollout.vllm_weights",
      "vgf_llm.rollout.vllm_client"],
-    ["vgf_llm.value_fit", "vgf_llm.evaluation", "vgf_llm.rollout.vllm_backend", "vgf_llm.rollout.vllm_server",
+    ["vgf_llm.value_fit", "vgf_llm.evaluation", "vgf_llm.proxy_reward", "vgf_llm.rollout.vllm_backend", "vgf_llm.rollout.vllm_server",
      "vgf_llm.spaces", "vgf_llm.spaces.base", "vgf_llm.spaces.reference", "vgf_llm.spaces.token_edits",
      "vgf_llm.spaces.soft_tokens", "vgf_llm.spaces.steering"],
     ["vgf_llm.sampler"],

@@ -76,6 +76,52 @@ def test_one_seed_gives_one_adapter_in_fresh_processes(tmp_path, tiny_lm_dir):
     assert any(not torch.equal(first[k], other[k]) for k in first)
 
 
+KILL_DURING_SAVE = """
+import os, signal, sys
+from vgf_llm.value import ValueModel
+original = ValueModel.save
+def save_then_die(self, path):  # the Trainer's part of checkpoint-4 is on disk, the value model half written
+    if "checkpoint-4" in str(path):
+        os.makedirs(path, exist_ok=True)
+        open(os.path.join(path, "value_model.safetensors"), "wb").write(b"half a file")
+        os.kill(os.getpid(), signal.SIGKILL)
+    return original(self, path)
+ValueModel.save = save_then_die
+from vgf_llm.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_training_process_killed_during_a_save_resumes_to_the_uninterrupted_adapter(tmp_path, tiny_lm_dir):
+    """A real `vgf-llm train` process gets SIGKILL while writing checkpoint-4; a fresh process resumed with
+    `--resume_from_checkpoint true` skips the cut-off checkpoint, restarts from checkpoint-2 and ends on the adapter
+    of a run that was never interrupted."""
+    from safetensors.torch import load_file
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+    def train(name: str, *extra: str, script: str | None = None) -> subprocess.CompletedProcess:
+        recipe = tiny_recipe(tmp_path / name, tiny_lm_dir, max_steps=6, compare_base=False, save_total_limit=1)
+        command = [sys.executable, "-c", script] if script else [sys.executable, "-m", "vgf_llm.cli"]
+        return subprocess.run([*command, "train", "--config", str(recipe), *extra], env=env, capture_output=True,
+                              text=True, timeout=300)
+
+    assert train("straight").returncode == 0
+    killed = train("killed", script=KILL_DURING_SAVE)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    out = tmp_path / "killed" / "out"
+    assert (out / "checkpoint-2" / "vgf_checkpoint_complete").is_file()  # rotation waited for checkpoint-4
+    assert not (out / "checkpoint-4" / "vgf_checkpoint_complete").exists()
+    resumed = train("killed", "--resume_from_checkpoint", "true")  # no overwrite: only a resume may run here
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "checkpoint-4" in resumed.stderr and "incomplete" in resumed.stderr  # the skip is said, not silent
+    a = load_file(str(tmp_path / "straight" / "out" / "adapter_model.safetensors"))
+    b = load_file(str(out / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("word", ["true", "last"])
 def test_resume_true_on_the_command_line_means_the_last_checkpoint(tmp_path, tiny_lm_dir, word):
     recipe = tiny_recipe(tmp_path, tiny_lm_dir, compare_base=False)

@@ -95,6 +95,8 @@ def prepare_model(name_or_path: str | os.PathLike) -> Path:
         raise ValueError("Model name or path is empty.")
     if name.lower() in MODEL_ALIASES:
         return ensure_converted(name.lower())
+    if "/" not in name and os.sep not in name and (alias_dir(name) / MARKER_FILE).is_file():
+        return alias_dir(name)  # built by `vgf-llm models prepare` (e.g. a proxy reward model)
     path = Path(name).expanduser()
     if path.is_dir():
         return path
@@ -128,7 +130,8 @@ def _not_available_message(name: str) -> str:
         f"  1. on a machine with network access run: hf download {name} --local-dir ./models/"
         f"{name.rsplit('/', 1)[-1]}\n"
         f"  2. copy that folder here and pass its path instead of {name!r};\n"
-        f"  or use a built-in alias that works offline: {aliases}."
+        f"  or use a built-in alias that works offline: {aliases} (`vgf-llm models list` shows every alias, "
+        f"including the reward models `vgf-llm models prepare` builds)."
     )
 
 

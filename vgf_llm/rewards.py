@@ -73,6 +73,46 @@ def vader_sentiment(prompts, completions, **kwargs) -> list[float]:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# the gold reward of the "helpful" task (offline stand-in for a human-preference gold reward model)
+
+GOLD_MIN_WORDS, GOLD_MAX_WORDS = 8, 40
+_WORD = re.compile(r"[a-z']+")
+
+
+def _gold_parts(text: str, topic: str | None) -> dict[str, float]:
+    """The factors of ``gold_helpful``, each in [0, 1]."""
+    words = _WORD.findall(text.lower())
+    n = len(words)
+    if n < GOLD_MIN_WORDS:
+        length = n / GOLD_MIN_WORDS
+    else:
+        length = max(0.0, 1.0 - max(0, n - GOLD_MAX_WORDS) / GOLD_MAX_WORDS)
+    trigrams = list(zip(words, words[1:], words[2:]))
+    repetition = 1.0 - len(set(trigrams)) / len(trigrams) if trigrams else 0.0
+    topic_words = {w for w in _WORD.findall((topic or "").lower()) if len(w) > 3}
+    on_topic = float(bool(topic_words & set(words))) if topic_words else 1.0
+    positivity = (float(_vader().polarity_scores(text)["compound"]) + 1.0) / 2.0
+    return {"length": length, "repetition": repetition, "on_topic": on_topic, "positivity": positivity}
+
+
+def gold_helpful(prompts, completions, topic=None, **kwargs) -> list[float]:
+    """Gold reward of the ``helpful`` task, in [0, 1]; used to evaluate and to label the proxy's preference pairs.
+
+    ``length x (1 - repetition) x (0.7 positivity + 0.3 on_topic)``: ``length`` is 1 for 8-40 words and falls
+    linearly outside (0 words -> 0, 80 words -> 0); ``repetition`` is the share of repeated word trigrams;
+    ``positivity`` is VADER's compound score mapped to [0, 1]; ``on_topic`` is 1 when the answer names a word (over
+    3 letters) of its ``topic`` column. Cheap, deterministic, and hackable in known ways (a proxy reward model fitted
+    to it over-optimises like a learned human-preference model does).
+    """
+    topics = topic if topic is not None else [None] * len(completions)
+    out = []
+    for completion, t in zip(completions, topics, strict=True):
+        parts = _gold_parts(completion_text(completion), t)
+        out.append(parts["length"] * (1.0 - parts["repetition"]) * (0.7 * parts["positivity"] + 0.3 * parts["on_topic"]))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # reasoning-gym
 
 
@@ -295,6 +335,7 @@ def boxed_reward(prompts, completions, answer, **kwargs) -> list[float | None]:
 
 REWARD_FUNCS: dict[str, RewardFunc] = {
     "vader": vader_sentiment,
+    "gold_helpful": gold_helpful,
     "reasoning_gym": reasoning_gym_reward,
     "gsm8k": gsm8k_reward,
     "boxed": boxed_reward,

@@ -5,7 +5,9 @@ Two families, both generated locally so nothing has to be downloaded:
 - ``reasoning_gym_dataset``: procedurally generated problems from reasoning-gym, scored by reasoning-gym's own
   checker (``vgf_llm.rewards.reasoning_gym_reward`` reads the ``task`` and ``entry`` columns written here);
 - ``sentiment_dataset``: open-ended "Write one sentence about <topic>." prompts for smooth, text-level rewards
-  such as VADER sentiment.
+  such as VADER sentiment;
+- ``helpful_dataset``: short-answer instructions ("Give one tip for <topic>.", ...) for the gold/proxy reward-model
+  task (``vgf_llm.rewards.gold_helpful`` is the gold reward; ``vgf_llm.proxy_reward`` trains the proxy).
 
 Train and test splits never share a question (reasoning-gym) or a topic (sentiment), so held-out numbers are
 honest.
@@ -335,13 +337,66 @@ def sentiment_dataset(
     )
 
 
+# Instructions that call for a short, helpful answer (Gao et al. 2022's synthetic RLHF protocol, made offline): the
+# gold reward (``vgf_llm.rewards.gold_helpful``) judges the answer, never the prompt. Topics split as for sentiment.
+HELPFUL_TEMPLATES = [
+    "Give one practical tip for {topic}.",
+    "In one or two sentences, explain why {topic} can be worth it.",
+    "Describe {topic} to a friend in one or two sentences.",
+    "What is one good thing about {topic}? Answer briefly.",
+    "Suggest a simple way to enjoy {topic}.",
+    "Write a short, friendly note recommending {topic}.",
+    "Share one interesting idea about {topic}.",
+    "How could someone make {topic} more pleasant? Answer in a sentence or two.",
+]
+
+
+def helpful_prompts(split: str, test_fraction: float = 0.2) -> list[tuple[str, str]]:
+    """Every distinct ``(instruction, topic)`` of one split: each template times the split's topics."""
+    return [(t.format(topic=topic), topic) for topic in sentiment_topics(split, test_fraction)
+            for t in HELPFUL_TEMPLATES]
+
+
+def helpful_dataset(
+    size: int = 256,
+    seed: int = 0,
+    split: str = "train",
+    conversational: bool = True,
+    system_prompt: str | None = None,
+    test_fraction: float = 0.2,
+) -> Dataset:
+    """Prompt-only dataset of short-answer instructions (columns ``prompt``, ``topic``).
+
+    Train and test topics are disjoint (``sentiment_topics``). Rows walk through the split's distinct instructions in
+    a seeded random order before any repeats (the test split has 168 distinct ones).
+    """
+    _check_split(split)
+    _check_size(size)
+    pool = helpful_prompts(split, test_fraction)
+    if not pool:
+        raise ValueError(f"test_fraction={test_fraction} leaves no {split} topics.")
+    rng = random.Random(seed * 2 + (split == "test") + 17)
+    chosen: list[tuple[str, str]] = []
+    while len(chosen) < size:
+        order = list(pool)
+        rng.shuffle(order)
+        chosen.extend(order[: size - len(chosen)])
+    return Dataset.from_dict({
+        "prompt": [_format_prompt(text, system_prompt, conversational) for text, _ in chosen],
+        "topic": [topic for _, topic in chosen],
+    })
+
+
+TEXT_TASKS = {"sentiment": (sentiment_dataset, ["vader"]), "helpful": (helpful_dataset, ["gold_helpful"])}
+
+
 def task_reward_names(task: str) -> list[str]:
     """The registered true reward(s) of a task (names for ``vgf_llm.rewards.get_reward_func``)."""
-    return ["vader"] if task == "sentiment" else ["reasoning_gym"]
+    return list(TEXT_TASKS[task][1]) if task in TEXT_TASKS else ["reasoning_gym"]
 
 
 def task_dataset(task: str, size: int, seed: int = 0, split: str = "train", **kwargs):
-    """``sentiment`` or any reasoning-gym task name, as a prompt-only dataset."""
-    if task == "sentiment":
-        return sentiment_dataset(size=size, seed=seed, split=split, **kwargs)
+    """``sentiment``, ``helpful`` or any reasoning-gym task name, as a prompt-only dataset."""
+    if task in TEXT_TASKS:
+        return TEXT_TASKS[task][0](size=size, seed=seed, split=split, **kwargs)
     return reasoning_gym_dataset(task, size=size, seed=seed, split=split, **kwargs)

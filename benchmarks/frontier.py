@@ -1,0 +1,344 @@
+"""The reward-KL frontier: VGFTrainer vs its own budget 0 (best-of-N distillation) vs TRL GRPO, checkpoints along
+each run scored on held-out prompts, several seeds, in one script run.
+
+Tasks:
+
+- ``helpful`` (default): the offline gold/proxy reward-model task (Gao et al. 2022's protocol). Every arm trains on
+  the proxy reward model ``smollm2-135m-helpful-rm`` (build it once: ``vgf-llm models prepare
+  smollm2-135m-helpful-rm``); VGF also takes its gradient (``scorer: reward_model``). Held-out prompts are scored
+  by the *gold* reward (``vgf_llm.rewards.gold_helpful``), which no arm ever sees, and by the proxy;
+- ``chain_sum`` / ``basic_arithmetic``: reasoning-gym's checker is both the training and the evaluation reward.
+
+Every arm starts from the same base, trains on the same prompts with the same seed, LoRA and number of generated
+completions per step (see ``arms.py``), and saves its adapter at each ``--checkpoints`` step. Each checkpoint is
+scored on ``--eval_prompts`` held-out prompts: the gold reward (accuracy) of ``--samples`` temperature-1 samples
+of the policy and of its greedy answer, and the exact sequence-level KL(policy || base) along those samples
+(``train.kl_to_base``). The base's own test-time best-of-N (selected by the training reward, analytic KL
+``log N - (N-1)/N``) is scored on the same prompts as reference points.
+
+Writes ``<out_dir>/<name>.json`` (after every run, so an interrupted run keeps what finished), ``<name>.md`` and
+``<name>.png`` (gold reward vs KL: one curve per arm through its checkpoints, mean over seeds, bars = seed std).
+
+    python benchmarks/frontier.py                                   # helpful task, 3 seeds (hours on 2 CPU cores)
+    python benchmarks/frontier.py --task chain_sum --seeds 0,1,2
+    python benchmarks/frontier.py --tiny --model PATH --reward_model PATH   # smoke run on tiny models
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import arms  # noqa: E402
+import train  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent
+
+# arm -> (trainer kind, settings it changes); grpo_kl is GRPO with a KL penalty (--grpo_beta)
+ARMS = {"vgf": "vgf", "bon": "bon", "grpo": "grpo", "grpo_kl": "grpo"}
+LABELS = {"vgf": "VGF (transport)", "bon": "VGF budget 0 (best-of-N distil)", "grpo": "TRL GRPO (beta 0)",
+          "grpo_kl": "TRL GRPO (beta > 0)"}
+COLORS = {"vgf": "tab:blue", "bon": "tab:orange", "grpo": "tab:green", "grpo_kl": "tab:olive"}
+
+
+def eval_rewards(s: arms.ArmSettings) -> dict:
+    """``{name: reward_funcs}`` every checkpoint is scored with: gold (never trained on) and the training reward."""
+    from vgf_llm.rewards import gold_helpful, reasoning_gym_reward
+
+    if s.task == "helpful":
+        return {"gold": [gold_helpful], "proxy": [arms.training_reward(s)]}
+    return {"gold": [reasoning_gym_reward]}
+
+
+def arm_settings(s: arms.ArmSettings, arm: str, grpo_beta: float) -> arms.ArmSettings:
+    if arm == "grpo_kl":
+        return replace(s, grpo_beta=grpo_beta)
+    if arm == "grpo":
+        return replace(s, grpo_beta=0.0)
+    return s
+
+
+def train_with_checkpoints(s: arms.ArmSettings, arm: str, folder: str, checkpoints: list[int], threads: int) -> dict:
+    """Train one arm for ``max(checkpoints)`` steps, saving the adapter at each checkpoint step to
+    ``folder/step-K``; the training log, wall-clock and the transport's reward before/after (VGF)."""
+    from transformers import TrainerCallback
+
+    arms.set_threads(threads)
+
+    class SaveAt(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if state.global_step in checkpoints:
+                model.save_pretrained(str(Path(folder) / f"step-{state.global_step}"))
+
+    with tempfile.TemporaryDirectory() as out:
+        start = time.perf_counter()
+        steps = max(checkpoints)
+        kind = ARMS[arm]
+        trainer = (arms.grpo_trainer(s, out, steps=steps, callbacks=[SaveAt()]) if kind == "grpo"
+                   else arms.vgf_trainer(s, kind, out, steps=steps, callbacks=[SaveAt()]))
+        built = time.perf_counter()
+        trainer.train()
+        trained = time.perf_counter()
+    logs = [h for h in trainer.state.log_history if "reward" in h]
+    before = [h["transport/reward_before"] for h in logs if "transport/reward_before" in h]
+    after = [h["transport/reward_after"] for h in logs if "transport/reward_after" in h]
+    return {"arm": arm, "seed": s.seed, "train_seconds": trained - built, "wall_seconds": trained - start,
+            "seconds_per_step": (trained - built) / max(1, len(logs)), "steps": len(logs),
+            "completions_generated": len(logs) * s.prompts * s.generations,
+            "train_reward_mean": train._mean(h["reward"] for h in logs),
+            "transport_reward_before": train._mean(before) if before else None,
+            "transport_reward_after": train._mean(after) if after else None,
+            "transport_raised_steps": sum(a > b for a, b in zip(after, before, strict=True)) if before else None,
+            "log_history": trainer.state.log_history}
+
+
+def score_checkpoints(s: arms.ArmSettings, adapters: dict[str, str], eval_prompts: int, samples: int,
+                      threads: int, best_of: list[int] | None = None) -> dict:
+    """Held-out scores of every adapter (``{key: folder}``; ``None`` = the base), in one process on one base model;
+    with ``best_of`` also the base's test-time best-of-N for each N."""
+    import torch
+
+    from vgf_llm.evaluation import policy_rewards
+    from vgf_llm.rewards import reward_texts
+    from vgf_llm.tasks import task_dataset
+
+    arms.set_threads(threads)
+    model, tok = arms.base_model(s)
+    model.eval()
+    rows = [dict(r) for r in task_dataset(s.task, eval_prompts, seed=0, split="test")]
+    sets = eval_rewards(s)
+    out = {"n": len(rows), "unique_prompts": len({json.dumps(r["prompt"]) for r in rows}), "scores": {}}
+    for key, folder in adapters.items():
+        start = time.perf_counter()
+        name = None
+        if folder is not None:
+            name = key.replace(".", "_")
+            model.load_adapter(folder, adapter_name=name)
+        gold, texts = policy_rewards(model, tok, rows, sets["gold"], adapter=name,
+                                     max_new_tokens=s.max_completion_length, batch_size=16, progress=False)
+        res = {"greedy_gold": train._mean(gold), "examples": texts[:3]}
+        res.update(train.kl_to_base(model, tok, rows, name, samples, s.max_completion_length, 7, sets,
+                                    batch_size=16))
+        res["eval_seconds"] = time.perf_counter() - start
+        out["scores"][key] = res
+        if name is not None:
+            model.delete_adapter(name)
+    if best_of:
+        from vgf_llm.rollout.hf import HFGenerateBackend
+
+        n_max = max(best_of)
+        backend = HFGenerateBackend(model, tok, max_new_tokens=s.max_completion_length, temperature=1.0,
+                                    batch_size=16 * n_max)
+        select = sets.get("proxy", sets["gold"])
+        gold_all, sel_all = [], []
+        for start in range(0, len(rows), 16):
+            chunk = rows[start:start + 16]
+            with torch.no_grad():
+                ro = backend.generate([r["prompt"] for r in chunk], n_max, seed=11 + start)
+            flat_rows = [r for r in chunk for _ in range(n_max)]
+            texts = [t for g in ro.texts for t in g]
+            gold_all.append(reward_texts(sets["gold"], None, flat_rows, texts).view(len(chunk), n_max))
+            sel_all.append(reward_texts(select, None, flat_rows, texts).view(len(chunk), n_max))
+        gold_t, sel_t = torch.cat(gold_all), torch.cat(sel_all)
+        out["best_of_n"] = {}
+        for n in sorted(best_of):
+            pick = sel_t[:, :n].nan_to_num(-math.inf).argmax(1)
+            chosen = gold_t[:, :n].gather(1, pick[:, None]).squeeze(1)
+            out["best_of_n"][n] = {"gold": float(chosen.nanmean()), "kl_per_sequence": math.log(n) - (n - 1) / n,
+                                   "selected_by": "proxy" if "proxy" in sets else "gold"}
+    return out
+
+
+def summarise(results: dict) -> dict:
+    """Mean and seed std of every score per (arm, checkpoint step)."""
+    summary = {}
+    for arm, runs in results["runs"].items():
+        by_step: dict[int, list[dict]] = {}
+        for r in runs:
+            for step, sc in r.get("checkpoints", {}).items():
+                by_step.setdefault(int(step), []).append(sc)
+        summary[arm] = {}
+        for step, scores in sorted(by_step.items()):
+            row = {"seeds": len(scores)}
+            for key in ("sampled_gold", "greedy_gold", "sampled_proxy", "kl_per_sequence", "kl_per_token"):
+                values = [sc.get(key) for sc in scores if sc.get(key) is not None]
+                if values:
+                    row[key], row[key + "_std"] = train._mean(values), train._std(values)
+            summary[arm][step] = row
+    return summary
+
+
+def markdown(results: dict) -> str:
+    s, base = results["settings"], results["base"]
+    proxy = "sampled_proxy" in base
+    head = ("| arm | step | seeds | gold (samples, T=1) | gold (greedy) | " + ("proxy (samples) | " if proxy else "")
+            + "KL/sequence | transport reward before -> after (raised steps) |")
+    lines = [
+        f"Task `{s['task']}`, {results['eval_prompts']} held-out prompts ({base['unique_prompts']} unique), "
+        f"{results['samples']} temperature-1 samples per prompt for the gold reward and the KL; training: "
+        f"{s['prompts']} prompts x {s['generations']} completions per step (max {s['max_completion_length']} tokens), "
+        f"LoRA r={s['lora_r']}, lr {s['learning_rate']}, seeds {results['seeds']}; "
+        f"{results['wall_seconds'] / 60:.0f} min in all.",
+        "",
+        head,
+        "|" + "---|" * (head.count("|") - 1),
+        f"| base | 0 | - | {base['sampled_gold']:.3f} | {base['greedy_gold']:.3f} | "
+        + (f"{base['sampled_proxy']:.3f} | " if proxy else "") + "0 | - |",
+    ]
+    for n, b in results.get("best_of_n", {}).items():
+        lines.append(f"| base best-of-{n} (test time, by {b['selected_by']}) | - | - | {b['gold']:.3f} | - | "
+                     + ("- | " if proxy else "") + f"{b['kl_per_sequence']:.3f} (analytic) | - |")
+    for arm, steps in results["summary"].items():
+        runs = results["runs"][arm]
+        before = [r["transport_reward_before"] for r in runs if r.get("transport_reward_before") is not None]
+        after = [r["transport_reward_after"] for r in runs if r.get("transport_reward_after") is not None]
+        raised = sum(r["transport_raised_steps"] for r in runs if r.get("transport_raised_steps") is not None)
+        total = sum(r["steps"] for r in runs if r.get("transport_raised_steps") is not None)
+        transport = f"{train._mean(before):.3f} -> {train._mean(after):.3f} ({raised}/{total})" if before else "-"
+        for step, row in steps.items():
+            def cell(key, fmt=".3f", row=row):
+                return (f"{row[key]:{fmt}} ± {row[key + '_std']:{fmt}}" if key in row else "-")
+
+            lines.append(f"| {LABELS[arm]} | {step} | {row['seeds']} | {cell('sampled_gold')} | {cell('greedy_gold')} "
+                         f"| " + (f"{cell('sampled_proxy')} | " if proxy else "") + f"{cell('kl_per_sequence')} | "
+                         f"{transport if step == max(steps) else ''} |")
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.8, 4.6))
+    base = results["base"]
+    ax.scatter([0], [base["sampled_gold"]], marker="*", s=180, color="black", label="base", zorder=4)
+    bon = results.get("best_of_n", {})
+    if bon:
+        ns = sorted(bon, key=int)
+        ax.plot([bon[n]["kl_per_sequence"] for n in ns], [bon[n]["gold"] for n in ns], "k--", marker="s", ms=4,
+                label="base best-of-N (test time)")
+    for arm, steps in results["summary"].items():
+        pts = [(0.0, base["sampled_gold"], 0.0, 0.0)] + [
+            (r["kl_per_sequence"], r["sampled_gold"], r.get("kl_per_sequence_std", 0.0), r.get("sampled_gold_std", 0.0))
+            for r in steps.values() if "sampled_gold" in r]
+        xs, ys, xe, ye = zip(*pts, strict=True)
+        ax.errorbar(xs, ys, xerr=xe, yerr=ye, color=COLORS[arm], marker="o", ms=5, capsize=3, label=LABELS[arm])
+    ax.set_xlabel("KL(policy || base) per sequence, held-out samples")
+    ax.set_ylabel("gold reward of samples (T=1)" if results["settings"]["task"] == "helpful" else
+                  "accuracy of samples (T=1)")
+    ax.set_title(f"reward-KL frontier, {results['settings']['task']} ({len(results['seeds'])} seeds)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write(results: dict, out_dir: Path, name: str, start: float, partial: bool) -> dict:
+    from vgf_llm.evaluation import json_safe
+
+    results["summary"] = summarise(results)
+    results["partial"] = partial
+    results["wall_seconds"] = time.time() - start
+    results["table_md"] = markdown(results)
+    (out_dir / f"{name}.json").write_text(json.dumps(json_safe(results), indent=2, default=str))
+    (out_dir / f"{name}.md").write_text(results["table_md"] + "\n")
+    plot(results, out_dir / f"{name}.png")
+    return results
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    d = arms.ArmSettings(task="helpful", decoder="verified", transport_steps=3, max_edits=5, verify_top=1,
+                         verify_candidates=4, max_completion_length=40, generations=8)
+    arms.add_shared_arguments(p, d)
+    p.set_defaults(arms="vgf,bon,grpo")
+    p.add_argument("--checkpoints", default="4,8", help="Comma list of optimizer steps to save and score.")
+    p.add_argument("--learning_rate", type=float, default=d.learning_rate)
+    p.add_argument("--grpo_beta", type=float, default=0.04, help="The KL coefficient of the grpo_kl arm.")
+    p.add_argument("--reward_model", default=arms.PROXY_REWARD_MODEL, help="Proxy reward model (helpful task).")
+    p.add_argument("--scorer", default=None, choices=["value", "reward_model"],
+                   help="VGF's gradient source (default: reward_model on helpful, value otherwise).")
+    p.add_argument("--eval_prompts", type=int, default=128)
+    p.add_argument("--samples", type=int, default=1, help="Temperature-1 samples per held-out prompt.")
+    p.add_argument("--best_of", default="2,4,8", help="Test-time best-of-N of the base, N list ('' = none).")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--tiny", action="store_true", help="Smoke run: 2 steps x 2 prompts x 2 completions x 8 tokens.")
+    p.add_argument("--inline", action="store_true", help="Run every phase in this process (no spawn).")
+    p.add_argument("--out_dir", default=str(ROOT / "results"))
+    p.add_argument("--name", default=None, help="Output file stem (default frontier_<task>).")
+    a = p.parse_args(argv)
+    if a.tiny:
+        a.checkpoints, a.prompts, a.generations, a.max_completion_length = "1,2", 2, 2, 8
+        a.eval_prompts, a.samples, a.transport_steps, a.value_num_layers, a.best_of = 4, 1, 1, None, "2"
+    arms.offline()
+    arms.set_threads(a.threads)
+    checkpoints = sorted({int(x) for x in a.checkpoints.split(",")})
+    chosen = [x.strip() for x in a.arms.split(",") if x.strip()]
+    unknown = set(chosen) - set(ARMS)
+    if unknown:
+        p.error(f"unknown arms {sorted(unknown)}; choose from {list(ARMS)}")
+    seeds = [int(x) for x in a.seeds.split(",")]
+    best_of = [int(x) for x in a.best_of.split(",") if x.strip()]
+    scorer = a.scorer or ("reward_model" if a.task == "helpful" else "value")
+    extra = {"scorer": scorer}
+    if a.task == "helpful" or scorer == "reward_model":
+        extra["reward_model_path"] = a.reward_model
+    name = a.name or f"frontier_{a.task}"
+    out_dir = Path(a.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    base_settings = arms.settings_from(a, steps=max(checkpoints), learning_rate=a.learning_rate, seed=seeds[0],
+                                       extra=extra)
+    base_settings = replace(base_settings, max_edits=d.max_edits, verify_top=d.verify_top,
+                            verify_candidates=d.verify_candidates)
+    results = {"settings": base_settings.as_dict(), "arms": chosen, "seeds": seeds, "checkpoints": checkpoints,
+               "eval_prompts": a.eval_prompts, "samples": a.samples, "grpo_beta": a.grpo_beta,
+               "machine": arms.machine_info(),
+               "command": "python benchmarks/frontier.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+               "runs": {arm: [] for arm in chosen}}
+    run = arms.in_subprocess if not a.inline else (lambda f, *args, **kw: f(*args, **kw))
+    start = time.time()
+    print(f"[frontier] scoring the base on {a.eval_prompts} held-out prompts (+ best-of-{best_of}) ...", flush=True)
+    ev = run(score_checkpoints, base_settings, {"base": None}, a.eval_prompts, a.samples, a.threads,
+                            best_of)
+    results["base"] = ev["scores"]["base"] | {"n": ev["n"], "unique_prompts": ev["unique_prompts"]}
+    results["best_of_n"] = ev.get("best_of_n", {})
+    write(results, out_dir, name, start, partial=True)
+    root = Path(tempfile.mkdtemp(prefix="vgf_frontier_"))
+    try:
+        for seed in seeds:
+            for arm in chosen:
+                s = arm_settings(replace(base_settings, seed=seed), arm, a.grpo_beta)
+                folder = root / f"{arm}-seed{seed}"
+                print(f"[frontier] {arm} seed {seed}: training {max(checkpoints)} steps ...", flush=True)
+                r = run(train_with_checkpoints, s, arm, str(folder), checkpoints, a.threads)
+                adapters = {str(k): str(folder / f"step-{k}") for k in checkpoints if (folder / f"step-{k}").is_dir()}
+                print(f"[frontier] {arm} seed {seed}: {r['train_seconds']:.0f} s; scoring {len(adapters)} "
+                      "checkpoints ...", flush=True)
+                ev = run(score_checkpoints, s, adapters, a.eval_prompts, a.samples, a.threads)
+                r["checkpoints"] = ev["scores"]
+                for k, sc in ev["scores"].items():
+                    print(f"[frontier] {arm} seed {seed} step {k}: gold {sc['sampled_gold']:.3f} (greedy "
+                          f"{sc['greedy_gold']:.3f}), KL/seq {sc['kl_per_sequence']:.3f}", flush=True)
+                results["runs"][arm].append(r)
+                write(results, out_dir, name, start, partial=True)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    results = write(results, out_dir, name, start, partial=False)
+    print(results["table_md"])
+    print(f"[frontier] wrote {out_dir / name}.json/.md/.png in {results['wall_seconds'] / 60:.0f} min")
+    return results
+
+
+if __name__ == "__main__":
+    main()
