@@ -19,6 +19,7 @@ from transformers import TrainingArguments
 from vgf_llm.sampler import TransportConfig
 
 PARTICLE_SOURCES = ("reference", "policy")
+TRANSPORT_VERIFIERS = ("reward", "scorer")
 SCORERS = ("value", "reward_model")
 DISTILL_WEIGHTINGS = ("softmax", "best", "advantage")
 DISTILL_POOLS = ("union", "moved")
@@ -57,6 +58,10 @@ class VGFConfig(TransportConfig, TrainingArguments):
     # -- VGF transport: the budget (transport_steps, transport_step_size, transport_alpha, transport_radius,
     #    repulsion) and the particle space (decoder, decoder_topk, max_edits, verify_top, verify_candidates) come
     #    from TransportConfig, with the sampler's defaults ------------------------------------------------------
+    transport_verifier: str = field(default="reward", metadata={
+        "help": "decoder='verified': what checks each proposed swap in training. 'reward' (the true reward, which "
+                "re-scores moved particles anyway: a kept swap raises it, and every particle is edited) or 'scorer' "
+                "(the value model, as at test time, on the verify_top best originals)."})
     particle_source: str = field(default="reference", metadata={
         "help": "'reference' (base model, adapter off: training amortises test-time VGF) or 'policy' (iterates)."})
 
@@ -92,7 +97,8 @@ class VGFConfig(TransportConfig, TrainingArguments):
 
     def __post_init__(self):
         super().__post_init__()
-        choices = {"particle_source": PARTICLE_SOURCES, "scorer": SCORERS, "distill_weighting": DISTILL_WEIGHTINGS,
+        choices = {"particle_source": PARTICLE_SOURCES, "transport_verifier": TRANSPORT_VERIFIERS,
+                   "scorer": SCORERS, "distill_weighting": DISTILL_WEIGHTINGS,
                    "distill_pool": DISTILL_POOLS, "vllm_mode": ("colocate", "server")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

@@ -87,7 +87,7 @@ def _gold_parts(text: str, topic: str | None) -> dict[str, float]:
         length = n / GOLD_MIN_WORDS
     else:
         length = max(0.0, 1.0 - max(0, n - GOLD_MAX_WORDS) / GOLD_MAX_WORDS)
-    trigrams = list(zip(words, words[1:], words[2:]))
+    trigrams = list(zip(words, words[1:], words[2:], strict=False))
     repetition = 1.0 - len(set(trigrams)) / len(trigrams) if trigrams else 0.0
     topic_words = {w for w in _WORD.findall((topic or "").lower()) if len(w) > 3}
     on_topic = float(bool(topic_words & set(words))) if topic_words else 1.0
@@ -107,8 +107,8 @@ def gold_helpful(prompts, completions, topic=None, **kwargs) -> list[float]:
     topics = topic if topic is not None else [None] * len(completions)
     out = []
     for completion, t in zip(completions, topics, strict=True):
-        parts = _gold_parts(completion_text(completion), t)
-        out.append(parts["length"] * (1.0 - parts["repetition"]) * (0.7 * parts["positivity"] + 0.3 * parts["on_topic"]))
+        f = _gold_parts(completion_text(completion), t)
+        out.append(f["length"] * (1.0 - f["repetition"]) * (0.7 * f["positivity"] + 0.3 * f["on_topic"]))
     return out
 
 

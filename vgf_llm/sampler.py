@@ -178,11 +178,13 @@ class VGFSampler:
             out.append(SampleResult(prompt, response, chosen, pick_moved, particles))
         return out
 
-    def move(self, ro: Rollouts) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def move(self, ro: Rollouts, verify=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Transport the rollouts' particles with the budget and decode them: (ids [G, N, T], mask, displacement
-        [G, N]). The trainer distils these; ``transport_rollouts`` selects among them."""
+        [G, N]). The trainer distils these (passing its true reward as ``verify``, see ``Particles``);
+        ``transport_rollouts`` selects among them."""
         c = self.config
         particles = self.space.lift(ro)
+        particles.verify = verify
         moved, trace = transport(particles.start, grad_fn=lambda u: self.space.grad(particles, u),
                                  steps=c.transport_steps, step_size=c.transport_step_size, alpha=c.transport_alpha,
                                  step_rule="adam", radius=c.transport_radius,

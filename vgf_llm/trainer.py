@@ -200,20 +200,25 @@ class VGFTrainer(Trainer):
         return ((self.args.seed * 1_000_003 + self.state.global_step) * 101 + micro) * 1009 + \
             self.accelerator.process_index
 
-    def _rewards(self, rows: list[dict], texts: list[str], ro: Rollouts, idx: list[int] | None = None) -> torch.Tensor:
+    def _rewards(self, rows: list[dict], texts: list[str], ro: Rollouts, idx: list[int] | None = None, *,
+                 log: bool = True) -> torch.Tensor:
         """True rewards (NaN where every function returned None) of ``texts`` (the completions of ``ro``, or those at
         flat positions ``idx``), called as TRL's GRPOTrainer calls reward functions: the dataset columns,
-        ``completion_ids``, ``trainer_state``, and ``log_extra`` / ``log_metric`` for the functions' own logs."""
+        ``completion_ids``, ``trainer_state``, and ``log_extra`` / ``log_metric`` for the functions' own logs
+        (``log=False``: a check of candidate edits, kept out of the logs)."""
         _, _, ids, mask = ro.flat()
         rows_of = range(len(ids)) if idx is None else idx
         completion_ids = [ids[i][mask[i].bool()].tolist() for i in rows_of]
         try:
             total, per_func = reward_texts_and_parts(
                 self.reward_funcs, self.args.reward_weights, rows, texts, completion_ids=completion_ids,
-                trainer_state=self.state, log_extra=self._log_extra,
-                log_metric=lambda name, value: self._metrics[name].append(float(value)))
+                trainer_state=self.state, log_extra=self._log_extra if log else lambda column, values: None,
+                log_metric=(lambda name, value: self._metrics[name].append(float(value))) if log else
+                lambda name, value: None)
         except (RewardFunctionError, TypeError, ValueError) as err:
             raise type(err)(f"at step {self.state.global_step}: {err}") from err
+        if not log:
+            return total
         for name, col in zip(self.reward_names, per_func.T, strict=True):
             if torch.isfinite(col).any():
                 self._metrics[f"rewards/{name}/mean"].append(float(col.nanmean()))
@@ -304,7 +309,11 @@ class VGFTrainer(Trainer):
                 self._update_value_model(ro, rewards)
         with self._timed("transport"):
             if args.transport_steps > 0:
-                new_ids, new_mask, disp = self.sampler.move(ro)
+                verify = self._reward_verifier(flat_rows, ro) if args.transport_verifier == "reward" else None
+                new_ids, new_mask, disp = self.sampler.move(ro, verify=verify)
+                checked = getattr(self.sampler.space, "last_stats", {}).get("evaluated")
+                if verify is not None and checked is not None:  # reward calls the transport spent on checks
+                    self._metrics["transport/reward_checks"].append(float(checked))
                 self._metrics["transport/nonfinite"].append(float(self.sampler.last_trace.nonfinite.sum()))
             else:
                 new_ids, new_mask, disp = ro.completion_ids, ro.completion_mask, torch.zeros(g, n)
@@ -323,6 +332,18 @@ class VGFTrainer(Trainer):
         model.train()
         self._log_step(prompts, ro, moved, rewards, moved_rewards, changed, disp)
         return targets
+
+    def _reward_verifier(self, flat_rows: list[dict], ro: Rollouts):
+        """The true reward as the ``verified`` decoder's check: a swap is kept only if it raises the reward itself
+        (the trainer re-scores moved particles with it anyway; at test time the scorer checks instead)."""
+        tok = self.processing_class
+
+        def verify(rows: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            candidates = Rollouts(ro.prompt_ids[:0], ro.prompt_mask[:0], ids[:, None], mask[:, None], [])
+            texts = [tok.decode(i[m.bool()], skip_special_tokens=True) for i, m in zip(ids, mask, strict=True)]
+            return self._rewards([flat_rows[r] for r in rows.tolist()], texts, candidates, log=False)
+
+        return verify
 
     def _update_value_model(self, ro: Rollouts, rewards: torch.Tensor) -> None:
         if not isinstance(self.scorer, ValueModel):

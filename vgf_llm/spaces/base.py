@@ -18,13 +18,17 @@ class Particles:
 
     start [G, N, ...]: where the flow starts (``flow.transport`` moves a tensor of this shape);
     mask [G, N, ...] over the start's leading dims: 1 where a particle (or a response position) may move;
-    state: whatever the space's ``decode`` needs besides the moved tensor (e.g. candidate tokens).
+    state: whatever the space's ``decode`` needs besides the moved tensor (e.g. candidate tokens);
+    verify: what a checking decoder (``verified``) asks whether an edit is better: ``verify(rows, ids, mask)`` -> [A]
+    values of token sequences ids/mask [A, T] for flat rollout rows ``rows`` [A] (index into ``rollouts.flat()``).
+    None: the scorer's value. The trainer passes its true reward here, which it computes for moved particles anyway.
     """
 
     rollouts: Rollouts
     start: torch.Tensor
     mask: torch.Tensor
     state: dict = field(default_factory=dict)
+    verify: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
 
 class ParticleSpace(Protocol):

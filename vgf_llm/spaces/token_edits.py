@@ -84,7 +84,8 @@ class VerifiedEdits(EmbeddingRows):
     swaps of each response are scored exactly (one batched no-grad pass) and the best is kept only if it raises the
     value by more than ``margin``; a response stops at its first round without an improving swap. The reference's
     top-k is recomputed on the current tokens every round. ``top``: only the ``top`` responses of each prompt with
-    the highest original value are edited (None: all).
+    the highest original value are edited (None: all) when the scorer checks; when ``Particles.verify`` (the
+    trainer's true reward) checks, every response is edited and a swap is kept only if it raises that reward.
     """
 
     def __init__(self, model, scorer, *, exclude_ids=(), topk: int = 8, max_edits: int = 5, candidates: int = 4,
@@ -101,8 +102,11 @@ class VerifiedEdits(EmbeddingRows):
                    max_edits=config.max_edits,
                    candidates=config.verify_candidates, top=config.verify_top)
 
-    def _value(self, p_ids, p_mask, ids, mask) -> torch.Tensor:
-        return self.scorer.score_ids(p_ids, p_mask, ids, mask).float().cpu()
+    def _value(self, particles: Particles, rows, p_ids, p_mask, ids, mask) -> torch.Tensor:
+        """Exact values of token sequences for flat rows ``rows``: the particles' verifier, else the scorer."""
+        if particles.verify is not None:
+            return particles.verify(rows, ids, mask).float().cpu().nan_to_num(-float("inf"))
+        return self.scorer.score_ids(p_ids[rows], p_mask[rows], ids, mask).float().cpu()
 
     @torch.no_grad()
     def decode(self, particles: Particles, moved: torch.Tensor):
@@ -114,9 +118,9 @@ class VerifiedEdits(EmbeddingRows):
         mov = particles.mask.reshape(b, t).bool()
         target = moved.reshape(b, t, -1).float().cpu()
         table = self.reference.table
-        value = self._value(p_ids, p_mask, cur, mask)
+        value = self._value(particles, torch.arange(b), p_ids, p_mask, cur, mask)
         active = (moved != particles.start).reshape(b, t, -1).any(-1).any(-1).cpu() & mov.any(-1)
-        if self.top is not None and self.top < n:
+        if self.top is not None and self.top < n and particles.verify is None:  # a true-reward check takes all
             ranks = value.view(g, n).argsort(-1, descending=True).argsort(-1).reshape(b)
             active &= ranks < self.top
         start_value, evaluated, rounds = value.clone(), 0, 0
@@ -137,7 +141,7 @@ class VerifiedEdits(EmbeddingRows):
             pos, tok = which // cand.shape[-1], cand.reshape(len(idx), -1)[a, which]
             seqs = cur[idx[a]].clone()
             seqs[torch.arange(len(a)), pos] = tok
-            vals = self._value(p_ids[idx[a]], p_mask[idx[a]], seqs, mask[idx[a]])
+            vals = self._value(particles, idx[a], p_ids, p_mask, seqs, mask[idx[a]])
             evaluated += len(a)
             best = torch.full((len(idx),), -float("inf"))
             best.scatter_reduce_(0, a, vals, reduce="amax")
