@@ -251,3 +251,25 @@ def test_boxed_reward_compares_the_last_box():
     assert boxed_reward(None, completions, answer=["42.0", "42", "42", r"\frac{1}{2}"]) == [1.0, 0.0, 0.0, 1.0]
     assert boxed_reward(None, [r"\boxed{1}"], answer=[""]) == [None]
     assert get_reward_func("boxed") is boxed_reward and get_reward_func("gsm8k").__name__ == "gsm8k_reward"
+
+
+def test_gold_helpful_rewards_length_variety_positivity_and_topic():
+    from vgf_llm.rewards import GOLD_MAX_WORDS, gold_helpful
+
+    good = "Cooking at home is a wonderful way to relax and share a lovely meal with friends."
+    scores = dict(zip(["good", "short", "repetitive", "negative", "off_topic", "long"], gold_helpful(
+        None,
+        [good, "Cooking is nice.", "cooking is fun " * 8, "Cooking at home is awful, boring and a terrible waste "
+         "of time for everyone.", "A lovely sunny day makes everyone happy and calm and glad to be outside.",
+         (good + " ") * 6],
+        topic=["cooking"] * 6), strict=True))
+    assert all(0.0 <= v <= 1.0 for v in scores.values()), scores
+    assert scores["good"] > 0.8
+    for worse in ("short", "repetitive", "negative", "off_topic", "long"):
+        assert scores[worse] < scores["good"] - 0.1, (worse, scores)
+    assert len(((good + " ") * 6).split()) > GOLD_MAX_WORDS
+    # both TRL formats, and no topic column means no topic term
+    chat = gold_helpful(None, [[{"role": "assistant", "content": good}]], topic=["cooking"])
+    assert chat == pytest.approx([scores["good"]])
+    assert gold_helpful(None, [good])[0] >= scores["good"]
+    assert get_reward_func("gold_helpful") is gold_helpful

@@ -8,10 +8,14 @@ from trl.data_utils import is_conversational
 from vgf_llm.tasks import (
     DEFAULT_INSTRUCTION,
     SENTIMENT_TOPICS,
+    helpful_dataset,
+    helpful_prompts,
     in_test_split,
     reasoning_gym_dataset,
     sentiment_dataset,
     sentiment_topics,
+    task_dataset,
+    task_reward_names,
 )
 
 
@@ -107,3 +111,19 @@ def test_sentiment_dataset():
     assert plain["prompt"] == [f"Write one sentence about {t}." for t in plain["topic"]]
     with pytest.raises(ValueError, match="split"):
         sentiment_dataset(split="dev")
+
+
+def test_helpful_prompts_are_disjoint_between_splits_and_cover_128_held_out_prompts():
+    train, test = helpful_prompts("train"), helpful_prompts("test")
+    assert not {t for _, t in train} & {t for _, t in test}  # no topic in both splits
+    assert len(set(test)) == len(test) >= 128  # frontier.py scores 128 distinct held-out instructions
+    data = helpful_dataset(size=len(test), split="test")
+    assert len(set(data["topic"])) == len({t for _, t in test})  # one full pass before any repeat
+    assert len({json.dumps(p) for p in data["prompt"]}) == len(test)
+    assert is_conversational({"prompt": data[0]["prompt"]})
+    assert helpful_dataset(size=5, seed=3)["prompt"] == helpful_dataset(size=5, seed=3)["prompt"]
+    assert helpful_dataset(size=5, seed=3)["prompt"] != helpful_dataset(size=5, seed=4)["prompt"]
+    row = helpful_dataset(size=1, conversational=False)[0]
+    assert isinstance(row["prompt"], str) and row["topic"] in row["prompt"]
+    assert task_dataset("helpful", 3)["topic"] == helpful_dataset(size=3)["topic"]
+    assert task_reward_names("helpful") == ["gold_helpful"]

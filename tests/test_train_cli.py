@@ -131,6 +131,17 @@ def test_resume_true_on_the_command_line_means_the_last_checkpoint(tmp_path, tin
     assert [e["step"] for e in history if "loss" in e] == [1, 2, 3]  # steps 1-2 come from checkpoint-2's state
 
 
+def test_eval_strategy_steps_records_the_policys_held_out_reward_over_training(tmp_path, tiny_lm_dir):
+    """What the quickstart shows: the held-out reward of the policy itself at intervals (the rollouts' reward comes
+    from the base and stays flat by design), drawn with the base at step 0 in training_curves.png."""
+    recipe = tiny_recipe(tmp_path, tiny_lm_dir, eval_strategy="steps", eval_steps=1, plot=True)
+    assert main(["train", "--config", str(recipe)]) == 0
+    history = json.loads((tmp_path / "out" / "log_history.json").read_text())
+    evals = [(e["step"], e["eval_reward"]) for e in history if "eval_reward" in e]
+    assert [s for s, _ in evals] == [1, 2] and all(math.isfinite(r) for _, r in evals)
+    assert (tmp_path / "out" / "training_curves.png").stat().st_size > 5000
+
+
 def test_unknown_key_in_recipe_fails_clearly(tmp_path, tiny_lm_dir, capsys):
     recipe = tiny_recipe(tmp_path, tiny_lm_dir, transport_stepz=3)
     with pytest.raises(SystemExit) as exit_info:

@@ -295,7 +295,29 @@ def test_non_finite_transport_is_skipped_and_logged(tiny_lm_dir, standard_prompt
     assert log["transport/nonfinite"] > 0 and log["transport/tokens_changed"] == 0 and math.isfinite(log["loss"])
 
 
+def test_the_true_reward_checks_the_verified_edits_in_training(tiny_lm_dir, standard_prompts, tmp_path):
+    """transport_verifier='reward' (the default): a proposed swap is kept only if the true reward rises, so no
+    particle ends below where it started and the transport raises the step's mean reward; 'scorer' checks with the
+    value model instead (as at test time) and calls the reward only to re-score."""
+    tr = trainer(tiny_lm_dir, standard_prompts, tmp_path / "r", decoder="verified", max_steps=2, transport_steps=2,
+                 transport_step_size=0.5)
+    tr.train()
+    steps = [h for h in tr.state.log_history if "transport/reward_after" in h]
+    assert len(steps) == 2 and all(h["transport/reward_checks"] > 0 for h in steps)
+    assert all(h["transport/reward_after"] >= h["transport/reward_before"] for h in steps)
+    assert any(h["transport/reward_after"] > h["transport/reward_before"] for h in steps)
+    rewards = tr._last_completions["rewards"]  # every particle of the last micro-batch, before and after
+    assert all(a >= b for a, b in zip(rewards["after transport"], rewards["reward"], strict=True))
+    assert sum(a > b for a, b in zip(rewards["after transport"], rewards["reward"], strict=True)) >= 1
+
+    by_scorer = trainer(tiny_lm_dir, standard_prompts, tmp_path / "s", decoder="verified", max_steps=1,
+                        transport_steps=2, transport_step_size=0.5, transport_verifier="scorer")
+    by_scorer.train()
+    assert "transport/reward_checks" not in logged(by_scorer)
+
+
 @pytest.mark.parametrize("bad", [dict(num_generations=1), dict(particle_source="nope"), dict(scorer="reward_model"),
+                                 dict(transport_verifier="gold"),
                                  dict(transport_alpha=0.0), dict(distill_weighting="mean")])
 def test_config_rejects_bad_values(tmp_path, bad):
     with pytest.raises(ValueError):

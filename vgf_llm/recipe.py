@@ -170,23 +170,37 @@ def held_out_reward(trainer, rows: list[dict], adapter: str | None) -> tuple[flo
     return (sum(finite) / len(finite) if finite else math.nan), rewards
 
 
-def plot_curves(log_history: list[dict], path: Path) -> None:
+def plot_curves(log_history: list[dict], path: Path, base_reward: float | None = None) -> None:
+    """Three panels: the held-out reward of the *policy* (greedy; the base at step 0), the particles' true reward
+    before and after transport (the rollouts come from the base, so "before" stays flat by design), and the KL."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     steps = [e for e in log_history if "reward" in e]
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
-    for ax, keys, title in ((axes[0], ("reward", "transport/reward_after"), "true reward"),
-                            (axes[1], ("kl",), "KL(policy || base) on targets")):
+    evals = [(e["step"], e["eval_reward"]) for e in log_history if "eval_reward" in e]
+    if evals and base_reward is not None and math.isfinite(base_reward):
+        evals = [(0, base_reward)] + evals
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.2))
+    if evals:
+        axes[0].plot(*zip(*evals, strict=True), marker="o", label="eval_reward (policy, greedy)")
+    else:
+        axes[0].text(0.5, 0.5, "no held-out evaluation during training\n(set eval_strategy: steps)",
+                     ha="center", va="center", transform=axes[0].transAxes, fontsize=8)
+    axes[0].set_title("held-out reward of the policy")
+    renamed = {"reward": "before transport (base rollouts)", "transport/reward_after": "after transport"}
+    for ax, keys, title in ((axes[1], ("reward", "transport/reward_after"), "particles' true reward"),
+                            (axes[2], ("kl",), "KL(policy || base) on targets")):
         for key in keys:
             points = [(e["step"], e[key]) for e in steps if key in e]
             if points:
-                ax.plot(*zip(*points, strict=True), marker=".", label=key)
-        ax.set_xlabel("step")
+                ax.plot(*zip(*points, strict=True), marker=".", label=renamed.get(key, key))
         ax.set_title(title)
-        ax.legend(fontsize=7)
+    for ax in axes:
+        ax.set_xlabel("step")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -245,8 +259,10 @@ def _run(recipe: RecipeArguments, args: VGFConfig, model_args) -> dict:
 
     train_data, eval_data, held_out = load_datasets(recipe, args.seed)
     args.model_init_kwargs = {**model_init_kwargs(model_args), **(args.model_init_kwargs or {})}
+    evaluating = str(getattr(args.eval_strategy, "value", args.eval_strategy)) != "no"
     trainer = VGFTrainer(model_args.model_name_or_path, reward_functions(recipe), args=args,
-                         train_dataset=train_data, peft_config=peft_config_from(model_args))
+                         train_dataset=train_data, eval_dataset=eval_data if evaluating else None,
+                         peft_config=peft_config_from(model_args))
     rows = [dict(r) for r in eval_data]
     summary: dict = {"model": model_args.model_name_or_path, "held_out_prompts": len(rows), "held_out": held_out,
                      "world_size": args.world_size, "prompts_per_step": args.prompts_per_step,
@@ -266,7 +282,7 @@ def _run(recipe: RecipeArguments, args: VGFConfig, model_args) -> dict:
         (out / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=2))
         (out / "eval_results.json").write_text(json.dumps(json_safe(summary), indent=2, default=str))
         if recipe.plot:
-            plot_curves(trainer.state.log_history, out / "training_curves.png")
+            plot_curves(trainer.state.log_history, out / "training_curves.png", summary.get("base_reward"))
         if rows and recipe.compare_base and math.isnan(summary["base_reward"]):
             print("warning: no reward function scored any held-out completion (all returned None): the held-out "
                   "figures below are undefined")
