@@ -273,3 +273,19 @@ def test_gold_helpful_rewards_length_variety_positivity_and_topic():
     assert chat == pytest.approx([scores["good"]])
     assert gold_helpful(None, [good])[0] >= scores["good"]
     assert get_reward_func("gold_helpful") is gold_helpful
+
+
+def test_a_prepared_reward_model_alias_resolves_to_its_folder(tiny_reward_model_dir, tmp_path, monkeypatch):
+    import shutil
+
+    from vgf_llm.models import MARKER_FILE, alias_dir
+    from vgf_llm.rewards import resolve_reward_funcs
+
+    monkeypatch.setenv("VGF_LLM_HOME", str(tmp_path))
+    with pytest.raises(ValueError, match="Unknown reward function 'my-rm'"):
+        resolve_reward_funcs(["my-rm"])  # not prepared: a clear error, not a guess
+    shutil.copytree(tiny_reward_model_dir, alias_dir("my-rm"))
+    (alias_dir("my-rm") / MARKER_FILE).write_text("{}")
+    (func,) = resolve_reward_funcs(["my-rm"])
+    assert isinstance(func, RewardModelReward) and func.__name__ == "my-rm"
+    assert len(func(["Hi"], [" there"])) == 1

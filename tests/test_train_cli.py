@@ -142,6 +142,22 @@ def test_eval_strategy_steps_records_the_policys_held_out_reward_over_training(t
     assert (tmp_path / "out" / "training_curves.png").stat().st_size > 5000
 
 
+def test_held_out_comparison_also_reports_rewards_it_never_trained_on(tmp_path, tiny_lm_dir, tiny_reward_model_dir,
+                                                                     capsys):
+    from vgf_llm.recipe import RecipeArguments, extra_eval_rewards
+
+    assert extra_eval_rewards(RecipeArguments(task="helpful", reward_funcs=["my-proxy"])) == ["gold_helpful"]
+    assert extra_eval_rewards(RecipeArguments(task="chain_sum")) == []
+    assert extra_eval_rewards(RecipeArguments(task="helpful", reward_funcs=["gold_helpful"])) == []
+    recipe = tiny_recipe(tmp_path, tiny_lm_dir, reward_funcs=[str(tiny_reward_model_dir)], eval_reward_funcs=["vader"],
+                         max_steps=1)
+    assert main(["train", "--config", str(recipe)]) == 0
+    summary = json.loads((tmp_path / "out" / "eval_results.json").read_text())
+    assert set(summary["base_also"]) == set(summary["trained_also"]) == {"vader_sentiment"}
+    assert -1.0 <= summary["trained_also"]["vader_sentiment"] <= 1.0
+    assert "vader_sentiment (not trained on): base" in capsys.readouterr().out
+
+
 def test_unknown_key_in_recipe_fails_clearly(tmp_path, tiny_lm_dir, capsys):
     recipe = tiny_recipe(tmp_path, tiny_lm_dir, transport_stepz=3)
     with pytest.raises(SystemExit) as exit_info:

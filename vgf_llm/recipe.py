@@ -38,6 +38,9 @@ class RecipeArguments:
     reward_funcs: list[str] | None = field(default=None, metadata={
         "help": "Reward names (vader, reasoning_gym, gsm8k, boxed), 'pkg.module:function' or reward-model paths. "
                 "Default: the task's own reward."})
+    eval_reward_funcs: list[str] | None = field(default=None, metadata={
+        "help": "Rewards the held-out comparison also reports, never trained on (e.g. a gold reward when training on "
+                "a proxy reward model). Default: the task's own reward when reward_funcs replaces it."})
     compare_base: bool = field(default=True, metadata={
         "help": "Score the base model and the trained adapter on the held-out prompts (greedy) and print both."})
     plot: bool = field(default=True, metadata={"help": "Write training_curves.png (reward and KL per step)."})
@@ -157,17 +160,38 @@ def peft_config_from(model_args: ModelConfig):
     return get_peft_config(replace(model_args, use_peft=True))
 
 
-def held_out_reward(trainer, rows: list[dict], adapter: str | None) -> tuple[float, list[float]]:
+def extra_eval_rewards(recipe: RecipeArguments) -> list:
+    """Rewards reported on the held-out prompts besides the training reward (``eval_reward_funcs``, else the task's
+    own reward when ``reward_funcs`` replaced it)."""
+    from vgf_llm.tasks import task_reward_names
+
+    if recipe.eval_reward_funcs is not None:
+        return list(recipe.eval_reward_funcs)
+    own = task_reward_names(recipe.task) if recipe.task and not recipe.dataset_name else []
+    return own if recipe.reward_funcs and list(recipe.reward_funcs) != own else []
+
+
+def _mean(values: list[float]) -> float:
+    finite = [r for r in values if not math.isnan(r)]
+    return sum(finite) / len(finite) if finite else math.nan
+
+
+def held_out_reward(trainer, rows: list[dict], adapter: str | None,
+                    extra_funcs=()) -> tuple[float, list[float], dict[str, float]]:
+    """Mean and per-prompt training reward of greedy completions (the base with ``adapter=None``), and the mean of
+    each ``extra_funcs`` reward on the same completions."""
     from vgf_llm.evaluation import policy_rewards
+    from vgf_llm.rewards import resolve_reward_funcs, reward_func_name, reward_texts
 
     with trainer.gathered_model() as model:
-        rewards, _ = policy_rewards(model, trainer.processing_class, rows, trainer.reward_funcs,
-                                    trainer.args.reward_weights, adapter=adapter,
-                                    max_new_tokens=trainer.args.max_completion_length,
-                                    batch_size=trainer.args.per_device_eval_batch_size,
-                                    progress=trainer.is_world_process_zero())
-    finite = [r for r in rewards if not math.isnan(r)]
-    return (sum(finite) / len(finite) if finite else math.nan), rewards
+        rewards, texts = policy_rewards(model, trainer.processing_class, rows, trainer.reward_funcs,
+                                        trainer.args.reward_weights, adapter=adapter,
+                                        max_new_tokens=trainer.args.max_completion_length,
+                                        batch_size=trainer.args.per_device_eval_batch_size,
+                                        progress=trainer.is_world_process_zero())
+    funcs = resolve_reward_funcs(list(extra_funcs)) if extra_funcs else []
+    extra = {reward_func_name(f): _mean(reward_texts([f], None, rows, texts).tolist()) for f in funcs}
+    return _mean(rewards), rewards, extra
 
 
 def plot_curves(log_history: list[dict], path: Path, base_reward: float | None = None) -> None:
@@ -267,12 +291,13 @@ def _run(recipe: RecipeArguments, args: VGFConfig, model_args) -> dict:
     summary: dict = {"model": model_args.model_name_or_path, "held_out_prompts": len(rows), "held_out": held_out,
                      "world_size": args.world_size, "prompts_per_step": args.prompts_per_step,
                      "dtype": str(trainer.model.dtype).removeprefix("torch.")}
+    extra = extra_eval_rewards(recipe)
     if recipe.compare_base and rows:
-        summary["base_reward"], base = held_out_reward(trainer, rows, None)
+        summary["base_reward"], base, summary["base_also"] = held_out_reward(trainer, rows, None, extra)
     trainer.train(resume_from_checkpoint=resume_argument(args.resume_from_checkpoint))
     trainer.save_model()
     if recipe.compare_base and rows:
-        summary["trained_reward"], trained = held_out_reward(trainer, rows, POLICY)
+        summary["trained_reward"], trained, summary["trained_also"] = held_out_reward(trainer, rows, POLICY, extra)
         summary["per_prompt"] = [{"prompt": r["prompt"], "base": b, "trained": t}
                                  for r, b, t in zip(rows, base, trained, strict=True)]
     summary["train_runtime_s"] = next((e["train_runtime"] for e in trainer.state.log_history
@@ -289,6 +314,9 @@ def _run(recipe: RecipeArguments, args: VGFConfig, model_args) -> dict:
         if "trained_reward" in summary:
             print(f"\nheld-out reward on {len(rows)} prompts ({held_out}; greedy): base {summary['base_reward']:.3f} | "
                   f"trained adapter {summary['trained_reward']:.3f}")
+            for name, value in summary["trained_also"].items():
+                print(f"  {name} (not trained on): base {summary['base_also'][name]:.3f} | trained adapter "
+                      f"{value:.3f}")
         print(f"adapter, logs and plots in {out}")
     if args.push_to_hub:
         trainer.push_to_hub()

@@ -482,14 +482,20 @@ def combine_rewards(
 
 def resolve_reward_funcs(specs, processing_classes=None) -> list:
     """Reward functions from what a user passes, as TRL's GRPOTrainer takes them: a callable, a registered name,
-    ``pkg.module:function``, or a sequence-classification reward model (a model object or a local folder)."""
+    ``pkg.module:function``, or a sequence-classification reward model (a model object, a local folder, or the
+    alias of one built by ``vgf-llm models prepare``)."""
+    from vgf_llm.models import MARKER_FILE, alias_dir
+
     specs = list(specs) if isinstance(specs, (list, tuple)) else [specs]
     if not specs:
         raise ValueError("at least one reward function is needed")
     processing_classes = processing_classes or [None] * len(specs)
     out = []
     for spec, tokenizer in zip(specs, processing_classes, strict=True):
-        if isinstance(spec, torch.nn.Module) or (isinstance(spec, (str, os.PathLike)) and os.path.isdir(spec)):
+        prepared = (isinstance(spec, str) and spec not in REWARD_FUNCS and "/" not in spec and ":" not in spec
+                    and (alias_dir(spec) / MARKER_FILE).is_file())
+        if isinstance(spec, torch.nn.Module) or prepared or (isinstance(spec, (str, os.PathLike))
+                                                              and os.path.isdir(spec)):
             out.append(RewardModelReward(spec, tokenizer))
         else:
             out.append(get_reward_func(spec))
