@@ -296,6 +296,16 @@ SENTIMENT_TOPICS = [
 SENTIMENT_TEMPLATE = "Write one sentence about {topic}."
 
 
+def _seeded_passes(pool: list, size: int, rng: random.Random) -> list:
+    """``size`` items: shuffled passes through ``pool``, so every item appears before any repeats."""
+    chosen: list = []
+    while len(chosen) < size:
+        order = list(pool)
+        rng.shuffle(order)
+        chosen.extend(order[: size - len(chosen)])
+    return chosen
+
+
 def sentiment_topics(split: str, test_fraction: float = 0.2) -> list[str]:
     """The topics of one split; a topic is a test topic iff ``in_test_split(topic, test_fraction)``."""
     _check_split(split)
@@ -321,12 +331,7 @@ def sentiment_dataset(
     topics = sentiment_topics(split, test_fraction)
     if not topics:
         raise ValueError(f"test_fraction={test_fraction} leaves no {split} topics.")
-    rng = random.Random(seed * 2 + (split == "test"))
-    chosen: list[str] = []
-    while len(chosen) < size:
-        order = list(topics)
-        rng.shuffle(order)
-        chosen.extend(order[: size - len(chosen)])
+    chosen = _seeded_passes(topics, size, random.Random(seed * 2 + (split == "test")))
     return Dataset.from_dict(
         {
             "prompt": [
@@ -375,12 +380,7 @@ def helpful_dataset(
     pool = helpful_prompts(split, test_fraction)
     if not pool:
         raise ValueError(f"test_fraction={test_fraction} leaves no {split} topics.")
-    rng = random.Random(seed * 2 + (split == "test") + 17)
-    chosen: list[tuple[str, str]] = []
-    while len(chosen) < size:
-        order = list(pool)
-        rng.shuffle(order)
-        chosen.extend(order[: size - len(chosen)])
+    chosen = _seeded_passes(pool, size, random.Random(seed * 2 + (split == "test") + 17))
     return Dataset.from_dict({
         "prompt": [_format_prompt(text, system_prompt, conversational) for text, _ in chosen],
         "topic": [topic for _, topic in chosen],
