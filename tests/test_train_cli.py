@@ -180,6 +180,23 @@ def test_missing_local_dataset_says_how_to_provide_it(tmp_path, tiny_lm_dir, cap
     assert "save_to_disk" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("kind", ["empty file", "empty saved folder"])
+def test_an_empty_dataset_is_named_in_one_line(tmp_path, tiny_lm_dir, capsys, kind):
+    from datasets import Dataset
+
+    if kind == "empty file":
+        data = tmp_path / "empty.jsonl"
+        data.write_text("")
+    else:
+        data = tmp_path / "empty_dataset"
+        Dataset.from_dict({"prompt": []}).save_to_disk(str(data))
+    recipe = tiny_recipe(tmp_path, tiny_lm_dir, dataset_name=str(data))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--config", str(recipe)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and f"{data} is empty" in err and "Traceback" not in err
+
+
 def test_launch_command_on_cpu_uses_torchrun_and_deepspeed_json():
     cmd = launch_command(["--config", "r.yaml"], "zero2", 2, cuda=False)
     assert cmd[1:5] == ["-m", "torch.distributed.run", "--nproc_per_node", "2"]
@@ -337,10 +354,32 @@ def returns_a_scalar(prompts, completions, **kwargs):
     return 1.0
 
 
-@pytest.mark.parametrize("reward, message", [("raises_key_error", "reward function 'raises_key_error' raised KeyError"),
-                                             ("returns_a_scalar", "expected a list with one float")])
+def returns_strings(prompts, completions, **kwargs):
+    return ["good"] * len(completions)
+
+
+def returns_nan(prompts, completions, **kwargs):
+    return [float("nan")] * len(completions)
+
+
+def returns_one_too_few(prompts, completions, **kwargs):
+    return [1.0] * (len(completions) - 1)
+
+
+def never_applies(prompts, completions, **kwargs):
+    return [None] * len(completions)
+
+
+@pytest.mark.parametrize("reward, message", [
+    ("raises_key_error", "reward function 'raises_key_error' raised KeyError"),
+    ("returns_a_scalar", "expected a list with one float"),
+    ("returns_strings", "returned 'good' at index 0; expected a float or None"),
+    ("returns_nan", "return None (not NaN)"),
+    ("returns_one_too_few", "returned 3 rewards for 4 completions"),  # first met in the base comparison
+    ("never_applies", "no reward function scored any completion in 3 micro-batches in a row"),
+])
 def test_a_bad_reward_function_ends_in_one_clear_line(tmp_path, tiny_lm_dir, capsys, reward, message):
-    recipe = tiny_recipe(tmp_path, tiny_lm_dir, max_steps=1, reward_funcs=[f"tests.test_train_cli:{reward}"])
+    recipe = tiny_recipe(tmp_path, tiny_lm_dir, max_steps=4, reward_funcs=[f"tests.test_train_cli:{reward}"])
     with pytest.raises(SystemExit) as exit_info:
         main(["train", "--config", str(recipe)])
     err = capsys.readouterr().err

@@ -94,6 +94,15 @@ def test_none_rewards_are_skipped(tiny_lm_dir, standard_prompts, tmp_path):
     assert all(math.isfinite(v) for e in tr.state.log_history for k, v in e.items() if k in ("loss", "reward"))
 
 
+def test_rewards_that_never_apply_stop_training_instead_of_training_nothing(tiny_lm_dir, standard_prompts, tmp_path):
+    def never(prompts, completions, **kwargs):
+        return [None] * len(completions)
+
+    tr = trainer(tiny_lm_dir, standard_prompts, tmp_path, reward=never, max_steps=4, max_unrewarded_batches=1)
+    with pytest.raises(ValueError, match=r"at step 1: no reward function scored any completion in 2 micro-batches"):
+        tr.train()
+
+
 def test_conversational_prompts_and_a_reward_model(tiny_lm_dir, tiny_reward_model_dir, conversational_prompts,
                                                     tmp_path):
     tr = VGFTrainer(str(tiny_lm_dir), [length_reward, str(tiny_reward_model_dir)], train_dataset=conversational_prompts,
@@ -317,7 +326,7 @@ def test_the_true_reward_checks_the_verified_edits_in_training(tiny_lm_dir, stan
 
 
 @pytest.mark.parametrize("bad", [dict(num_generations=1), dict(particle_source="nope"), dict(scorer="reward_model"),
-                                 dict(transport_verifier="gold"),
+                                 dict(transport_verifier="gold"), dict(max_unrewarded_batches=-1),
                                  dict(transport_alpha=0.0), dict(distill_weighting="mean")])
 def test_config_rejects_bad_values(tmp_path, bad):
     with pytest.raises(ValueError):

@@ -85,6 +85,9 @@ class VGFConfig(TransportConfig, TrainingArguments):
         "help": "Weights within a group from the true rewards: 'softmax' (temperature distill_temperature), "
                 "'best' (argmax only) or 'advantage' (reward above the group mean)."})
     distill_temperature: float = 0.1
+    max_unrewarded_batches: int = field(default=2, metadata={
+        "help": "Consecutive micro-batches in which every reward function returns None for every rollout that are "
+                "skipped with a warning; one more stops training with an error (0: stop at the first)."})
     skip_zero_std_groups: bool = field(default=True, metadata={
         "help": "Skip groups whose rewards are all equal (no preference to distil, as GRPO's zero advantage)."})
 
@@ -97,6 +100,8 @@ class VGFConfig(TransportConfig, TrainingArguments):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.max_unrewarded_batches < 0:
+            raise ValueError(f"max_unrewarded_batches must be >= 0, got {self.max_unrewarded_batches}")
         choices = {"particle_source": PARTICLE_SOURCES, "transport_verifier": TRANSPORT_VERIFIERS,
                    "scorer": SCORERS, "distill_weighting": DISTILL_WEIGHTINGS,
                    "distill_pool": DISTILL_POOLS, "vllm_mode": ("colocate", "server")}

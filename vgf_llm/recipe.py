@@ -88,7 +88,10 @@ def _local_splits(name: str, train_split: str, test_split: str):
 
     path = Path(name)
     if path.is_dir():
-        data = datasets.load_from_disk(str(path))
+        try:
+            data = datasets.load_from_disk(str(path))
+        except IndexError:  # datasets cannot read back a table saved with no rows (no data files)
+            raise ValueError(f"{name} is empty (a saved dataset with no rows)") from None
         if isinstance(data, datasets.DatasetDict):
             if train_split not in data:
                 raise ValueError(f"{name} has no split {train_split!r} (it has {list(data)})")

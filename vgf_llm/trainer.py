@@ -163,6 +163,7 @@ class VGFTrainer(Trainer):
         self._metrics: dict[str, list[float]] = defaultdict(list)
         self._phase_seconds: dict[str, float] = {}
         self._micro_batches = 0
+        self._unrewarded_batches = 0  # consecutive micro-batches in which no reward applied to any rollout
         self._last_completions: dict = {}
         self._extra_columns: dict[str, list] = {}
         self._micro_step = (-1, 0)  # (global step, micro-batch index): seeds rollouts reproducibly across resumes
@@ -304,6 +305,7 @@ class VGFTrainer(Trainer):
         flat_rows = [r for r in rows for _ in range(n)]
         with self._timed("reward"):
             rewards = self._rewards(flat_rows, [t for group in ro.texts for t in group], ro).view(g, n)
+        self._check_rewarded(rewards)
         if args.transport_steps > 0:  # budget 0 (best-of-N distillation) never reads the value model
             with self._timed("value_fit"):
                 self._update_value_model(ro, rewards)
@@ -332,6 +334,17 @@ class VGFTrainer(Trainer):
         model.train()
         self._log_step(prompts, ro, moved, rewards, moved_rewards, changed, disp)
         return targets
+
+    def _check_rewarded(self, rewards: torch.Tensor) -> None:
+        """Stop, instead of training on nothing, once ``max_unrewarded_batches`` micro-batches in a row had no
+        reward at all (every function returned None for every rollout)."""
+        self._unrewarded_batches = 0 if torch.isfinite(rewards).any() else self._unrewarded_batches + 1
+        if self._unrewarded_batches > self.args.max_unrewarded_batches:
+            raise ValueError(
+                f"at step {self.state.global_step}: no reward function scored any completion in "
+                f"{self._unrewarded_batches} micro-batches in a row (all returned None), so there is nothing to "
+                f"learn from: check the reward functions ({', '.join(self.reward_names)}) and the dataset columns "
+                "they need, or raise max_unrewarded_batches")
 
     def _reward_verifier(self, flat_rows: list[dict], ro: Rollouts):
         """The true reward as the ``verified`` decoder's check: a swap is kept only if it raises the reward itself
