@@ -327,6 +327,7 @@ def test_the_true_reward_checks_the_verified_edits_in_training(tiny_lm_dir, stan
 
 @pytest.mark.parametrize("bad", [dict(num_generations=1), dict(particle_source="nope"), dict(scorer="reward_model"),
                                  dict(transport_verifier="gold"), dict(max_unrewarded_batches=-1),
+                                 dict(max_completion_length=0),
                                  dict(transport_alpha=0.0), dict(distill_weighting="mean")])
 def test_config_rejects_bad_values(tmp_path, bad):
     with pytest.raises(ValueError):
