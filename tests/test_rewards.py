@@ -99,7 +99,7 @@ def test_registry_by_name_and_module_path():
 
 
 def test_registry_errors_are_clear():
-    with pytest.raises(ValueError, match="Known names: boxed, gsm8k, reasoning_gym, vader"):
+    with pytest.raises(ValueError, match="Known names: boxed, gold_helpful, gsm8k, reasoning_gym, vader"):
         get_reward_func("vaderr")
     with pytest.raises(ValueError, match="Cannot import module"):
         get_reward_func("no_such_module_xyz:f")
