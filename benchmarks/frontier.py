@@ -43,11 +43,12 @@ import train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 
-# arm -> (trainer kind, settings it changes); grpo_kl is GRPO with a KL penalty (--grpo_beta)
-ARMS = {"vgf": "vgf", "bon": "bon", "grpo": "grpo", "grpo_kl": "grpo"}
-LABELS = {"vgf": "VGF (transport)", "bon": "VGF budget 0 (best-of-N distil)", "grpo": "TRL GRPO (beta 0)",
-          "grpo_kl": "TRL GRPO (beta > 0)"}
-COLORS = {"vgf": "tab:blue", "bon": "tab:orange", "grpo": "tab:green", "grpo_kl": "tab:olive"}
+# arm -> trainer kind; vgf_pairs adds the minimal-pair loss (--edit_pair_weight), grpo_kl a KL penalty (--grpo_beta)
+ARMS = {"vgf": "vgf", "vgf_pairs": "vgf", "bon": "bon", "grpo": "grpo", "grpo_kl": "grpo"}
+LABELS = {"vgf": "VGF (transport)", "vgf_pairs": "VGF + edit pairs", "bon": "VGF budget 0 (best-of-N distil)",
+          "grpo": "TRL GRPO (beta 0)", "grpo_kl": "TRL GRPO (beta > 0)"}
+COLORS = {"vgf": "tab:blue", "vgf_pairs": "tab:purple", "bon": "tab:orange", "grpo": "tab:green",
+          "grpo_kl": "tab:olive"}
 
 
 def eval_rewards(s: arms.ArmSettings) -> dict:
@@ -59,12 +60,39 @@ def eval_rewards(s: arms.ArmSettings) -> dict:
     return {"gold": [reasoning_gym_reward]}
 
 
-def arm_settings(s: arms.ArmSettings, arm: str, grpo_beta: float) -> arms.ArmSettings:
+def arm_settings(s: arms.ArmSettings, arm: str, grpo_beta: float, pairs: dict) -> arms.ArmSettings:
+    """The shared settings with what ``arm`` changes (``pairs``: the vgf_pairs arm's ``edit_pair_*`` fields; the
+    other VGF arms run without the pair loss)."""
     if arm == "grpo_kl":
         return replace(s, grpo_beta=grpo_beta)
     if arm == "grpo":
         return replace(s, grpo_beta=0.0)
-    return s
+    if arm == "vgf_pairs":
+        return replace(s, extra=s.extra | pairs)
+    return replace(s, extra=s.extra | {"edit_pair_weight": 0.0})
+
+
+def track_transport_gold(trainer, gold_funcs) -> list[dict]:
+    """Scores every micro-batch's particles before and after transport with the gold reward (never trained on), so
+    the table can say whether the transport's edits, checked by the proxy, also raise the gold reward. Returns the
+    list the per-step means are appended to."""
+    from vgf_llm.rewards import reward_texts
+
+    steps: list[dict] = []
+    original = trainer._step_targets
+
+    def step_targets(rows):
+        out = original(rows)
+        c = trainer._last_completions
+        n = len(c["completions"]) // len(rows)
+        flat_rows = [r for r in rows for _ in range(n)]
+        before = reward_texts(gold_funcs, None, flat_rows, c["extra"]["original"])
+        after = reward_texts(gold_funcs, None, flat_rows, c["completions"])
+        steps.append({"gold_before": float(before.nanmean()), "gold_after": float(after.nanmean())})
+        return out
+
+    trainer._step_targets = step_targets
+    return steps
 
 
 def train_with_checkpoints(s: arms.ArmSettings, arm: str, folder: str, checkpoints: list[int], threads: int) -> dict:
@@ -85,6 +113,8 @@ def train_with_checkpoints(s: arms.ArmSettings, arm: str, folder: str, checkpoin
         kind = ARMS[arm]
         trainer = (arms.grpo_trainer(s, out, steps=steps, callbacks=[SaveAt()]) if kind == "grpo"
                    else arms.vgf_trainer(s, kind, out, steps=steps, callbacks=[SaveAt()]))
+        gold = eval_rewards(s)["gold"]
+        transport_gold = track_transport_gold(trainer, gold) if kind == "vgf" and s.task == "helpful" else []
         built = time.perf_counter()
         trainer.train()
         trained = time.perf_counter()
@@ -98,6 +128,10 @@ def train_with_checkpoints(s: arms.ArmSettings, arm: str, folder: str, checkpoin
             "transport_reward_before": train._mean(before) if before else None,
             "transport_reward_after": train._mean(after) if after else None,
             "transport_raised_steps": sum(a > b for a, b in zip(after, before, strict=True)) if before else None,
+            "transport_gold_before": train._mean(t["gold_before"] for t in transport_gold) if transport_gold else None,
+            "transport_gold_after": train._mean(t["gold_after"] for t in transport_gold) if transport_gold else None,
+            "transport_gold_raised_steps": sum(t["gold_after"] > t["gold_before"] for t in transport_gold)
+            if transport_gold else None,
             "log_history": trainer.state.log_history}
 
 
@@ -177,6 +211,54 @@ def summarise(results: dict) -> dict:
     return summary
 
 
+def gold_at_kl(points: list[tuple[float, float]], kl: float) -> float | None:
+    """Gold reward at ``kl`` on one run's curve (the base at KL 0, then its checkpoints in order of KL), linearly
+    interpolated between neighbouring points; None beyond the run's largest KL (no extrapolation)."""
+    pts = sorted(points)
+    if kl > pts[-1][0]:
+        return None
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:], strict=False):
+        if x0 <= kl <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (kl - x0) / (x1 - x0)
+    return pts[0][1]
+
+
+def matched_kl(results: dict, levels: list[float]) -> dict:
+    """``{arm: {kl: (mean, std, seeds)}}``: every seed's gold at each KL level (``gold_at_kl``), mean and seed std
+    over the seeds that reach it; the base's test-time best-of-N curve as the row ``best_of_n``."""
+    base = results["base"]["sampled_gold"]
+    out = {}
+    for arm, runs in results["runs"].items():
+        out[arm] = {}
+        for kl in levels:
+            values = [v for r in runs if (v := gold_at_kl([(0.0, base)] + [
+                (sc["kl_per_sequence"], sc["sampled_gold"]) for sc in r.get("checkpoints", {}).values()], kl))
+                is not None]
+            out[arm][kl] = (train._mean(values), train._std(values), len(values)) if values else None
+    bon = results.get("best_of_n", {})
+    if bon:
+        curve = [(0.0, base)] + [(b["kl_per_sequence"], b["gold"]) for b in bon.values()]
+        out["best_of_n"] = {kl: (v, 0.0, 1) if (v := gold_at_kl(curve, kl)) is not None else None for kl in levels}
+    return out
+
+
+def matched_markdown(results: dict) -> str:
+    levels = results.get("matched_kl_levels", [])
+    if not levels:
+        return ""
+    table = matched_kl(results, levels)
+    head = "| arm | " + " | ".join(f"gold at KL {kl:g}" for kl in levels) + " |"
+    lines = ["", "Gold reward (samples, T=1) at matched KL(policy || base) per sequence: each seed's curve (base, then "
+             "its checkpoints) interpolated linearly at the level, mean ± std over the seeds that reach it "
+             "(n = seeds; '-': not reached, no extrapolation).", "", head, "|" + "---|" * (len(levels) + 1)]
+    for arm, row in table.items():
+        label = "base best-of-N (test time)" if arm == "best_of_n" else LABELS[arm]
+        cells = ["-" if v is None else (f"{v[0]:.3f}" if arm == "best_of_n" else f"{v[0]:.3f} ± {v[1]:.3f} (n={v[2]})")
+                 for v in row.values()]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def markdown(results: dict) -> str:
     s, base = results["settings"], results["base"]
     proxy = "sampled_proxy" in base
@@ -204,6 +286,13 @@ def markdown(results: dict) -> str:
         raised = sum(r["transport_raised_steps"] for r in runs if r.get("transport_raised_steps") is not None)
         total = sum(r["steps"] for r in runs if r.get("transport_raised_steps") is not None)
         transport = f"{train._mean(before):.3f} -> {train._mean(after):.3f} ({raised}/{total})" if before else "-"
+        gold_before = [r["transport_gold_before"] for r in runs if r.get("transport_gold_before") is not None]
+        if gold_before:
+            gold_after = [r["transport_gold_after"] for r in runs if r.get("transport_gold_after") is not None]
+            gold_raised = sum(r["transport_gold_raised_steps"] for r in runs
+                              if r.get("transport_gold_raised_steps") is not None)
+            transport += (f"; gold {train._mean(gold_before):.3f} -> {train._mean(gold_after):.3f} "
+                          f"({gold_raised}/{total})")
         for step, row in steps.items():
             def cell(key, fmt=".3f", row=row):
                 return (f"{row[key]:{fmt}} ± {row[key + '_std']:{fmt}}" if key in row else "-")
@@ -211,7 +300,7 @@ def markdown(results: dict) -> str:
             lines.append(f"| {LABELS[arm]} | {step} | {row['seeds']} | {cell('sampled_gold')} | {cell('greedy_gold')} "
                          f"| " + (f"{cell('sampled_proxy')} | " if proxy else "") + f"{cell('kl_per_sequence')} | "
                          f"{transport if step == max(steps) else ''} |")
-    return "\n".join(lines)
+    return "\n".join(lines) + matched_markdown(results)
 
 
 def plot(results: dict, path: Path) -> None:
@@ -266,6 +355,9 @@ def main(argv=None) -> dict:
     p.add_argument("--checkpoints", default="4,8", help="Comma list of optimizer steps to save and score.")
     p.add_argument("--learning_rate", type=float, default=d.learning_rate)
     p.add_argument("--grpo_beta", type=float, default=0.04, help="The KL coefficient of the grpo_kl arm.")
+    p.add_argument("--edit_pair_weight", type=float, default=1.0, help="The vgf_pairs arm's edit_pair_weight.")
+    p.add_argument("--edit_pair_beta", type=float, default=0.5, help="The vgf_pairs arm's edit_pair_beta.")
+    p.add_argument("--matched_kl", default="0.5,1.0", help="KL levels (per sequence) of the matched-KL table.")
     p.add_argument("--reward_model", default=arms.PROXY_REWARD_MODEL, help="Proxy reward model (helpful task).")
     p.add_argument("--scorer", default=None, choices=["value", "reward_model"],
                    help="VGF's gradient source (default: reward_model on helpful, value otherwise).")
@@ -294,6 +386,7 @@ def main(argv=None) -> dict:
     extra = {"scorer": scorer}
     if a.task == "helpful" or scorer == "reward_model":
         extra["reward_model_path"] = a.reward_model
+    pairs = {"edit_pair_weight": a.edit_pair_weight, "edit_pair_beta": a.edit_pair_beta}
     name = a.name or f"frontier_{a.task}"
     out_dir = Path(a.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -303,6 +396,7 @@ def main(argv=None) -> dict:
                             verify_candidates=d.verify_candidates)
     results = {"settings": base_settings.as_dict(), "arms": chosen, "seeds": seeds, "checkpoints": checkpoints,
                "eval_prompts": a.eval_prompts, "samples": a.samples, "grpo_beta": a.grpo_beta,
+               "edit_pairs": pairs, "matched_kl_levels": [float(x) for x in a.matched_kl.split(",") if x.strip()],
                "machine": arms.machine_info(),
                "command": "python benchmarks/frontier.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                "runs": {arm: [] for arm in chosen}}
@@ -318,7 +412,7 @@ def main(argv=None) -> dict:
     try:
         for seed in seeds:
             for arm in chosen:
-                s = arm_settings(replace(base_settings, seed=seed), arm, a.grpo_beta)
+                s = arm_settings(replace(base_settings, seed=seed), arm, a.grpo_beta, pairs)
                 folder = root / f"{arm}-seed{seed}"
                 print(f"[frontier] {arm} seed {seed}: training {max(checkpoints)} steps ...", flush=True)
                 r = run(train_with_checkpoints, s, arm, str(folder), checkpoints, a.threads)

@@ -133,18 +133,36 @@ def test_random_direction_control_keeps_norms_and_mask():
     assert not torch.allclose(got, moved - start)
 
 
+def test_gold_at_matched_kl_interpolates_each_curve_and_never_extrapolates():
+    import frontier
+
+    curve = [(0.0, 0.5), (2.0, 0.7), (1.0, 0.65)]  # checkpoints in any order
+    assert frontier.gold_at_kl(curve, 0.5) == pytest.approx(0.575)
+    assert frontier.gold_at_kl(curve, 1.5) == pytest.approx(0.675)
+    assert frontier.gold_at_kl(curve, 2.0) == pytest.approx(0.7)
+    assert frontier.gold_at_kl(curve, 2.5) is None
+    results = {"base": {"sampled_gold": 0.5}, "best_of_n": {"2": {"gold": 0.6, "kl_per_sequence": 0.19}},
+               "runs": {"vgf": [{"checkpoints": {"4": {"kl_per_sequence": 1.0, "sampled_gold": 0.7}}},
+                                {"checkpoints": {"4": {"kl_per_sequence": 0.8, "sampled_gold": 0.66}}}]}}
+    table = frontier.matched_kl(results, [0.5, 1.0])
+    assert table["vgf"][0.5] == pytest.approx((0.6, 0.0, 2))  # both seeds reach 0.5: 0.6 and 0.6
+    assert table["vgf"][1.0][2] == 1  # only one seed reaches KL 1
+    assert table["best_of_n"][1.0] is None
+
+
 def test_frontier_tiny(tiny_lm_dir, tiny_reward_model_dir, tmp_path):
     import frontier
 
     frontier.main(["--tiny", "--inline", "--model", str(tiny_lm_dir), "--reward_model", str(tiny_reward_model_dir),
-                   "--arms", "vgf,bon,grpo,grpo_kl", "--seeds", "0,1", "--out_dir", str(tmp_path), "--name", "smoke"])
+                   "--arms", "vgf,vgf_pairs,bon,grpo,grpo_kl", "--seeds", "0,1", "--out_dir", str(tmp_path),
+                   "--name", "smoke"])
     saved = json.loads((tmp_path / "smoke.json").read_text())
     assert saved["partial"] is False
     assert saved["base"]["n"] == 4 and saved["base"]["kl_per_sequence"] == pytest.approx(0.0, abs=1e-5)
     assert 0.0 <= saved["base"]["sampled_gold"] <= 1.0  # the gold reward, never trained on
     assert math.isfinite(saved["base"]["sampled_proxy"])  # the proxy reward model every arm trains on
     assert saved["best_of_n"]["2"]["kl_per_sequence"] == pytest.approx(math.log(2) - 0.5)
-    for arm in ("vgf", "bon", "grpo", "grpo_kl"):
+    for arm in ("vgf", "vgf_pairs", "bon", "grpo", "grpo_kl"):
         runs = saved["runs"][arm]
         assert [r["seed"] for r in runs] == [0, 1], arm
         for r in runs:
@@ -153,8 +171,15 @@ def test_frontier_tiny(tiny_lm_dir, tiny_reward_model_dir, tmp_path):
                 assert sc["kl_per_sequence"] >= 0 and 0.0 <= sc["sampled_gold"] <= 1.0, arm
             assert r["completions_generated"] == 2 * 2 * 2, arm
         assert saved["summary"][arm]["2"]["seeds"] == 2, arm
-    vgf = saved["runs"]["vgf"][0]
-    assert vgf["transport_reward_before"] is not None and vgf["transport_reward_after"] is not None
+    for arm in ("vgf", "vgf_pairs"):
+        run = saved["runs"][arm][0]
+        assert run["transport_reward_before"] is not None and run["transport_reward_after"] is not None
+        assert 0.0 <= run["transport_gold_before"] <= 1.0 and 0.0 <= run["transport_gold_after"] <= 1.0
+    pairs_log = [h for h in saved["runs"]["vgf_pairs"][0]["log_history"] if "distill/pairs" in h]
+    plain_log = [h for h in saved["runs"]["vgf"][0]["log_history"] if "distill/pairs" in h]
+    assert pairs_log and plain_log and all(h["distill/pairs"] == 0 for h in plain_log)  # the plain arm has none
     assert saved["runs"]["bon"][0]["transport_raised_steps"] in (None, 0)  # budget 0 moves nothing
-    assert saved["table_md"].count("\n") >= 2 + 1 + 1 + 4 * 2  # header, base, best-of-2, 4 arms x 2 checkpoints
+    assert saved["runs"]["bon"][0]["transport_gold_before"] is None  # nothing moved, nothing to score
+    assert saved["table_md"].count("\n") >= 2 + 1 + 1 + 5 * 2  # header, base, best-of-2, 5 arms x 2 checkpoints
+    assert "gold at KL 0.5" in saved["table_md"]
     assert (tmp_path / "smoke.png").stat().st_size > 1000

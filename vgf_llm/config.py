@@ -85,6 +85,12 @@ class VGFConfig(TransportConfig, TrainingArguments):
         "help": "Weights within a group from the true rewards: 'softmax' (temperature distill_temperature), "
                 "'best' (argmax only) or 'advantage' (reward above the group mean)."})
     distill_temperature: float = 0.1
+    edit_pair_weight: float = field(default=0.0, metadata={
+        "help": "Weight of the minimal-pair loss (0: off). Each transported particle whose edits raised the true "
+                "reward and its original differ in a few tokens only: a DPO-style logistic loss on the pair "
+                "(reference = the base) teaches what the edit changed and nothing of what the two share."})
+    edit_pair_beta: float = field(default=0.5, metadata={
+        "help": "DPO's beta for the minimal-pair loss: the margin in log-ratio nats saturates near a few / beta."})
     max_unrewarded_batches: int = field(default=2, metadata={
         "help": "Consecutive micro-batches in which every reward function returns None for every rollout that are "
                 "skipped with a warning; one more stops training with an error (0: stop at the first)."})
@@ -114,6 +120,9 @@ class VGFConfig(TransportConfig, TrainingArguments):
             raise ValueError("scorer='reward_model' needs reward_model_path")
         if self.distill_temperature <= 0:
             raise ValueError("distill_temperature must be > 0")
+        if self.edit_pair_weight < 0 or self.edit_pair_beta <= 0:
+            raise ValueError(f"edit_pair_weight must be >= 0 and edit_pair_beta > 0, got {self.edit_pair_weight}, "
+                             f"{self.edit_pair_beta}")
 
     @property
     def prompts_per_step(self) -> int:

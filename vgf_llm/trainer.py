@@ -391,34 +391,46 @@ class VGFTrainer(Trainer):
                 acc.gather(acc.pad_across_processes(c_mask, dim=1, pad_index=0)), acc.gather(r))
 
     def _targets(self, ro, moved, rewards, moved_rewards, changed) -> dict:
-        """The distillation batch: kept (prompt, response) sequences with their weights, and the reference's
-        log-probabilities of them (for the logged KL)."""
+        """The distillation batch: kept (prompt, response) sequences with their weights, the minimal pairs (a
+        transported particle whose edits raised the true reward, and its original), and the reference's
+        log-probabilities of every row (for the pair loss and the logged KL)."""
         args, pad = self.args, self.processing_class.pad_token_id
         g, n, _ = ro.shape
-        if args.distill_pool == "union":  # an unchanged transported particle is the original: count it once
-            ids = pad_cat([ro.completion_ids.reshape(g * n, -1), moved.completion_ids.reshape(g * n, -1)], pad)
-            masks = pad_cat([ro.completion_mask.reshape(g * n, -1), moved.completion_mask.reshape(g * n, -1)], 0)
-            ids, masks = ids.view(2, g, n, -1).transpose(0, 1), masks.view(2, g, n, -1).transpose(0, 1)
-            pool = torch.cat([rewards, torch.where(changed > 0, moved_rewards, math.nan)], 1)
-            ids, masks = ids.reshape(g, 2 * n, -1), masks.reshape(g, 2 * n, -1)
-        else:
-            ids, masks, pool = moved.completion_ids, moved.completion_mask, moved_rewards.clone()
+        # candidates [G, 2N, T]: the N originals, then the N transported particles (n + j was moved from j)
+        ids = pad_cat([ro.completion_ids.reshape(g * n, -1), moved.completion_ids.reshape(g * n, -1)], pad)
+        masks = pad_cat([ro.completion_mask.reshape(g * n, -1), moved.completion_mask.reshape(g * n, -1)], 0)
+        ids = ids.view(2, g, n, -1).transpose(0, 1).reshape(g, 2 * n, -1)
+        masks = masks.view(2, g, n, -1).transpose(0, 1).reshape(g, 2 * n, -1)
+        edited = changed > 0  # an unchanged transported particle is its original: it is counted once
+        moved_pool = torch.where(edited, moved_rewards, math.nan)
+        kept_originals = rewards if args.distill_pool == "union" else torch.where(edited, math.nan, rewards)
+        pool = torch.cat([kept_originals, moved_pool], 1)
         skip = (group_std(pool) == 0) if args.skip_zero_std_groups else torch.zeros(g, dtype=torch.bool)
         weights = distill_weights(pool, args.distill_weighting, args.distill_temperature)
         weights[skip] = 0
         weights[weights < MIN_TARGET_WEIGHT] = 0  # negligible targets cost a forward and backward each
         weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-12)
         self._metrics["frac_groups_skipped"].append(float(skip.float().mean()))
-        keep = (weights > 0).nonzero()
-        if keep.shape[0] == 0:  # nothing to distil: one zero-weight row, so every process still runs the forward
-            keep = torch.zeros(1, 2, dtype=torch.long)  # and backward its DDP/DeepSpeed collectives expect
-        prompt_ids, prompt_mask = ro.prompt_ids[keep[:, 0]], ro.prompt_mask[keep[:, 0]]
-        completion_ids, completion_mask = ids[keep[:, 0], keep[:, 1]], masks[keep[:, 0], keep[:, 1]]
-        input_ids = torch.cat([prompt_ids, completion_ids], 1)
-        attention_mask = torch.cat([prompt_mask, completion_mask], 1)
+        improved = edited & (moved_rewards > rewards) if args.edit_pair_weight > 0 else torch.zeros_like(edited)
+        keep = weights > 0
+        keep[:, :n] |= improved
+        keep[:, n:] |= improved
+        rows = keep.nonzero()
+        if rows.shape[0] == 0:  # nothing to distil: one zero-weight row, so every process still runs the forward
+            rows = torch.zeros(1, 2, dtype=torch.long)  # and backward its DDP/DeepSpeed collectives expect
+        row_of = torch.full((g, 2 * n), -1, dtype=torch.long)
+        row_of[rows[:, 0], rows[:, 1]] = torch.arange(rows.shape[0])
+        pg, pj = improved.nonzero(as_tuple=True)
+        pairs = torch.stack([row_of[pg, n + pj], row_of[pg, pj]], 1)  # (transported, original) rows
+        pair_weights = 1.0 / improved.sum(-1).clamp_min(1)[pg].float()  # each group's pairs weigh 1 in all
+        self._metrics["distill/pairs"].append(float(len(pairs)))
+        completion_ids, completion_mask = ids[rows[:, 0], rows[:, 1]], masks[rows[:, 0], rows[:, 1]]
+        input_ids = torch.cat([ro.prompt_ids[rows[:, 0]], completion_ids], 1)
+        attention_mask = torch.cat([ro.prompt_mask[rows[:, 0]], completion_mask], 1)
         device = self.accelerator.device
         batch = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device),
-                 "completion_mask": completion_mask.to(device), "weights": weights[keep[:, 0], keep[:, 1]].to(device),
+                 "completion_mask": completion_mask.to(device), "weights": weights[rows[:, 0], rows[:, 1]].to(device),
+                 "pairs": pairs.to(device), "pair_weights": pair_weights.to(device),
                  "completion_start": ro.prompt_ids.shape[1], "num_groups": g}
         with torch.no_grad(), active_adapter(self.model, None):
             batch["ref_logps"] = completion_logps(self.model, batch["input_ids"], batch["attention_mask"],
@@ -426,17 +438,28 @@ class VGFTrainer(Trainer):
         return batch
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """Weighted cross-entropy of the kept targets (weights sum to 1 per group), averaged over the groups."""
+        """Weighted cross-entropy of the kept targets (weights sum to 1 per group), plus ``edit_pair_weight`` times
+        the minimal-pair loss -log sigmoid(beta * (log-ratio to the base of the transported particle - that of its
+        original)), both averaged over the groups."""
         with self._timed("distill"), active_adapter(self.accelerator.unwrap_model(model), POLICY):
             logps = completion_logps(model, inputs["input_ids"], inputs["attention_mask"], inputs["completion_start"])
         mask = inputs["completion_mask"].to(logps.dtype)
         nll = -(logps * mask).sum(-1) / mask.sum(-1).clamp_min(1)
-        loss = (inputs["weights"] * nll).sum() / inputs["num_groups"]
-        if inputs["weights"].sum() > 0:
+        weights = inputs["weights"]
+        loss = (weights * nll).sum() / inputs["num_groups"]
+        pairs = inputs["pairs"]
+        if len(pairs):
+            ratio = ((logps - inputs["ref_logps"]) * mask).sum(-1)
+            margin = self.args.edit_pair_beta * (ratio[pairs[:, 0]] - ratio[pairs[:, 1]])
+            pair_loss = -(inputs["pair_weights"] * torch.nn.functional.logsigmoid(margin)).sum() / inputs["num_groups"]
+            loss = loss + self.args.edit_pair_weight * pair_loss
+            self._metrics["distill/pair_loss"].append(float(pair_loss.detach()))
+            self._metrics["distill/pair_margin"].append(float(margin.detach().mean()))
+        if weights.sum() > 0:
+            target = mask * (weights > 0)[:, None].to(mask.dtype)  # the distillation targets, not pair-only rows
             log_ratio = inputs["ref_logps"] - logps.detach()
-            k3 = (torch.exp(log_ratio) - log_ratio - 1) * mask  # TRL's per-token KL estimator
-            self._metrics["kl"].append(float(k3.sum() / mask.sum().clamp_min(1)))
-            weights = inputs["weights"]
+            k3 = (torch.exp(log_ratio) - log_ratio - 1) * target  # TRL's per-token KL estimator
+            self._metrics["kl"].append(float(k3.sum() / target.sum().clamp_min(1)))
             self._metrics["distill/nll"].append(float((nll.detach() * weights).sum() / weights.sum()))
         return (loss, None) if return_outputs else loss
 
