@@ -401,6 +401,17 @@ def test_one_run_per_output_dir(tmp_path, tiny_lm_dir, capsys):
     assert main(["train", "--config", str(recipe), "--overwrite_output_dir", "true"]) == 0
 
 
+def test_an_output_dir_that_cannot_be_written_is_named_in_one_line(tmp_path, tiny_lm_dir, capsys):
+    """A file where a folder of output_dir should be (the OS refuses it even to root, unlike a read-only mode)."""
+    (tmp_path / "a_file").write_text("not a folder")
+    recipe = tiny_recipe(tmp_path, tiny_lm_dir, max_steps=1, compare_base=False)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--config", str(recipe), "--output_dir", str(tmp_path / "a_file" / "out")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "cannot write to output_dir" in err and "a_file" in err
+    assert "Traceback" not in err
+
+
 @pytest.mark.parametrize("tracker", ["trackio", "tensorboard"])
 def test_report_to_a_local_tracker_records_the_vgf_metrics(tmp_path, tiny_lm_dir, tracker):
     """TRL's recommended tracker (trackio, local-first) and TensorBoard, offline, from a fresh process."""

@@ -262,13 +262,16 @@ def output_dir_lock(args: VGFConfig, recipe: RecipeArguments):
     if args.process_index != 0:
         yield
         return
-    out.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(out / ".vgf_llm.lock"))
     try:
+        out.mkdir(parents=True, exist_ok=True)
         lock.acquire(timeout=0)
     except Timeout:
         raise ValueError(f"another vgf-llm run is writing to {out} (it holds {lock.lock_file}); wait for it to end "
                          "or choose another --output_dir") from None
+    except OSError as err:  # read-only file system, a file in the way, no permission: before the model loads
+        raise ValueError(f"cannot write to output_dir {out}: {err.strerror or err}; choose a writable "
+                         "--output_dir") from None
     try:
         yield
     finally:
