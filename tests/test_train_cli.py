@@ -228,9 +228,12 @@ def _run_two_processes(tmp_path, tiny_lm_dir, accelerate_config: str, command: l
 
 
 def test_two_process_ddp(tmp_path, tiny_lm_dir):
-    summary = _run_two_processes(tmp_path, tiny_lm_dir, "multi_gpu")
+    """DDP with the minimal-pair loss on: each process's pairs index its own micro-batch."""
+    summary = _run_two_processes(tmp_path, tiny_lm_dir, "multi_gpu", extra=("--edit_pair_weight", "1.0"))
     assert summary["world_size"] == 2 and summary["prompts_per_step"] == 4
     assert (tmp_path / "out" / "adapter_model.safetensors").exists()
+    history = json.loads((tmp_path / "out" / "log_history.json").read_text())
+    assert any("distill/pairs" in h for h in history)
 
 
 def test_two_process_deepspeed_zero2(tmp_path, tiny_lm_dir):
