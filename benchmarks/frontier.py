@@ -43,12 +43,13 @@ import train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 
-# arm -> trainer kind; vgf_pairs adds the minimal-pair loss (--edit_pair_weight), grpo_kl a KL penalty (--grpo_beta)
-ARMS = {"vgf": "vgf", "vgf_pairs": "vgf", "bon": "bon", "grpo": "grpo", "grpo_kl": "grpo"}
-LABELS = {"vgf": "VGF (transport)", "vgf_pairs": "VGF + edit pairs", "bon": "VGF budget 0 (best-of-N distil)",
-          "grpo": "TRL GRPO (beta 0)", "grpo_kl": "TRL GRPO (beta > 0)"}
-COLORS = {"vgf": "tab:blue", "vgf_pairs": "tab:purple", "bon": "tab:orange", "grpo": "tab:green",
-          "grpo_kl": "tab:olive"}
+# arm -> trainer kind; vgf_pairs adds the minimal-pair loss (--edit_pair_weight), vgf_tilted moves particles towards
+# the KL-regularised target (transport_target='tilted'), grpo_kl is GRPO with a KL penalty (--grpo_beta)
+ARMS = {"vgf": "vgf", "vgf_pairs": "vgf", "vgf_tilted": "vgf", "bon": "bon", "grpo": "grpo", "grpo_kl": "grpo"}
+LABELS = {"vgf": "VGF (transport)", "vgf_pairs": "VGF + edit pairs", "vgf_tilted": "VGF, tilted target",
+          "bon": "VGF budget 0 (best-of-N distil)", "grpo": "TRL GRPO (beta 0)", "grpo_kl": "TRL GRPO (beta > 0)"}
+COLORS = {"vgf": "tab:blue", "vgf_pairs": "tab:purple", "vgf_tilted": "tab:cyan", "bon": "tab:orange",
+          "grpo": "tab:green", "grpo_kl": "tab:olive"}
 
 
 def eval_rewards(s: arms.ArmSettings) -> dict:
@@ -61,15 +62,15 @@ def eval_rewards(s: arms.ArmSettings) -> dict:
 
 
 def arm_settings(s: arms.ArmSettings, arm: str, grpo_beta: float, pairs: dict) -> arms.ArmSettings:
-    """The shared settings with what ``arm`` changes (``pairs``: the vgf_pairs arm's ``edit_pair_*`` fields; the
-    other VGF arms run without the pair loss)."""
-    if arm == "grpo_kl":
-        return replace(s, grpo_beta=grpo_beta)
-    if arm == "grpo":
-        return replace(s, grpo_beta=0.0)
-    if arm == "vgf_pairs":
-        return replace(s, extra=s.extra | pairs)
-    return replace(s, extra=s.extra | {"edit_pair_weight": 0.0})
+    """The shared settings with what ``arm`` changes (``pairs``: the vgf_pairs arm's ``edit_pair_*`` fields). Every
+    VGF arm names its pair loss and transport target, so a change of VGFConfig's defaults changes no arm."""
+    if arm in ("grpo", "grpo_kl"):
+        return replace(s, grpo_beta=grpo_beta if arm == "grpo_kl" else 0.0)
+    if ARMS[arm] == "bon":
+        return s
+    vgf = {"edit_pair_weight": 0.0, "transport_target": "reward"}
+    vgf |= pairs if arm == "vgf_pairs" else {"transport_target": "tilted"} if arm == "vgf_tilted" else {}
+    return replace(s, extra=s.extra | vgf)
 
 
 def track_transport_gold(trainer, gold_funcs) -> list[dict]:

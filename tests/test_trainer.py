@@ -325,6 +325,37 @@ def test_the_true_reward_checks_the_verified_edits_in_training(tiny_lm_dir, stan
     assert "transport/reward_checks" not in logged(by_scorer)
 
 
+def test_the_tilted_target_keeps_only_edits_that_pay_for_their_likelihood(tiny_lm_dir, standard_prompts, tmp_path):
+    """transport_target='tilted': a kept edit raises reward + distill_temperature x log mu(y | x), not only the
+    reward, and the distillation counts a transported particle at that value minus its original's likelihood term
+    (its reward + tau x its log-likelihood change), i.e. importance-corrected for having been moved."""
+    tau = 0.05
+    tr = trainer(tiny_lm_dir, standard_prompts, tmp_path, transport_target="tilted", distill_temperature=tau,
+                 transport_steps=2, transport_step_size=0.5)
+    seen = {}
+    original_targets = tr._targets
+
+    def capture(ro, moved, rewards, moved_values, changed):
+        seen.update(ro=ro, moved=moved, rewards=rewards, moved_values=moved_values, changed=changed)
+        return original_targets(ro, moved, rewards, moved_values, changed)
+
+    tr._targets = capture
+    _one_batch(tr, [dict(r) for r in standard_prompts.select(range(2))])
+    ro, moved, changed = seen["ro"], seen["moved"], seen["changed"].reshape(-1) > 0
+    assert changed.any()
+    p_ids, p_mask, ids, mask = ro.flat()
+    _, _, new_ids, new_mask = moved.flat()
+    rewards = seen["rewards"].reshape(-1)
+    after = torch.tensor(tr._last_completions["rewards"]["after transport"])
+    logmu_before = tr._base_logmu(p_ids, p_mask, ids, mask)
+    logmu_after = tr._base_logmu(p_ids, p_mask, new_ids, new_mask)
+    gain = (after + tau * logmu_after) - (rewards + tau * logmu_before)
+    assert bool((gain[changed] > 0).all())  # every kept edit pays for its likelihood
+    expected = after + tau * (logmu_after - logmu_before)
+    assert torch.allclose(seen["moved_values"].reshape(-1)[changed], expected[changed], atol=1e-4)
+    assert "transport/logmu_change" in tr._metrics
+
+
 def _one_batch(tr: VGFTrainer, rows: list[dict]) -> dict:
     """The distillation batch of one micro-step (rollouts, transport, re-scoring), as ``training_step`` gets it."""
     tr.create_optimizer_and_scheduler(num_training_steps=1)
@@ -393,7 +424,9 @@ def test_the_pair_loss_raises_the_transported_particle_over_its_original(tiny_lm
                                  dict(transport_verifier="gold"), dict(max_unrewarded_batches=-1),
                                  dict(max_completion_length=0),
                                  dict(transport_alpha=0.0), dict(distill_weighting="mean"),
-                                 dict(edit_pair_weight=-1.0), dict(edit_pair_beta=0.0)])
+                                 dict(edit_pair_weight=-1.0), dict(edit_pair_beta=0.0),
+                                 dict(transport_target="kl"),
+                                 dict(transport_target="tilted", transport_verifier="scorer")])
 def test_config_rejects_bad_values(tmp_path, bad):
     with pytest.raises(ValueError):
         config(tmp_path, **bad)

@@ -20,6 +20,7 @@ from vgf_llm.sampler import TransportConfig
 
 PARTICLE_SOURCES = ("reference", "policy")
 TRANSPORT_VERIFIERS = ("reward", "scorer")
+TRANSPORT_TARGETS = ("reward", "tilted")
 SCORERS = ("value", "reward_model")
 DISTILL_WEIGHTINGS = ("softmax", "best", "advantage")
 DISTILL_POOLS = ("union", "moved")
@@ -62,6 +63,12 @@ class VGFConfig(TransportConfig, TrainingArguments):
         "help": "decoder='verified': what checks each proposed swap in training. 'reward' (the true reward, which "
                 "re-scores moved particles anyway: a kept swap raises it, and every particle is edited) or 'scorer' "
                 "(the value model, as at test time, on the verify_top best originals)."})
+    transport_target: str = field(default="reward", metadata={
+        "help": "What the transport's edits must raise in training. 'reward' (the paper's target exp(R / alpha): "
+                "the true reward) or 'tilted' (R + distill_temperature x log mu(y | x), the log-density of the "
+                "KL-regularised target mu exp(R / distill_temperature) that the distillation weights approximate: an "
+                "edit must pay for the likelihood it costs under the base). 'tilted' also weighs each transported "
+                "particle by that value, i.e. importance-corrects it for having been moved."})
     particle_source: str = field(default="reference", metadata={
         "help": "'reference' (base model, adapter off: training amortises test-time VGF) or 'policy' (iterates)."})
 
@@ -109,6 +116,7 @@ class VGFConfig(TransportConfig, TrainingArguments):
         if self.max_unrewarded_batches < 0:
             raise ValueError(f"max_unrewarded_batches must be >= 0, got {self.max_unrewarded_batches}")
         choices = {"particle_source": PARTICLE_SOURCES, "transport_verifier": TRANSPORT_VERIFIERS,
+                   "transport_target": TRANSPORT_TARGETS,
                    "scorer": SCORERS, "distill_weighting": DISTILL_WEIGHTINGS,
                    "distill_pool": DISTILL_POOLS, "vllm_mode": ("colocate", "server")}
         for name, allowed in choices.items():
@@ -120,6 +128,9 @@ class VGFConfig(TransportConfig, TrainingArguments):
             raise ValueError("scorer='reward_model' needs reward_model_path")
         if self.distill_temperature <= 0:
             raise ValueError("distill_temperature must be > 0")
+        if self.transport_target == "tilted" and self.transport_verifier != "reward":
+            raise ValueError("transport_target='tilted' checks edits with the true reward plus the base's "
+                             "log-likelihood: it needs transport_verifier='reward'")
         if self.edit_pair_weight < 0 or self.edit_pair_beta <= 0:
             raise ValueError(f"edit_pair_weight must be >= 0 and edit_pair_beta > 0, got {self.edit_pair_weight}, "
                              f"{self.edit_pair_beta}")

@@ -324,13 +324,23 @@ class VGFTrainer(Trainer):
                                for j in range(n)] for i in range(g)])
             changed = tokens_changed(ro.completion_ids, ro.completion_mask, new_ids, new_mask)
         moved_rewards = rewards.clone()
+        moved_values = moved_rewards  # what the distillation weighs a transported particle by (updated in place)
         idx = changed.reshape(-1).nonzero().squeeze(1).tolist()
         if idx:
             with self._timed("reward"):
                 texts = [moved.texts[i // n][i % n] for i in idx]
                 moved_rewards.view(-1)[idx] = self._rewards([flat_rows[i] for i in idx], texts, moved, idx)
+            with self._timed("transport"):  # what the edits cost in likelihood under the base
+                p_ids, p_mask, ids0, mask0 = ro.flat()
+                ids1, mask1 = new_ids.reshape(g * n, -1)[idx], new_mask.reshape(g * n, -1)[idx]
+                logmu_change = (self._base_logmu(p_ids[idx], p_mask[idx], ids1, mask1)
+                                - self._base_logmu(p_ids[idx], p_mask[idx], ids0[idx], mask0[idx]))
+            self._metrics["transport/logmu_change"].append(float(logmu_change.mean()))
+            if args.transport_target == "tilted":  # importance-corrected: the particle was moved, not sampled
+                moved_values = moved_rewards.clone()  # from here on a tensor of its own
+                moved_values.view(-1)[idx] += args.distill_temperature * logmu_change
         with self._timed("distill"):  # the reference's log-probabilities of the targets (for the KL)
-            targets = self._targets(ro, moved, rewards, moved_rewards, changed)
+            targets = self._targets(ro, moved, rewards, moved_values, changed)
         model.train()
         self._log_step(prompts, ro, moved, rewards, moved_rewards, changed, disp)
         return targets
@@ -348,15 +358,32 @@ class VGFTrainer(Trainer):
 
     def _reward_verifier(self, flat_rows: list[dict], ro: Rollouts):
         """The true reward as the ``verified`` decoder's check: a swap is kept only if it raises the reward itself
-        (the trainer re-scores moved particles with it anyway; at test time the scorer checks instead)."""
-        tok = self.processing_class
+        (the trainer re-scores moved particles with it anyway; at test time the scorer checks instead). With
+        ``transport_target='tilted'`` it must raise reward + distill_temperature x log mu(y | x) instead."""
+        tok, tilted = self.processing_class, self.args.transport_target == "tilted"
+        p_ids, p_mask, _, _ = ro.flat()
 
         def verify(rows: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
             candidates = Rollouts(ro.prompt_ids[:0], ro.prompt_mask[:0], ids[:, None], mask[:, None], [])
             texts = [tok.decode(i[m.bool()], skip_special_tokens=True) for i, m in zip(ids, mask, strict=True)]
-            return self._rewards([flat_rows[r] for r in rows.tolist()], texts, candidates, log=False)
+            value = self._rewards([flat_rows[r] for r in rows.tolist()], texts, candidates, log=False)
+            if tilted:
+                value = value + self.args.distill_temperature * self._base_logmu(p_ids[rows], p_mask[rows], ids, mask)
+            return value
 
         return verify
+
+    @torch.no_grad()
+    def _base_logmu(self, prompt_ids, prompt_mask, ids, mask, batch_size: int = 32) -> torch.Tensor:
+        """[A] log mu(y | x): the base model's (adapters off) log-likelihood of each completion ``ids``/``mask``."""
+        device, out = self.accelerator.device, []
+        with active_adapter(self.model, None):
+            for s in range(0, len(ids), batch_size):
+                sl = slice(s, s + batch_size)
+                logps = completion_logps(self.model, torch.cat([prompt_ids[sl], ids[sl]], 1).to(device),
+                                         torch.cat([prompt_mask[sl], mask[sl]], 1).to(device), prompt_ids.shape[1])
+                out.append((logps * mask[sl].to(logps)).sum(-1).float().cpu())
+        return torch.cat(out) if out else torch.zeros(0)
 
     def _update_value_model(self, ro: Rollouts, rewards: torch.Tensor) -> None:
         if not isinstance(self.scorer, ValueModel):
@@ -390,9 +417,10 @@ class VGFTrainer(Trainer):
                 acc.gather(acc.pad_across_processes(c_ids, dim=1, pad_index=pad)),
                 acc.gather(acc.pad_across_processes(c_mask, dim=1, pad_index=0)), acc.gather(r))
 
-    def _targets(self, ro, moved, rewards, moved_rewards, changed) -> dict:
-        """The distillation batch: kept (prompt, response) sequences with their weights, the minimal pairs (a
-        transported particle whose edits raised the true reward, and its original), and the reference's
+    def _targets(self, ro, moved, rewards, moved_values, changed) -> dict:
+        """The distillation batch: kept (prompt, response) sequences with their weights (``moved_values``: what a
+        transported particle counts as, its true reward or, tilted, that plus its likelihood change), the minimal
+        pairs (a transported particle whose edits raised that value, and its original), and the reference's
         log-probabilities of every row (for the pair loss and the logged KL)."""
         args, pad = self.args, self.processing_class.pad_token_id
         g, n, _ = ro.shape
@@ -402,7 +430,7 @@ class VGFTrainer(Trainer):
         ids = ids.view(2, g, n, -1).transpose(0, 1).reshape(g, 2 * n, -1)
         masks = masks.view(2, g, n, -1).transpose(0, 1).reshape(g, 2 * n, -1)
         edited = changed > 0  # an unchanged transported particle is its original: it is counted once
-        moved_pool = torch.where(edited, moved_rewards, math.nan)
+        moved_pool = torch.where(edited, moved_values, math.nan)
         kept_originals = rewards if args.distill_pool == "union" else torch.where(edited, math.nan, rewards)
         pool = torch.cat([kept_originals, moved_pool], 1)
         skip = (group_std(pool) == 0) if args.skip_zero_std_groups else torch.zeros(g, dtype=torch.bool)
@@ -411,7 +439,7 @@ class VGFTrainer(Trainer):
         weights[weights < MIN_TARGET_WEIGHT] = 0  # negligible targets cost a forward and backward each
         weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-12)
         self._metrics["frac_groups_skipped"].append(float(skip.float().mean()))
-        improved = edited & (moved_rewards > rewards) if args.edit_pair_weight > 0 else torch.zeros_like(edited)
+        improved = edited & (moved_values > rewards) if args.edit_pair_weight > 0 else torch.zeros_like(edited)
         keep = weights > 0
         keep[:, :n] |= improved
         keep[:, n:] |= improved
