@@ -376,6 +376,12 @@ def main(argv=None) -> dict:
         a.eval_prompts, a.samples, a.transport_steps, a.value_num_layers, a.best_of = 4, 1, 1, None, "2"
     arms.offline()
     arms.set_threads(a.threads)
+    from vgf_llm.tasks import task_dataset
+
+    try:  # before hours of training: the held-out set must exist (1-digit chain_sum has only ~45 test questions)
+        task_dataset(a.task, a.eval_prompts, seed=0, split="test")
+    except ValueError as err:
+        p.error(f"--eval_prompts {a.eval_prompts} held-out prompts of {a.task!r}: {err} (basic_arithmetic has enough)")
     checkpoints = sorted({int(x) for x in a.checkpoints.split(",")})
     chosen = [x.strip() for x in a.arms.split(",") if x.strip()]
     unknown = set(chosen) - set(ARMS)

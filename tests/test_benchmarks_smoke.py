@@ -150,6 +150,14 @@ def test_gold_at_matched_kl_interpolates_each_curve_and_never_extrapolates():
     assert table["best_of_n"][1.0] is None
 
 
+def test_frontier_refuses_a_held_out_set_the_task_cannot_fill_before_training(capsys):
+    import frontier
+
+    with pytest.raises(SystemExit) as exit_info:  # 1-digit chain_sum has about 45 distinct test questions
+        frontier.main(["--task", "chain_sum", "--eval_prompts", "128"])
+    assert exit_info.value.code == 2 and "distinct test questions" in capsys.readouterr().err
+
+
 def test_frontier_tiny(tiny_lm_dir, tiny_reward_model_dir, tmp_path):
     import frontier
 
