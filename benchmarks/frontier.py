@@ -347,6 +347,28 @@ def write(results: dict, out_dir: Path, name: str, start: float, partial: bool) 
     return results
 
 
+def resume_from(results: dict, path: Path, best_of: list[int], error) -> float:
+    """Fill ``results`` with the base scores and finished runs of the earlier run saved at ``path``; return its wall
+    seconds. Refuses (via ``error``) when the settings that decide the numbers differ."""
+    from vgf_llm.evaluation import json_safe
+
+    if not path.is_file():
+        error(f"--resume: no earlier run at {path}")
+    prev = json.loads(path.read_text())
+    now = json.loads(json.dumps(json_safe(results), default=str))
+    for key in ("settings", "checkpoints", "eval_prompts", "samples", "grpo_beta", "edit_pairs"):
+        if prev.get(key) != now[key]:
+            error(f"--resume: {path} was run with other {key} ({prev.get(key)} vs {now[key]}); use another --name")
+    if sorted(prev.get("best_of_n", {}), key=int) != [str(n) for n in sorted(best_of)]:
+        error(f"--resume: {path} scored the base's best-of-{sorted(prev.get('best_of_n', {}))}, not {best_of}")
+    results["base"], results["best_of_n"] = prev["base"], prev["best_of_n"]
+    for arm in results["runs"]:
+        results["runs"][arm] = [r for r in prev["runs"].get(arm, []) if r["seed"] in results["seeds"]]
+    done = {arm: [r["seed"] for r in runs] for arm, runs in results["runs"].items()}
+    print(f"[frontier] resuming {path}: kept the base scores and runs {done}", flush=True)
+    return float(prev.get("wall_seconds", 0.0))
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     d = arms.ArmSettings(task="helpful", decoder="verified", transport_steps=3, max_edits=5, verify_top=1,
@@ -370,6 +392,9 @@ def main(argv=None) -> dict:
     p.add_argument("--inline", action="store_true", help="Run every phase in this process (no spawn).")
     p.add_argument("--out_dir", default=str(ROOT / "results"))
     p.add_argument("--name", default=None, help="Output file stem (default frontier_<task>).")
+    p.add_argument("--resume", action="store_true",
+                   help="Keep the base scores and the finished (arm, seed) runs of an earlier run with the same name "
+                        "and settings (its JSON is written after every arm); run only the rest.")
     a = p.parse_args(argv)
     if a.tiny:
         a.checkpoints, a.prompts, a.generations, a.max_completion_length = "1,2", 2, 2, 8
@@ -409,16 +434,22 @@ def main(argv=None) -> dict:
                "runs": {arm: [] for arm in chosen}}
     run = arms.in_subprocess if not a.inline else (lambda f, *args, **kw: f(*args, **kw))
     start = time.time()
-    print(f"[frontier] scoring the base on {a.eval_prompts} held-out prompts (+ best-of-{best_of}) ...", flush=True)
-    ev = run(score_checkpoints, base_settings, {"base": None}, a.eval_prompts, a.samples, a.threads,
-                            best_of)
-    results["base"] = ev["scores"]["base"] | {"n": ev["n"], "unique_prompts": ev["unique_prompts"]}
-    results["best_of_n"] = ev.get("best_of_n", {})
-    write(results, out_dir, name, start, partial=True)
+    if a.resume:
+        start -= resume_from(results, out_dir / f"{name}.json", best_of, p.error)
+    else:
+        print(f"[frontier] scoring the base on {a.eval_prompts} held-out prompts (+ best-of-{best_of}) ...",
+              flush=True)
+        ev = run(score_checkpoints, base_settings, {"base": None}, a.eval_prompts, a.samples, a.threads, best_of)
+        results["base"] = ev["scores"]["base"] | {"n": ev["n"], "unique_prompts": ev["unique_prompts"]}
+        results["best_of_n"] = ev.get("best_of_n", {})
+        write(results, out_dir, name, start, partial=True)
     root = Path(tempfile.mkdtemp(prefix="vgf_frontier_"))
     try:
         for seed in seeds:
             for arm in chosen:
+                if any(r["seed"] == seed for r in results["runs"][arm]):
+                    print(f"[frontier] {arm} seed {seed}: kept from the earlier run", flush=True)
+                    continue
                 s = arm_settings(replace(base_settings, seed=seed), arm, a.grpo_beta, pairs)
                 folder = root / f"{arm}-seed{seed}"
                 print(f"[frontier] {arm} seed {seed}: training {max(checkpoints)} steps ...", flush=True)

@@ -158,6 +158,27 @@ def test_frontier_refuses_a_held_out_set_the_task_cannot_fill_before_training(ca
     assert exit_info.value.code == 2 and "distinct test questions" in capsys.readouterr().err
 
 
+def test_frontier_resume_keeps_finished_runs_and_refuses_other_settings(tiny_lm_dir, tiny_reward_model_dir, tmp_path,
+                                                                       capsys):
+    import frontier
+
+    args = ["--tiny", "--inline", "--model", str(tiny_lm_dir), "--reward_model", str(tiny_reward_model_dir),
+            "--arms", "bon", "--out_dir", str(tmp_path), "--name", "resumed"]
+    first = frontier.main(args + ["--seeds", "0"])
+    second = frontier.main(args + ["--seeds", "0,1", "--resume"])
+    runs = second["runs"]["bon"]
+    assert [r["seed"] for r in runs] == [0, 1]
+    assert runs[0]["train_seconds"] == first["runs"]["bon"][0]["train_seconds"]  # kept, not trained again
+    assert second["base"]["sampled_gold"] == first["base"]["sampled_gold"] and second["partial"] is False
+    assert "bon seed 0: kept from the earlier run" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # another learning rate would mix two experiments in one table
+        frontier.main(args + ["--seeds", "0", "--resume", "--learning_rate", "0.1"])
+    assert "other settings" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        frontier.main(args + ["--resume", "--name", "never_run"])
+    assert "no earlier run" in capsys.readouterr().err
+
+
 def test_frontier_tiny(tiny_lm_dir, tiny_reward_model_dir, tmp_path):
     import frontier
 
@@ -191,3 +212,19 @@ def test_frontier_tiny(tiny_lm_dir, tiny_reward_model_dir, tmp_path):
     assert saved["table_md"].count("\n") >= 2 + 1 + 1 + 6 * 2  # header, base, best-of-2, 6 arms x 2 checkpoints
     assert "gold at KL 0.5" in saved["table_md"]
     assert (tmp_path / "smoke.png").stat().st_size > 1000
+
+
+def test_edits_records_every_kept_edit_with_its_rewards(tiny_lm_dir, tiny_reward_model_dir, tmp_path):
+    """benchmarks/edits.py on tiny models (helpful task, the tiny reward model as proxy): each recorded edit changed
+    the text and raised the training reward; the gold reward of both sides is recorded."""
+    import edits
+
+    out = edits.main(["--task", "helpful", "--steps", "1", "--max_completion_length", "8", "--model",
+                      str(tiny_lm_dir), "--reward_model", str(tiny_reward_model_dir), "--out_dir", str(tmp_path)])
+    saved = json.loads((tmp_path / "edits_helpful.json").read_text())
+    assert saved["edits"] == out["edits"] and len(saved["steps"]) == 1
+    assert saved["steps"][0]["reward_after"] >= saved["steps"][0]["reward_before"]
+    assert out["edits"], "the tiny reward model's gradient should find at least one improving swap"
+    for e in out["edits"]:
+        assert e["transported"] != e["original"] and e["reward_after"] > e["reward_before"]
+        assert 0.0 <= e["gold_before"] <= 1.0 and 0.0 <= e["gold_after"] <= 1.0
