@@ -44,12 +44,15 @@ import train  # noqa: E402
 ROOT = Path(__file__).resolve().parent
 
 # arm -> trainer kind; vgf_pairs adds the minimal-pair loss (--edit_pair_weight), vgf_tilted moves particles towards
-# the KL-regularised target (transport_target='tilted'), grpo_kl is GRPO with a KL penalty (--grpo_beta)
-ARMS = {"vgf": "vgf", "vgf_pairs": "vgf", "vgf_tilted": "vgf", "bon": "bon", "grpo": "grpo", "grpo_kl": "grpo"}
+# the KL-regularised target (transport_target='tilted'), vgf_steer moves steering vectors the model decodes itself
+# (decoder='steer', --steer_step_size), grpo_kl is GRPO with a KL penalty (--grpo_beta)
+ARMS = {"vgf": "vgf", "vgf_pairs": "vgf", "vgf_tilted": "vgf", "vgf_steer": "vgf", "bon": "bon", "grpo": "grpo",
+        "grpo_kl": "grpo"}
 LABELS = {"vgf": "VGF (transport)", "vgf_pairs": "VGF + edit pairs", "vgf_tilted": "VGF, tilted target",
-          "bon": "VGF budget 0 (best-of-N distil)", "grpo": "TRL GRPO (beta 0)", "grpo_kl": "TRL GRPO (beta > 0)"}
-COLORS = {"vgf": "tab:blue", "vgf_pairs": "tab:purple", "vgf_tilted": "tab:cyan", "bon": "tab:orange",
-          "grpo": "tab:green", "grpo_kl": "tab:olive"}
+          "vgf_steer": "VGF, steering vectors", "bon": "VGF budget 0 (best-of-N distil)", "grpo": "TRL GRPO (beta 0)",
+          "grpo_kl": "TRL GRPO (beta > 0)"}
+COLORS = {"vgf": "tab:blue", "vgf_pairs": "tab:purple", "vgf_tilted": "tab:cyan", "vgf_steer": "tab:red",
+          "bon": "tab:orange", "grpo": "tab:green", "grpo_kl": "tab:olive"}
 
 
 def eval_rewards(s: arms.ArmSettings) -> dict:
@@ -61,7 +64,8 @@ def eval_rewards(s: arms.ArmSettings) -> dict:
     return {"gold": [reasoning_gym_reward]}
 
 
-def arm_settings(s: arms.ArmSettings, arm: str, grpo_beta: float, pairs: dict) -> arms.ArmSettings:
+def arm_settings(s: arms.ArmSettings, arm: str, grpo_beta: float, pairs: dict,
+                 steer_step_size: float = 0.2) -> arms.ArmSettings:
     """The shared settings with what ``arm`` changes (``pairs``: the vgf_pairs arm's ``edit_pair_*`` fields). Every
     VGF arm names its pair loss and transport target, so a change of VGFConfig's defaults changes no arm."""
     if arm in ("grpo", "grpo_kl"):
@@ -70,6 +74,11 @@ def arm_settings(s: arms.ArmSettings, arm: str, grpo_beta: float, pairs: dict) -
         return s
     vgf = {"edit_pair_weight": 0.0, "transport_target": "reward"}
     vgf |= pairs if arm == "vgf_pairs" else {"transport_target": "tilted"} if arm == "vgf_tilted" else {}
+    if arm == "vgf_steer":  # the budget lives in hidden-state space: Adam steps x step size per coordinate; the
+        # gradient comes from the online value model, which reads the policy's own hidden states (a separate reward
+        # model cannot), so the reward model stays the training reward only
+        vgf |= {"scorer": "value"}
+        return replace(s, decoder="steer", transport_step_size=steer_step_size, extra=s.extra | vgf)
     return replace(s, extra=s.extra | vgf)
 
 
@@ -359,6 +368,8 @@ def resume_from(results: dict, path: Path, best_of: list[int], error) -> float:
     for key in ("settings", "checkpoints", "eval_prompts", "samples", "grpo_beta", "edit_pairs"):
         if prev.get(key) != now[key]:
             error(f"--resume: {path} was run with other {key} ({prev.get(key)} vs {now[key]}); use another --name")
+    if prev.get("steer_step_size", now["steer_step_size"]) != now["steer_step_size"]:  # absent before the steer arm
+        error(f"--resume: {path} was run with another --steer_step_size ({prev['steer_step_size']})")
     if sorted(prev.get("best_of_n", {}), key=int) != [str(n) for n in sorted(best_of)]:
         error(f"--resume: {path} scored the base's best-of-{sorted(prev.get('best_of_n', {}))}, not {best_of}")
     results["base"], results["best_of_n"] = prev["base"], prev["best_of_n"]
@@ -380,6 +391,8 @@ def main(argv=None) -> dict:
     p.add_argument("--grpo_beta", type=float, default=0.04, help="The KL coefficient of the grpo_kl arm.")
     p.add_argument("--edit_pair_weight", type=float, default=1.0, help="The vgf_pairs arm's edit_pair_weight.")
     p.add_argument("--edit_pair_beta", type=float, default=0.5, help="The vgf_pairs arm's edit_pair_beta.")
+    p.add_argument("--steer_step_size", type=float, default=0.2,
+                   help="The vgf_steer arm's transport_step_size (hidden-state units; test_time.py run 6's 0.2).")
     p.add_argument("--matched_kl", default="0.5,1.0", help="KL levels (per sequence) of the matched-KL table.")
     p.add_argument("--reward_model", default=arms.PROXY_REWARD_MODEL, help="Proxy reward model (helpful task).")
     p.add_argument("--scorer", default=None, choices=["value", "reward_model"],
@@ -428,7 +441,8 @@ def main(argv=None) -> dict:
                             verify_candidates=d.verify_candidates)
     results = {"settings": base_settings.as_dict(), "arms": chosen, "seeds": seeds, "checkpoints": checkpoints,
                "eval_prompts": a.eval_prompts, "samples": a.samples, "grpo_beta": a.grpo_beta,
-               "edit_pairs": pairs, "matched_kl_levels": [float(x) for x in a.matched_kl.split(",") if x.strip()],
+               "edit_pairs": pairs, "steer_step_size": a.steer_step_size,
+               "matched_kl_levels": [float(x) for x in a.matched_kl.split(",") if x.strip()],
                "machine": arms.machine_info(),
                "command": "python benchmarks/frontier.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                "runs": {arm: [] for arm in chosen}}
@@ -450,7 +464,7 @@ def main(argv=None) -> dict:
                 if any(r["seed"] == seed for r in results["runs"][arm]):
                     print(f"[frontier] {arm} seed {seed}: kept from the earlier run", flush=True)
                     continue
-                s = arm_settings(replace(base_settings, seed=seed), arm, a.grpo_beta, pairs)
+                s = arm_settings(replace(base_settings, seed=seed), arm, a.grpo_beta, pairs, a.steer_step_size)
                 folder = root / f"{arm}-seed{seed}"
                 print(f"[frontier] {arm} seed {seed}: training {max(checkpoints)} steps ...", flush=True)
                 r = run(train_with_checkpoints, s, arm, str(folder), checkpoints, a.threads)
