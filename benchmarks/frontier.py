@@ -45,14 +45,15 @@ ROOT = Path(__file__).resolve().parent
 
 # arm -> trainer kind; vgf_pairs adds the minimal-pair loss (--edit_pair_weight), vgf_tilted moves particles towards
 # the KL-regularised target (transport_target='tilted'), vgf_steer moves steering vectors the model decodes itself
-# (decoder='steer', --steer_step_size), grpo_kl is GRPO with a KL penalty (--grpo_beta)
-ARMS = {"vgf": "vgf", "vgf_pairs": "vgf", "vgf_tilted": "vgf", "vgf_steer": "vgf", "bon": "bon", "grpo": "grpo",
-        "grpo_kl": "grpo"}
+# (decoder='steer', --steer_step_size), vgf_steer_ridge does so with the online ridge value model cut at 16 blocks
+# (value_fit='ridge', the test-time setting of run 6), grpo_kl is GRPO with a KL penalty (--grpo_beta)
+ARMS = {"vgf": "vgf", "vgf_pairs": "vgf", "vgf_tilted": "vgf", "vgf_steer": "vgf", "vgf_steer_ridge": "vgf",
+        "bon": "bon", "grpo": "grpo", "grpo_kl": "grpo"}
 LABELS = {"vgf": "VGF (transport)", "vgf_pairs": "VGF + edit pairs", "vgf_tilted": "VGF, tilted target",
-          "vgf_steer": "VGF, steering vectors", "bon": "VGF budget 0 (best-of-N distil)", "grpo": "TRL GRPO (beta 0)",
-          "grpo_kl": "TRL GRPO (beta > 0)"}
+          "vgf_steer": "VGF, steering vectors", "vgf_steer_ridge": "VGF, steering vectors, ridge value",
+          "bon": "VGF budget 0 (best-of-N distil)", "grpo": "TRL GRPO (beta 0)", "grpo_kl": "TRL GRPO (beta > 0)"}
 COLORS = {"vgf": "tab:blue", "vgf_pairs": "tab:purple", "vgf_tilted": "tab:cyan", "vgf_steer": "tab:red",
-          "bon": "tab:orange", "grpo": "tab:green", "grpo_kl": "tab:olive"}
+          "vgf_steer_ridge": "tab:brown", "bon": "tab:orange", "grpo": "tab:green", "grpo_kl": "tab:olive"}
 
 
 def eval_rewards(s: arms.ArmSettings) -> dict:
@@ -74,11 +75,14 @@ def arm_settings(s: arms.ArmSettings, arm: str, grpo_beta: float, pairs: dict,
         return s
     vgf = {"edit_pair_weight": 0.0, "transport_target": "reward"}
     vgf |= pairs if arm == "vgf_pairs" else {"transport_target": "tilted"} if arm == "vgf_tilted" else {}
-    if arm == "vgf_steer":  # the budget lives in hidden-state space: Adam steps x step size per coordinate; the
-        # gradient comes from the online value model, which reads the policy's own hidden states (a separate reward
-        # model cannot), so the reward model stays the training reward only
+    if arm in ("vgf_steer", "vgf_steer_ridge"):  # the budget lives in hidden-state space: Adam steps x step size
+        # per coordinate; the gradient comes from the online value model, which reads the policy's own hidden states
+        # (a separate reward model cannot), so the reward model stays the training reward only
         vgf |= {"scorer": "value"}
-        return replace(s, decoder="steer", transport_step_size=steer_step_size, extra=s.extra | vgf)
+        s = replace(s, decoder="steer", transport_step_size=steer_step_size)
+        if arm == "vgf_steer_ridge":  # a ridge head is cheap to refit, so it gets a longer buffer
+            s = replace(s, value_num_layers=16, value_buffer_steps=8)
+            vgf |= {"value_fit": "ridge"}
     return replace(s, extra=s.extra | vgf)
 
 

@@ -183,7 +183,7 @@ def test_frontier_tiny(tiny_lm_dir, tiny_reward_model_dir, tmp_path):
     import frontier
 
     frontier.main(["--tiny", "--inline", "--model", str(tiny_lm_dir), "--reward_model", str(tiny_reward_model_dir),
-                   "--arms", "vgf,vgf_pairs,vgf_tilted,vgf_steer,bon,grpo,grpo_kl", "--seeds", "0,1",
+                   "--arms", "vgf,vgf_pairs,vgf_tilted,vgf_steer,vgf_steer_ridge,bon,grpo,grpo_kl", "--seeds", "0,1",
                    "--out_dir", str(tmp_path), "--name", "smoke"])
     saved = json.loads((tmp_path / "smoke.json").read_text())
     assert saved["partial"] is False
@@ -191,7 +191,7 @@ def test_frontier_tiny(tiny_lm_dir, tiny_reward_model_dir, tmp_path):
     assert 0.0 <= saved["base"]["sampled_gold"] <= 1.0  # the gold reward, never trained on
     assert math.isfinite(saved["base"]["sampled_proxy"])  # the proxy reward model every arm trains on
     assert saved["best_of_n"]["2"]["kl_per_sequence"] == pytest.approx(math.log(2) - 0.5)
-    for arm in ("vgf", "vgf_pairs", "vgf_tilted", "vgf_steer", "bon", "grpo", "grpo_kl"):
+    for arm in ("vgf", "vgf_pairs", "vgf_tilted", "vgf_steer", "vgf_steer_ridge", "bon", "grpo", "grpo_kl"):
         runs = saved["runs"][arm]
         assert [r["seed"] for r in runs] == [0, 1], arm
         for r in runs:
@@ -200,8 +200,10 @@ def test_frontier_tiny(tiny_lm_dir, tiny_reward_model_dir, tmp_path):
                 assert sc["kl_per_sequence"] >= 0 and 0.0 <= sc["sampled_gold"] <= 1.0, arm
             assert r["completions_generated"] == 2 * 2 * 2, arm
         assert saved["summary"][arm]["2"]["seeds"] == 2, arm
-    steer_log = [h for h in saved["runs"]["vgf_steer"][0]["log_history"] if "transport/displacement" in h]
-    assert steer_log and all(h["transport/displacement"] > 0 for h in steer_log)  # the steering vectors moved
+    for arm in ("vgf_steer", "vgf_steer_ridge"):
+        steer_log = [h for h in saved["runs"][arm][0]["log_history"] if "transport/displacement" in h]
+        assert steer_log and all(h["transport/displacement"] > 0 for h in steer_log), arm  # the vectors moved
+    assert any("value/cv_corr" in h for h in saved["runs"]["vgf_steer_ridge"][0]["log_history"])  # ridge refits
     for arm in ("vgf", "vgf_pairs", "vgf_tilted", "vgf_steer"):
         run = saved["runs"][arm][0]
         assert run["transport_reward_before"] is not None and run["transport_reward_after"] is not None
@@ -211,7 +213,7 @@ def test_frontier_tiny(tiny_lm_dir, tiny_reward_model_dir, tmp_path):
     assert pairs_log and plain_log and all(h["distill/pairs"] == 0 for h in plain_log)  # the plain arm has none
     assert saved["runs"]["bon"][0]["transport_raised_steps"] in (None, 0)  # budget 0 moves nothing
     assert saved["runs"]["bon"][0]["transport_gold_before"] is None  # nothing moved, nothing to score
-    assert saved["table_md"].count("\n") >= 2 + 1 + 1 + 7 * 2  # header, base, best-of-2, 7 arms x 2 checkpoints
+    assert saved["table_md"].count("\n") >= 2 + 1 + 1 + 8 * 2  # header, base, best-of-2, 8 arms x 2 checkpoints
     assert "gold at KL 0.5" in saved["table_md"]
     assert (tmp_path / "smoke.png").stat().st_size > 1000
 

@@ -58,6 +58,24 @@ def test_every_sampler_decoder_trains(tiny_lm_dir, standard_prompts, tmp_path, d
     assert math.isfinite(log["train_loss"]) and log["transport/tokens_changed"] > 0
 
 
+def test_the_online_ridge_value_model_solves_its_head_and_never_trains_its_adapter(tiny_lm_dir, standard_prompts,
+                                                                                    tmp_path):
+    """value_fit='ridge': every step re-solves the head on the buffer (its strength cross-validated by prompt) and
+    leaves the value adapter as created, so the steering space's gradient comes from that head."""
+    tr = trainer(tiny_lm_dir, standard_prompts, tmp_path, decoder="steer", transport_steps=2, transport_step_size=1.0,
+                 steer_layer=1, value_fit="ridge", max_steps=2, value_buffer_steps=3)
+    adapter = [p.detach().clone() for p in tr.scorer.adapter_parameters()]
+    head = tr.scorer.head.weight.detach().clone()
+    tr.train()
+    log = logged(tr)
+    assert math.isfinite(log["value/cv_corr"]) and log["value/ridge"] > 0 and "value/loss" not in log
+    assert not torch.equal(tr.scorer.head.weight, head)
+    assert all(torch.equal(a, b) for a, b in zip(adapter, tr.scorer.adapter_parameters(), strict=True))
+    assert log["transport/displacement"] > 0
+    with pytest.raises(ValueError, match="value_fit"):
+        config(tmp_path, value_fit="sgd")
+
+
 def test_training_changes_only_the_policy_adapter_and_logs_finite_metrics(tiny_lm_dir, standard_prompts, tmp_path):
     tr = trainer(tiny_lm_dir, standard_prompts, tmp_path)
     before = {n: p.detach().clone() for n, p in tr.model.named_parameters()}

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from vgf_llm.rollout.hf import HFGenerateBackend
 from vgf_llm.value import RewardModelScorer, ValueModel, ValueModelConfig, active_adapter
-from vgf_llm.value_fit import fit_value_head, pooled_features, prompt_groups
+from vgf_llm.value_fit import fit_value_head, pooled_features, prompt_groups, refit_head
 
 
 def _value_data(model, tokenizer, rollouts):
@@ -113,6 +113,29 @@ def test_ridge_value_head_reproduces_its_regression_and_picks_the_informative_la
     # a reward of noise has no out-of-fold correlation
     _, noise = fit_value_head(tiny_lm, ro, torch.randn(g, n), layers=[1], folds=3, adapter_name="noise")
     assert noise["val_corr"] < 0.5
+
+
+def test_refit_head_solves_the_value_models_own_head_by_ridge(tiny_lm, tokenizer):
+    """The trainer's online ridge: the head of an existing value model (its trunk and adapter untouched) is solved
+    on the states it pools itself, so its scores reproduce a reward linear in them; too few rewards leave it."""
+    backend = HFGenerateBackend(tiny_lm, tokenizer, max_new_tokens=10, batch_size=8)
+    ro = backend.generate(PROMPTS * 8, num_generations=4, seed=0)
+    g, n, _ = ro.shape
+    args = ro.flat()
+    vm = ValueModel(tiny_lm, ValueModelConfig(num_layers=1, lora_r=4, adapter_name="online"))
+    adapter = [p.detach().clone() for p in vm.adapter_parameters()]
+    with torch.no_grad():
+        x = vm.pooled_embeds(args[0], args[1], vm.embedding_weight[args[2]], args[3]).double()
+    reward = (x @ torch.randn(x.shape[1], generator=torch.Generator().manual_seed(0)).double()).float()
+    groups = torch.arange(g * n) // n
+    stats = refit_head(vm, *args, reward, groups, lambdas=(1e-6, 1.0), folds=3)
+    assert stats["ridge"] == 1e-6 and stats["cv_corr"] > 0.95 and stats["num_samples"] == g * n
+    torch.testing.assert_close(vm.score_ids(*args), reward, rtol=1e-3, atol=1e-3 * reward.abs().max())
+    assert all(torch.equal(a, b) for a, b in zip(adapter, vm.adapter_parameters(), strict=True))
+    head = vm.head.weight.detach().clone()
+    few = torch.full((g * n,), float("nan"))
+    few[:5] = 1.0
+    assert refit_head(vm, *args, few, groups, folds=3) is None and torch.equal(vm.head.weight, head)
 
 
 def test_an_ensemble_value_model_saved_by_an_older_version_is_refused(tiny_lm, tokenizer, tmp_path):

@@ -22,6 +22,7 @@ PARTICLE_SOURCES = ("reference", "policy")
 TRANSPORT_VERIFIERS = ("reward", "scorer")
 TRANSPORT_TARGETS = ("reward", "tilted")
 SCORERS = ("value", "reward_model")
+VALUE_FITS = ("lora", "ridge")
 DISTILL_WEIGHTINGS = ("softmax", "best", "advantage")
 DISTILL_POOLS = ("union", "moved")
 
@@ -84,6 +85,11 @@ class VGFConfig(TransportConfig, TrainingArguments):
     value_epochs: int = field(default=2, metadata={"help": "Passes over the value buffer per step."})
     value_batch_size: int = 16
     value_buffer_steps: int = field(default=4, metadata={"help": "Recent micro-steps of rollouts the value fits."})
+    value_fit: str = field(default="lora", metadata={
+        "help": "How the online value model is refitted each step: 'lora' (SGD on its adapter and head, "
+                "value_epochs passes over the buffer) or 'ridge' (its trunk stays as it is: a closed-form ridge "
+                "head on the pooled states at the value_num_layers cut, the strength cross-validated by prompt on "
+                "the buffer; the test-time winner, cheap enough for a long value_buffer_steps)."})
 
     # -- distillation ---------------------------------------------------------------------------------------
     distill_pool: str = field(default="union", metadata={
@@ -117,7 +123,7 @@ class VGFConfig(TransportConfig, TrainingArguments):
             raise ValueError(f"max_unrewarded_batches must be >= 0, got {self.max_unrewarded_batches}")
         choices = {"particle_source": PARTICLE_SOURCES, "transport_verifier": TRANSPORT_VERIFIERS,
                    "transport_target": TRANSPORT_TARGETS,
-                   "scorer": SCORERS, "distill_weighting": DISTILL_WEIGHTINGS,
+                   "scorer": SCORERS, "value_fit": VALUE_FITS, "distill_weighting": DISTILL_WEIGHTINGS,
                    "distill_pool": DISTILL_POOLS, "vllm_mode": ("colocate", "server")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

@@ -39,6 +39,7 @@ from vgf_llm.rollout.hf import Rollouts, tokens_changed
 from vgf_llm.rollout.vllm_backend import make_rollout_backend
 from vgf_llm.sampler import VGFSampler
 from vgf_llm.value import RewardModelScorer, ValueModel, ValueModelConfig, active_adapter, pearson
+from vgf_llm.value_fit import refit_head
 
 logger = logging.getLogger(__name__)
 POLICY = "default"  # PEFT's name for a single adapter, so the saved folder loads with PeftModel.from_pretrained
@@ -400,6 +401,13 @@ class VGFTrainer(Trainer):
         data = (pad_cat(list(parts[0]), pad, left=True), pad_cat(list(parts[1]), 0, left=True),
                 pad_cat(list(parts[2]), pad), pad_cat(list(parts[3]), 0), torch.cat(parts[4]))
         if torch.isfinite(data[4]).sum() < 4:
+            return
+        if self.args.value_fit == "ridge":  # rows come in blocks of num_generations per prompt: a block is a group
+            groups = torch.arange(len(data[4])) // self.args.num_generations
+            stats = refit_head(self.scorer, *data[:4], data[4], groups, seed=self.args.seed + self.state.global_step)
+            if stats is not None:
+                self._metrics["value/cv_corr"].append(stats["cv_corr"])
+                self._metrics["value/ridge"].append(stats["ridge"])
             return
         stats = self.scorer.fit(*data, epochs=self.args.value_epochs, lr=self.args.value_learning_rate,
                                 batch_size=self.args.value_batch_size, val_fraction=0.0,

@@ -148,6 +148,11 @@ class ValueModel(nn.Module):
 
     def score_embeds(self, prompt_ids, prompt_mask, response_embeds, response_mask) -> torch.Tensor:
         """[B] values of responses given as embedding rows (differentiable in ``response_embeds``)."""
+        pooled = self.pooled_embeds(prompt_ids, prompt_mask, response_embeds, response_mask)
+        return self.head(pooled.to(self.head.weight.dtype))[:, 0]
+
+    def pooled_embeds(self, prompt_ids, prompt_mask, response_embeds, response_mask) -> torch.Tensor:
+        """[B, d] the pooled response states the head reads (the trunk with this model's adapter, cut)."""
         inputs, mask, positions = join_inputs(self.embedding_weight, prompt_ids, prompt_mask,
                                               response_embeds, response_mask)
         decoder = self.model.get_decoder()
@@ -162,7 +167,7 @@ class ValueModel(nn.Module):
         else:
             last = (rmask.sum(1).long() - 1).clamp_min(0)
             pooled = states[torch.arange(states.shape[0]), last]
-        return self.head(pooled.to(self.head.weight.dtype))[:, 0]
+        return pooled
 
     def score_ids(self, prompt_ids, prompt_mask, response_ids, response_mask, batch_size: int = 32) -> torch.Tensor:
         return score_token_ids(self, prompt_ids, prompt_mask, response_ids, response_mask, batch_size)

@@ -140,6 +140,33 @@ def ridge_cv(features: dict, targets: torch.Tensor, groups: torch.Tensor, *, lam
     return dict(table=table, best=best)
 
 
+@torch.no_grad()
+def refit_head(value_model: ValueModel, prompt_ids, prompt_mask, response_ids, response_mask, targets: torch.Tensor,
+               groups: torch.Tensor, *, lambdas=(1e-2, 0.1, 0.3, 1.0, 3.0, 10.0), folds: int = 4, seed: int = 0,
+               batch_size: int = 16) -> dict | None:
+    """Replace ``value_model``'s linear head by a ridge regression of ``targets`` on the states it pools (its own
+    trunk and adapter, unchanged), the ridge strength chosen by out-of-fold correlation over folds of whole
+    ``groups``. One forward pass and a d x d solve: cheap enough to refit on a long buffer every training step.
+    Returns the chosen strength and its out-of-fold correlation, or None (head untouched) when fewer than
+    ``2 * folds`` finite targets or fewer than 2 groups exist."""
+    y = torch.as_tensor(targets).double()
+    keep = torch.isfinite(y)
+    groups = torch.as_tensor(groups)[keep]
+    if int(keep.sum()) < 2 * folds or len(groups.unique()) < 2:
+        return None
+    weight = value_model.embedding_weight
+    idx = keep.nonzero().squeeze(1)
+    x = torch.cat([value_model.pooled_embeds(prompt_ids[sel], prompt_mask[sel], weight[response_ids[sel].to(
+                       weight.device)], response_mask[sel].to(weight.device)).double().cpu()
+                   for sel in idx.split(batch_size)])
+    cv = ridge_cv({"head": x}, y[keep], groups, lambdas=lambdas, folds=min(folds, len(groups.unique())), seed=seed)
+    best = cv["best"]
+    w, b = _ridge(x, y[keep], best["ridge"])
+    value_model.head.weight.copy_(w.float()[None].to(value_model.head.weight))
+    value_model.head.bias.fill_(float(b))
+    return {"ridge": best["ridge"], "cv_corr": best["cv_corr"], "num_samples": int(keep.sum())}
+
+
 def fit_value_head(model, rollouts: Rollouts, rewards: torch.Tensor, *, layers=(4, 8, 12, 16, 20, 24, 30),
                    lambdas=(1e-2, 0.1, 0.3, 1.0, 3.0, 10.0), folds: int = 4, adapter_name: str = "value",
                    seed: int = 0, batch_size: int = 16, progress: bool = False) -> tuple[ValueModel, dict]:
