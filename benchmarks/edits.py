@@ -27,7 +27,7 @@ import arms  # noqa: E402
 ROOT = Path(__file__).resolve().parent
 
 
-def collect(s: arms.ArmSettings, steps: int, out_dir: str) -> dict:
+def collect(s: arms.ArmSettings, steps: int) -> dict:
     """Transport ``steps`` batches of ``s.prompts`` train prompts; the kept edits and per-step means."""
     import tempfile
 
@@ -85,7 +85,7 @@ def main(argv=None) -> dict:
         extra |= {"scorer": "reward_model", "reward_model_path": a.reward_model}
     s = replace(d, task=a.task, model=a.model, max_completion_length=a.max_completion_length, seed=a.seed,
                 extra=extra)
-    out = collect(s, a.steps, a.out_dir)
+    out = collect(s, a.steps)
     for e in out["edits"]:
         gold = f"  gold {e['gold_before']:.3f} -> {e['gold_after']:.3f}" if "gold_before" in e else ""
         print(f"[step {e['step']}] reward {e['reward_before']:.3f} -> {e['reward_after']:.3f}{gold}  (answer "

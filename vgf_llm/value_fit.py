@@ -16,6 +16,8 @@ from vgf_llm.rewards import reward_rollouts
 from vgf_llm.rollout.hf import HFGenerateBackend, Rollouts
 from vgf_llm.value import ValueModel, ValueModelConfig, active_adapter, first_layers, join_inputs, pearson
 
+RIDGE_STRENGTHS = (1e-2, 0.1, 0.3, 1.0, 3.0, 10.0)  # the cross-validated grid, relative to the sample count
+
 
 def fit_value_model(model, tokenizer, reward_funcs, rows: list[dict], *, config: ValueModelConfig | None = None,
                     num_generations: int = 4, max_new_tokens: int = 64, temperature: float = 1.0,
@@ -116,7 +118,14 @@ def _ridge(x, y, lam):
     return w, ym - (w * mu).sum()
 
 
-def ridge_cv(features: dict, targets: torch.Tensor, groups: torch.Tensor, *, lambdas=(1e-2, 0.1, 0.3, 1.0, 3.0, 10.0),
+@torch.no_grad()
+def _set_head(value_model: ValueModel, w: torch.Tensor, b: torch.Tensor) -> None:
+    """Write a solved ridge (weights [d], intercept) into the value model's linear head."""
+    value_model.head.weight.copy_(w.float()[None].to(value_model.head.weight))
+    value_model.head.bias.fill_(float(b))
+
+
+def ridge_cv(features: dict, targets: torch.Tensor, groups: torch.Tensor, *, lambdas=RIDGE_STRENGTHS,
              folds: int = 4, seed: int = 0) -> dict:
     """Out-of-fold correlation of every (layer, pooling, lambda), folds made of whole groups. Returns a table and
     the best entry."""
@@ -142,7 +151,7 @@ def ridge_cv(features: dict, targets: torch.Tensor, groups: torch.Tensor, *, lam
 
 @torch.no_grad()
 def refit_head(value_model: ValueModel, prompt_ids, prompt_mask, response_ids, response_mask, targets: torch.Tensor,
-               groups: torch.Tensor, *, lambdas=(1e-2, 0.1, 0.3, 1.0, 3.0, 10.0), folds: int = 4, seed: int = 0,
+               groups: torch.Tensor, *, lambdas=RIDGE_STRENGTHS, folds: int = 4, seed: int = 0,
                batch_size: int = 16) -> dict | None:
     """Replace ``value_model``'s linear head by a ridge regression of ``targets`` on the states it pools (its own
     trunk and adapter, unchanged), the ridge strength chosen by out-of-fold correlation over folds of whole
@@ -162,13 +171,12 @@ def refit_head(value_model: ValueModel, prompt_ids, prompt_mask, response_ids, r
     cv = ridge_cv({"head": x}, y[keep], groups, lambdas=lambdas, folds=min(folds, len(groups.unique())), seed=seed)
     best = cv["best"]
     w, b = _ridge(x, y[keep], best["ridge"])
-    value_model.head.weight.copy_(w.float()[None].to(value_model.head.weight))
-    value_model.head.bias.fill_(float(b))
+    _set_head(value_model, w, b)
     return {"ridge": best["ridge"], "cv_corr": best["cv_corr"], "num_samples": int(keep.sum())}
 
 
 def fit_value_head(model, rollouts: Rollouts, rewards: torch.Tensor, *, layers=(4, 8, 12, 16, 20, 24, 30),
-                   lambdas=(1e-2, 0.1, 0.3, 1.0, 3.0, 10.0), folds: int = 4, adapter_name: str = "value",
+                   lambdas=RIDGE_STRENGTHS, folds: int = 4, adapter_name: str = "value",
                    seed: int = 0, batch_size: int = 16, progress: bool = False) -> tuple[ValueModel, dict]:
     """Ridge value model: the reference backbone (zero adapter) cut at the cross-validated layer + a linear head
     solved in closed form on all samples. ``stats["val_corr"]`` is the out-of-fold correlation (split by prompt)
@@ -188,9 +196,7 @@ def fit_value_head(model, rollouts: Rollouts, rewards: torch.Tensor, *, layers=(
     w, b = _ridge(feats[(best["layer"], best["pooling"])], y[keep], best["ridge"])
     vm = ValueModel(model, ValueModelConfig(num_layers=best["layer"], pooling=best["pooling"],
                                             adapter_name=adapter_name))
-    with torch.no_grad():
-        vm.head.weight.copy_(w.float()[None].to(vm.head.weight))
-        vm.head.bias.fill_(float(b))
+    _set_head(vm, w, b)
     stats = dict(method="ridge", val_corr=best["cv_corr"], val_mse=best["cv_mse"], layer=best["layer"],
                  pooling=best["pooling"], ridge=best["ridge"], num_samples=int(keep.sum()),
                  num_prompts=len(groups.unique()), reward_mean=float(y[keep].mean()),
