@@ -29,10 +29,11 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import re
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -41,12 +42,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from vgf_llm.models import load_model, load_tokenizer  # noqa: E402
+from vgf_llm.prefix_value import PrefixValue, fit_prefix_value  # noqa: E402
 from vgf_llm.rewards import get_reward_func, reward_rollouts, reward_texts  # noqa: E402
 from vgf_llm.rollout.hf import HFGenerateBackend, Rollouts  # noqa: E402
 from vgf_llm.sampler import SamplerConfig, VGFSampler  # noqa: E402
 from vgf_llm.tasks import task_dataset, task_reward_names  # noqa: E402
 from vgf_llm.value import ValueModel, ValueModelConfig, active_adapter  # noqa: E402
-from vgf_llm.value_fit import fit_value_model  # noqa: E402
+from vgf_llm.value_fit import fit_value_model, prompt_groups  # noqa: E402
 
 
 @dataclass
@@ -57,7 +59,7 @@ class Variant:
     name: str
     steps: int = 8
     step_size: float = 0.05
-    decoder: str = "verified"  # verified | reference_gain | soft_topk | steer (vgf_llm.spaces)
+    decoder: str = "verified"  # verified | reference_gain | soft_topk | steer | steer_prefix (vgf_llm.spaces)
     max_edits: int = 1  # edits per particle (reference_gain, soft_topk) / rounds of checked edits (verified)
     verify_candidates: int = 8  # decoder="verified": exact value checks per response and round
     verify_top: int | None = None  # decoder="verified": only the best originals of each prompt are edited
@@ -120,6 +122,21 @@ VARIANTS = {
         Variant("steer-b3x0.5+union-random", decoder="steer", control="random_direction", **B(3, 0.5)),
     ]
 }
+# per-step steering: every generated token's hidden state at layer L moved along a prefix value (ridge on that
+# layer's states of every train prefix, true rewards); S Adam steps of E standard deviations per unit, per token.
+# Named prefix-L<L>-b<S>x<E>+union, with -random for the control (a random head of the same norm).
+PREFIX_VARIANT = re.compile(r"prefix-L(\d+)-b(\d+)x([\d.]+)\+union(-random)?")
+
+
+def variant(name: str) -> Variant | None:
+    """The arm called ``name``: one of ``VARIANTS`` or a per-step steering arm (``PREFIX_VARIANT``)."""
+    if name in VARIANTS:
+        return VARIANTS[name]
+    m = PREFIX_VARIANT.fullmatch(name)
+    if m is None:
+        return None
+    return Variant(name, decoder="steer_prefix", steer_layer=int(m[1]), control="random_direction" if m[4] else "",
+                   **B(int(m[2]), float(m[3])))
 DEFAULT_VARIANTS = ["verified5-top1-c4-b1+union"]
 
 
@@ -137,6 +154,14 @@ def random_direction(decode, seed: int):
         return decode(particles, start + noise, *args, **kwargs)
 
     return wrapped
+
+
+def random_head(pv: PrefixValue, seed: int) -> PrefixValue:
+    """Control for per-step steering: the prefix value with its head replaced by a random one of the same norm in
+    the standardised units the states move in (does the fitted direction matter, or only moving the states?)."""
+    w_z = torch.randn(pv.weight.shape, generator=torch.Generator().manual_seed(seed + 12345))
+    w_z = w_z * (pv.weight * pv.std).norm() / w_z.norm()
+    return replace(pv, weight=w_z / pv.std)
 
 
 def value_configs(layers: int) -> dict[str, ValueModelConfig]:
@@ -256,6 +281,19 @@ def run_task(task: str, args, variants: list[Variant], cache: Path, out: Path) -
         shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in stats.items() if k != "cv"}
         print(f"value model {key}: {json.dumps(shown)}", flush=True)
     value_stats = {key: stats}
+    prefix_values = {}  # steer layer -> the prefix value every steer_prefix variant at that layer moves along
+    for v in variants:
+        if v.decoder == "steer_prefix" and v.steer_layer not in prefix_values:
+            t0 = time.time()
+            p_ids, p_mask, ids, mask = train_ro.flat()
+            pv = fit_prefix_value(model, v.steer_layer, p_ids, p_mask, ids, mask, train_rewards.reshape(-1),
+                                  prompt_groups(train_ro))
+            prefix_values[v.steer_layer] = pv
+            value_stats[f"prefix value, layer {v.steer_layer}"] = dict(
+                method="prefix ridge", val_corr=pv.cv_corr, ridge=pv.ridge, layer=v.steer_layer,
+                fit_seconds=time.time() - t0)
+            print(f"prefix value at layer {v.steer_layer}: out-of-fold corr {pv.cv_corr:.3f} (per prefix), ridge "
+                  f"{pv.ridge}, {time.time() - t0:.0f}s", flush=True)
     others = {}
     for extra in filter(None, args.compare_value_models.split(",")):  # e.g. an earlier run's value model
         others[Path(extra).name] = ValueModel.load(model, extra)
@@ -307,7 +345,10 @@ def run_task(task: str, args, variants: list[Variant], cache: Path, out: Path) -
                 per_prompt=true[rows, other.argmax(1)].tolist()))
         for v in variants:
             sampler = VGFSampler(model, tok, selector, v.sampler_config(args), selector=selector, progress=False)
-            if v.control == "random_direction":
+            if v.decoder == "steer_prefix":
+                pv = prefix_values[v.steer_layer]
+                sampler.space.prefix_value = random_head(pv, seed) if v.control == "random_direction" else pv
+            elif v.control == "random_direction":
                 sampler.space.decode = random_direction(sampler.space.decode, seed)
             elif v.control:
                 raise ValueError(f"unknown control {v.control!r}")
@@ -487,10 +528,10 @@ def main(argv=None) -> None:
         return
     args.seeds = [int(s) for s in args.seeds.split(",")]
     names = list(VARIANTS) if args.variants == "all" else [v for v in args.variants.split(",") if v]
-    unknown = [n for n in names if n not in VARIANTS]
+    unknown = [n for n in names if variant(n) is None]
     if unknown:
-        p.error(f"unknown variants {unknown}; known: {list(VARIANTS)}")
-    variants = [VARIANTS[n] for n in names]
+        p.error(f"unknown variants {unknown}; known: {list(VARIANTS)} and {PREFIX_VARIANT.pattern}")
+    variants = [variant(n) for n in names]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cache = Path(args.cache) if args.cache else out / "cache"

@@ -91,6 +91,25 @@ def test_test_time_tiny(tiny_lm_dir, tmp_path):
     assert "best-of-n at" in (tmp_path / "results.md").read_text()
 
 
+def test_test_time_per_step_steering_arms_fit_one_prefix_value_per_layer(tiny_lm_dir, tmp_path):
+    """The per-step steering arms (named by layer and budget) get the prefix value fitted on the train rollouts'
+    true rewards, once per layer; the -random control moves along a random head and changes tokens too."""
+    import test_time
+
+    arms = ["prefix-L1-b1x1+union", "prefix-L1-b1x1+union-random"]
+    assert test_time.variant(arms[1]).control == "random_direction" and test_time.variant("prefix-L1-b1x+union") is None
+    test_time.main(["--model", str(tiny_lm_dir), "--tasks", "sentiment", "--num_train_prompts", "8",
+                    "--train_generations", "4", "--num_test_prompts", "2", "--num_particles", "2", "--bon_sizes",
+                    "1,2", "--max_new_tokens", "6", "--seeds", "0", "--ridge_layers", "1,2", "--variants",
+                    ",".join(arms), "--retime_prompts", "1", "--out", str(tmp_path)])
+    (res,) = json.loads((tmp_path / "results.json").read_text())["results"]
+    prefix = res["value_models"]["prefix value, layer 1"]
+    assert prefix["method"] == "prefix ridge" and math.isfinite(prefix["val_corr"])
+    for arm in arms:
+        (run,) = res["arms"][arm]
+        assert run["displacement"] > 0 and run["frac_particles_changed"] > 0, arm
+
+
 def test_test_time_variants_build_sampler_configs():
     """Every test-time variant maps onto a valid ``SamplerConfig`` (a retired decoder or knob fails here)."""
     import argparse

@@ -356,6 +356,23 @@ def test_generate_with_steering_particles_the_model_decodes(fitted, tiny_lm_dir,
                  f"--value_model_path {fitted[0]} --top_k 5 --output {out}", capsys, "top_k=0")
 
 
+def test_generate_with_per_step_steering_distils_the_value_model_into_a_prefix_value(
+    fitted, tiny_lm_dir, prompts_file, tmp_path, capsys
+):
+    out = tmp_path / "steer_prefix.jsonl"
+    code, stdout, _ = run_cli(
+        f"generate --model_name_or_path {tiny_lm_dir} --prompts {prompts_file} --num_prompts 3 "
+        f"--decoder steer_prefix --value_model_path {fitted[0]} --num_generations 4 --transport_steps 1 "
+        f"--transport_step_size 1.0 --steer_layer 1 --max_completion_length 8 --output {out}",
+        capsys,
+    )
+    assert code == 0, stdout
+    lines = read_jsonl(out)
+    check_result_lines(lines, [row["prompt"] for row in PROMPT_ROWS[:3]], 4)
+    assert all(p["displacement"] > 0 for line in lines for p in line["particles"])
+    assert sum(p["tokens_changed"] for line in lines for p in line["particles"]) > 0
+
+
 def test_generate_with_a_reward_model_on_a_task_reports_the_true_reward(
     tiny_lm_dir, tiny_reward_model_dir, tmp_path, capsys
 ):

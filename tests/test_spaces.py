@@ -78,7 +78,7 @@ def test_make_space_builds_every_named_space_from_a_config(tiny_lm, tokenizer):
         config = SamplerConfig(decoder=name, decoder_topk=3, max_edits=2, steer_layer=1)
         space = make_space(name, tiny_lm, tokenizer, vm, config)
         assert isinstance(space, cls)
-        if name == "steer":
+        if name in ("steer", "steer_prefix"):
             assert space.steer_layer == 1
         else:
             assert space.max_edits == 2 and space.reference.k == 3
@@ -329,3 +329,131 @@ def test_steering_on_smollm2_reproduces_at_zero_and_edits_through_the_model(smol
     assert (new != ro.completion_ids).any()
     texts = [tok.decode(new[g, n][new_mask[g, n].bool()], skip_special_tokens=True) for g in range(2) for n in range(3)]
     assert all(t.strip() for t in texts)  # every steered particle still decodes to text
+
+
+# -- per-step steering with a prefix value: the model's hidden state moved at every generated token -----------------
+
+
+def favourite_prefix_value(model, favourite: int, layer: int = 1, sign: float = 1.0):
+    """A prefix value whose weight is the (tied) output embedding of token ``favourite``: moving a state along it
+    raises that token's logit at the next step."""
+    from vgf_llm.prefix_value import PrefixValue
+
+    d = model.config.hidden_size
+    w = model.get_input_embeddings().weight[favourite].detach().float().clone()
+    return PrefixValue(layer=layer, weight=sign * w, bias=0.0, mean=torch.zeros(d), std=torch.ones(d))
+
+
+def test_prefix_value_fits_a_learnable_synthetic_reward(tiny_lm, tokenizer):
+    """A final reward spread over the tokens (the mean of a fixed linear read-out of each token's embedding): the
+    ridge on the prefixes' states recovers it out of fold, labels shuffled across responses leave nothing to
+    recover, and the prefixes' values averaged over a response track its reward."""
+    from vgf_llm.prefix_value import fit_prefix_value, prefix_states
+
+    prompts = [[{"role": "user", "content": f"Say something about {w}."}] for w in
+               ("a cat", "the sea", "a tree", "bread", "rain", "music", "a road", "snow")]
+    ro = HFGenerateBackend(tiny_lm, tokenizer, max_new_tokens=12, batch_size=4).generate(prompts, 6, seed=0)
+    p_ids, p_mask, ids, mask = ro.flat()
+    readout = tiny_lm.get_input_embeddings().weight.detach() @ torch.randn(
+        tiny_lm.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    reward = (readout[ids] * mask).sum(-1) / mask.sum(-1).clamp_min(1)
+    groups = torch.arange(len(prompts)).repeat_interleave(6)
+    pv = fit_prefix_value(tiny_lm, 1, p_ids, p_mask, ids, mask, reward, groups)
+    assert pv.layer == 1 and pv.weight.shape == (tiny_lm.config.hidden_size,)
+    states, rows = prefix_states(tiny_lm, 1, p_ids, p_mask, ids, mask)
+    assert len(states) == int(mask.sum()) and torch.equal(rows.bincount(minlength=len(ids)), mask.sum(-1))
+    shuffled = fit_prefix_value(tiny_lm, 1, p_ids, p_mask, ids, mask,
+                                reward[torch.randperm(len(reward), generator=torch.Generator().manual_seed(1))], groups)
+    assert pv.cv_corr > 0.15 and pv.cv_corr > shuffled.cv_corr + 0.2, (pv.cv_corr, shuffled.cv_corr)
+    per_response = torch.zeros(len(ids)).index_add_(0, rows, pv(states.float())) / mask.sum(-1).clamp_min(1)
+    assert torch.corrcoef(torch.stack([per_response, reward.float()]))[0, 1] > 0.7
+    assert fit_prefix_value(tiny_lm, 1, p_ids[:3], p_mask[:3], ids[:3], mask[:3], reward[:3], groups[:3]) is None
+
+
+def test_prefix_steering_at_zero_step_reproduces_the_reference_samples(tiny_lm, tokenizer, rollouts):
+    from vgf_llm.spaces import PrefixSteering
+
+    space = PrefixSteering(tiny_lm, tokenizer, None, steer_layer=1)
+    space.prefix_value = favourite_prefix_value(tiny_lm, 20)
+    particles = space.lift(rollouts)
+    budget = dict(steps=2, step_size=0.0, alpha=1.0, step_rule="adam", radius=None, repulsion=True)
+    ids, mask, disp, trace = space.move_and_decode(particles, budget)  # every state goes through the hook, unmoved
+    assert torch.equal(mask, rollouts.completion_mask) and torch.equal(ids, rollouts.completion_ids)
+    assert not disp.any() and trace.values.shape[1:] == rollouts.shape[:2] and trace.values.shape[0] > 2
+
+
+def test_prefix_steering_moves_the_decoded_tokens_towards_the_preferred_token(sharp_lm, tokenizer):
+    from vgf_llm.spaces import PrefixSteering
+
+    rollouts = HFGenerateBackend(sharp_lm, tokenizer, max_new_tokens=12, batch_size=2).generate(PROMPTS, 4, seed=3)
+    favourite = 20
+    space = PrefixSteering(sharp_lm, tokenizer, None, steer_layer=1)
+
+    def count(sign: float, step_size: float) -> int:
+        space.prefix_value = favourite_prefix_value(sharp_lm, favourite, sign=sign)
+        budget = dict(steps=1, step_size=step_size, alpha=1.0, step_rule="adam", radius=None, repulsion=True)
+        ids, mask, disp, trace = space.move_and_decode(space.lift(rollouts), budget)
+        assert torch.isfinite(trace.values).all() and not trace.nonfinite.any()
+        assert step_size == 0 or (disp > 0).all()
+        return int(((ids == favourite) & mask.bool()).sum())
+
+    original = int(((rollouts.completion_ids == favourite) & rollouts.completion_mask.bool()).sum())
+    assert count(1.0, 0.0) == original
+    up = [count(1.0, s) for s in (0.5, 2.0)]
+    assert original <= up[0] <= up[1] and up[1] > original + 10, (original, up)
+    assert count(-1.0, 2.0) <= original  # against the value: the token gets rarer
+
+
+def test_the_sampler_runs_prefix_steering_and_fits_the_prefix_value_to_the_scorer(tiny_lm, tokenizer):
+    """Without a fitted prefix value the space distils the scorer's values of the batch; budget 0 is best-of-N."""
+    from vgf_llm.sampler import VGFSampler
+
+    vm = steer_value_model(tiny_lm, 20)
+    kw = dict(num_generations=4, max_completion_length=10, generation_batch_size=12, decoder="steer_prefix",
+              steer_layer=1)
+    zero = VGFSampler(tiny_lm, tokenizer, vm, SamplerConfig(transport_steps=0, **kw), progress=False)
+    moved = VGFSampler(tiny_lm, tokenizer, vm, SamplerConfig(transport_steps=1, transport_step_size=1.0, **kw),
+                       progress=False)
+    base, steered = zero.sample(PROMPTS, seed=2), moved.sample(PROMPTS, seed=2)
+    assert zero.space.prefix_value is None  # budget 0 never lifts
+    assert moved.space.prefix_value is not None and moved.space.prefix_value.layer == 1
+    assert [p.text_before for r in base for p in r.particles] == [p.text_before for r in steered for p in r.particles]
+    assert sum(p.tokens_changed for r in steered for p in r.particles) > 0
+    assert all(p.displacement > 0 for r in steered for p in r.particles)
+    before = sum(p.score_before for r in steered for p in r.particles)
+    after = sum(p.score_after for r in steered for p in r.particles)
+    assert after > before  # the scorer prefers token 20; its distilled prefix value moves the text towards it
+
+
+def test_prefix_steering_refuses_what_it_cannot_do(tiny_lm, tokenizer):
+    from vgf_llm.spaces import PrefixSteering
+
+    with pytest.raises(ValueError, match="top_k=0"):
+        PrefixSteering(tiny_lm, tokenizer, None, top_k=5)
+    with pytest.raises(ValueError, match="steer_layer"):
+        PrefixSteering(tiny_lm, tokenizer, None, steer_layer=tiny_lm.config.num_hidden_layers + 1)
+
+
+@pytest.mark.slow
+def test_per_step_steering_on_smollm2_reproduces_at_zero_and_follows_its_prefix_value(smollm2_dir):
+    """The real model: every state goes through the per-step transport unmoved at step size 0 and the samples come
+    back token for token; a prefix value fitted on the samples' own "response mentions a digit" reward, followed
+    with a real budget, changes tokens and never produces non-finite values."""
+    from vgf_llm.models import load_model, load_tokenizer
+    from vgf_llm.spaces import PrefixSteering
+
+    model, tok = load_model(str(smollm2_dir)).eval(), load_tokenizer(str(smollm2_dir))
+    prompts = [[{"role": "user", "content": "Write one sentence about a river."}],
+               [{"role": "user", "content": "What is 3 + 4?"}]]
+    ro = HFGenerateBackend(model, tok, max_new_tokens=12, batch_size=2).generate(prompts, 4, seed=0)
+    space = PrefixSteering(model, tok, None, steer_layer=8)
+    p_ids, p_mask, ids, mask = ro.flat()
+    digit = torch.tensor([float(any(ch.isdigit() for ch in t)) for group in ro.texts for t in group])
+    digit[0] = 1 - digit[0]  # two classes whatever the samples say
+    assert space.fit_prefix(p_ids, p_mask, ids, mask, digit, torch.arange(2).repeat_interleave(4)) is not None
+    particles = space.lift(ro)
+    budget = dict(steps=1, step_size=0.0, alpha=1.0, step_rule="adam", radius=None, repulsion=True)
+    new, new_mask, _, _ = space.move_and_decode(particles, budget)
+    assert torch.equal(new, ro.completion_ids) and torch.equal(new_mask, ro.completion_mask)
+    new, new_mask, disp, trace = space.move_and_decode(particles, dict(budget, step_size=0.5))
+    assert (new != ro.completion_ids).any() and (disp > 0).all() and torch.isfinite(trace.values).all()

@@ -48,7 +48,9 @@ def logged(tr: VGFTrainer) -> dict:
                                             ("soft_topk", dict(transport_steps=8, transport_step_size=1.0)),
                                             ("reference_gain", {}),  # steer: a hidden-state vector, decoded by the LM
                                             ("steer", dict(transport_steps=4, transport_step_size=1.0,
-                                                           steer_layer=1))])
+                                                           steer_layer=1)),
+                                            ("steer_prefix", dict(transport_steps=1, transport_step_size=1.0,
+                                                                  steer_layer=1))])
 def test_every_sampler_decoder_trains(tiny_lm_dir, standard_prompts, tmp_path, decoder, budget):
     """The trainer takes the sampler's particle spaces by name; each runs inside a training step and edits some
     particles (steering vectors through the model's own re-generation)."""
@@ -74,6 +76,24 @@ def test_the_online_ridge_value_model_solves_its_head_and_never_trains_its_adapt
     assert log["transport/displacement"] > 0
     with pytest.raises(ValueError, match="value_fit"):
         config(tmp_path, value_fit="sgd")
+
+
+def test_per_step_steering_fits_its_prefix_value_to_the_true_rewards_not_the_value_model(tiny_lm_dir,
+                                                                                         standard_prompts, tmp_path):
+    """decoder='steer_prefix': each step the space's prefix value is re-fitted by ridge on the buffer's true
+    rewards (cross-validated by prompt), the value model is never trained, and the particles move."""
+    tr = trainer(tiny_lm_dir, standard_prompts, tmp_path, decoder="steer_prefix", transport_steps=1,
+                 transport_step_size=1.0, steer_layer=1, max_steps=2, value_buffer_steps=2)
+    value_head = tr.scorer.head.weight.detach().clone()
+    fitted = []
+    fit = tr.sampler.space.fit_prefix
+    tr.sampler.space.fit_prefix = lambda *a, **k: fitted.append(a[4].clone()) or fit(*a, **k)
+    tr.train()
+    log = logged(tr)
+    assert [len(t) for t in fitted] == [8, 16]  # the buffer: one step's 2 prompts x 4, then two steps'
+    assert tr.sampler.space.prefix_value is not None and math.isfinite(log["value/cv_corr"])
+    assert "value/loss" not in log and torch.equal(tr.scorer.head.weight, value_head)
+    assert log["transport/displacement"] > 0 and log["transport/tokens_changed"] > 0
 
 
 def test_training_changes_only_the_policy_adapter_and_logs_finite_metrics(tiny_lm_dir, standard_prompts, tmp_path):

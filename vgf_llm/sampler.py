@@ -43,11 +43,14 @@ class TransportConfig:
         "help": "Cap on each particle row's displacement (None: no cap)."})
     repulsion: bool = field(default=True, metadata={"help": "Keep SVGD's repulsive kernel term."})
     # -- particle space / decoder ----------------------------------------------------------------------------
-    decoder: Literal["verified", "reference_gain", "soft_topk", "steer"] = field(default="verified", metadata={
-        "help": "Particle space and decoder: 'verified' (transport proposes reference top-k swaps, the scorer "
-                "checks them on real tokens), 'reference_gain' (the swaps with the largest first-order gain), "
-                "'soft_topk' (particles are logits over each position's reference top-k), 'steer' (a hidden-state "
-                "vector the model generates from again, under each sample's own noise)."})
+    decoder: Literal["verified", "reference_gain", "soft_topk", "steer", "steer_prefix"] = field(
+        default="verified", metadata={
+            "help": "Particle space and decoder: 'verified' (transport proposes reference top-k swaps, the scorer "
+                    "checks them on real tokens), 'reference_gain' (the swaps with the largest first-order gain), "
+                    "'soft_topk' (particles are logits over each position's reference top-k), 'steer' (a "
+                    "hidden-state vector the model generates from again, under each sample's own noise), "
+                    "'steer_prefix' (the hidden state itself, moved at every generated token along a prefix value "
+                    "read at that layer)."})
     decoder_topk: int = field(default=8, metadata={"help": "Reference top-k candidates per position."})
     max_edits: int = field(default=5, metadata={
         "help": "Token edits per particle (reference_gain, soft_topk); rounds of checked edits (verified)."})
@@ -56,7 +59,8 @@ class TransportConfig:
     verify_candidates: int = field(default=4, metadata={
         "help": "verified: swaps checked with real scorer passes per particle and round."})
     steer_layer: int | None = field(default=None, metadata={
-        "help": "steer: the decoder layer whose output the particle shifts (default: half the value model's depth)."})
+        "help": "steer, steer_prefix: the decoder layer whose output the particle shifts (default: half the value "
+                "model's depth; steer_prefix: half the model's)."})
 
     def __post_init__(self):
         if self.decoder not in DECODERS:
@@ -185,10 +189,13 @@ class VGFSampler:
         c = self.config
         particles = self.space.lift(ro)
         particles.verify = verify
+        budget = dict(steps=c.transport_steps, step_size=c.transport_step_size, alpha=c.transport_alpha,
+                      step_rule="adam", radius=c.transport_radius, repulsion=c.repulsion and self.space.repulsion)
+        if getattr(self.space, "moves_while_decoding", False):  # one transport per generated token, inside decoding
+            new_ids, new_mask, disp, self.last_trace = self.space.move_and_decode(particles, budget)
+            return new_ids, new_mask, disp
         moved, trace = transport(particles.start, grad_fn=lambda u: self.space.grad(particles, u),
-                                 steps=c.transport_steps, step_size=c.transport_step_size, alpha=c.transport_alpha,
-                                 step_rule="adam", radius=c.transport_radius,
-                                 repulsion=c.repulsion and self.space.repulsion, mask=particles.mask)
+                                 mask=particles.mask, **budget)
         self.last_trace = trace  # the trainer logs its non-finite count
         new_ids, new_mask = self.space.decode(particles, moved)
         disp = trace.displacement[-1] if trace.displacement.shape[0] else torch.zeros(ro.shape[:2])

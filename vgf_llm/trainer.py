@@ -387,14 +387,16 @@ class VGFTrainer(Trainer):
         return torch.cat(out) if out else torch.zeros(0)
 
     def _update_value_model(self, ro: Rollouts, rewards: torch.Tensor) -> None:
-        if not isinstance(self.scorer, ValueModel):
+        """Fit what the transport reads on a buffer of recent rollouts and their true rewards: the value model, or
+        the particle space's own prefix value (``steer_prefix``, whose moves never read the value model)."""
+        fit_prefix = getattr(self.sampler.space, "fit_prefix", None)
+        if not isinstance(self.scorer, ValueModel) and fit_prefix is None:
             return
         p_ids, p_mask, c_ids, c_mask = ro.flat()
         r = rewards.reshape(-1)
-        pred = self.scorer.score_ids(p_ids, p_mask, c_ids, c_mask)
         ok = torch.isfinite(r)
-        if ok.sum() > 2 and r[ok].std() > 0:
-            self._metrics["value/corr"].append(pearson(pred[ok], r[ok]))  # on samples the value model never saw
+        if fit_prefix is None and ok.sum() > 2 and r[ok].std() > 0:  # on samples the value model never saw
+            self._metrics["value/corr"].append(pearson(self.scorer.score_ids(p_ids, p_mask, c_ids, c_mask)[ok], r[ok]))
         self.value_buffer.append(self._gather((p_ids, p_mask, c_ids, c_mask, r)))
         parts = list(zip(*self.value_buffer, strict=True))
         pad = self.processing_class.pad_token_id
@@ -402,8 +404,14 @@ class VGFTrainer(Trainer):
                 pad_cat(list(parts[2]), pad), pad_cat(list(parts[3]), 0), torch.cat(parts[4]))
         if torch.isfinite(data[4]).sum() < 4:
             return
-        if self.args.value_fit == "ridge":  # rows come in blocks of num_generations per prompt: a block is a group
-            groups = torch.arange(len(data[4])) // self.args.num_generations
+        groups = torch.arange(len(data[4])) // self.args.num_generations  # rows come in blocks of one prompt's
+        if fit_prefix is not None:
+            fitted = fit_prefix(*data, groups, seed=self.args.seed + self.state.global_step)
+            if fitted is not None:
+                self._metrics["value/cv_corr"].append(fitted.cv_corr)
+                self._metrics["value/ridge"].append(fitted.ridge)
+            return
+        if self.args.value_fit == "ridge":
             stats = refit_head(self.scorer, *data[:4], data[4], groups, seed=self.args.seed + self.state.global_step)
             if stats is not None:
                 self._metrics["value/cv_corr"].append(stats["cv_corr"])

@@ -108,7 +108,7 @@ def pooled_features(model, prompt_ids, prompt_mask, response_ids, response_mask,
     return {k: torch.cat(v).double() for k, v in feats.items()}
 
 
-def _ridge(x, y, lam):
+def ridge_solve(x, y, lam):
     """Standardised ridge: returns (w, b) in the original feature scale."""
     mu, sd = x.mean(0), x.std(0).clamp_min(1e-6)
     z = (x - mu) / sd
@@ -141,7 +141,7 @@ def ridge_cv(features: dict, targets: torch.Tensor, groups: torch.Tensor, *, lam
             oof = torch.empty_like(y)
             for f in range(folds):
                 tr, va = fold != f, fold == f
-                w, b = _ridge(x[tr], y[tr], lam)
+                w, b = ridge_solve(x[tr], y[tr], lam)
                 oof[va] = x[va] @ w + b
             table.append(dict(layer=key[0], pooling=key[1], ridge=lam, cv_corr=pearson(oof, y),
                               cv_mse=float(((oof - y) ** 2).mean())))
@@ -170,7 +170,7 @@ def refit_head(value_model: ValueModel, prompt_ids, prompt_mask, response_ids, r
                    for sel in idx.split(batch_size)])
     cv = ridge_cv({"head": x}, y[keep], groups, lambdas=lambdas, folds=min(folds, len(groups.unique())), seed=seed)
     best = cv["best"]
-    w, b = _ridge(x, y[keep], best["ridge"])
+    w, b = ridge_solve(x, y[keep], best["ridge"])
     _set_head(value_model, w, b)
     return {"ridge": best["ridge"], "cv_corr": best["cv_corr"], "num_samples": int(keep.sum())}
 
@@ -193,7 +193,7 @@ def fit_value_head(model, rollouts: Rollouts, rewards: torch.Tensor, *, layers=(
     groups = prompt_groups(rollouts)[keep]
     cv = ridge_cv(feats, y[keep], groups, lambdas=lambdas, folds=min(folds, len(groups.unique())), seed=seed)
     best = cv["best"]
-    w, b = _ridge(feats[(best["layer"], best["pooling"])], y[keep], best["ridge"])
+    w, b = ridge_solve(feats[(best["layer"], best["pooling"])], y[keep], best["ridge"])
     vm = ValueModel(model, ValueModelConfig(num_layers=best["layer"], pooling=best["pooling"],
                                             adapter_name=adapter_name))
     _set_head(vm, w, b)

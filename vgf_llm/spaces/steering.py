@@ -48,6 +48,54 @@ def _gumbel(shape, generator: torch.Generator) -> torch.Tensor:
     return -torch.log(-torch.log(u))
 
 
+@torch.no_grad()
+def posterior_noise(reference: ReferenceTokens, rollouts: Rollouts, temperature: float, seed: int) -> torch.Tensor:
+    """[G * N, T, V] Gumbel noise per flat rollout row under which argmax(reference logits / temperature + noise)
+    re-creates every sampled token (posterior given the sample); positions after a sample's end get prior noise."""
+    g, n, t = rollouts.shape
+    p_ids, p_mask, ids, cmask = rollouts.flat()
+    gen = torch.Generator().manual_seed(seed)
+    noise = []
+    for s in range(0, g * n, 16):
+        logits = reference.logits(ids[s:s + 16], p_ids[s:s + 16], p_mask[s:s + 16]) / temperature
+        b, _, v = logits.shape
+        e = posterior_gumbel(logits.reshape(b * t, v), ids[s:s + 16].reshape(-1), gen).reshape(b, t, v)
+        free = ~cmask[s:s + 16].bool()  # after the sample's end: no observation, prior noise
+        e[free] = _gumbel((int(free.sum()), v), gen)
+        noise.append(e)
+    return torch.cat(noise)
+
+
+@torch.no_grad()
+def regenerate(model, pad_id: int, eos: set[int], p_ids, p_mask, noise, temperature: float, steering) -> torch.Tensor:
+    """[B, T] tokens: argmax(logits / temperature + noise[:, t]) step by step with a KV cache, the reference
+    (adapters off) running under ``steering(step, done)`` (a context manager per forward call: step 0 is the
+    prompt pass; ``done`` [B] marks rows already past their EOS); after a row's EOS its tokens are padding."""
+    device = model.device
+    b, t = noise.shape[:2]
+    out = torch.full((b, t), pad_id, dtype=torch.long)
+    done = torch.zeros(b, dtype=torch.bool)
+    eos = torch.tensor(sorted(eos))
+    mask = p_mask.to(device)
+    with active_adapter(model, None), steering(0, done):
+        step = model(input_ids=p_ids.to(device), attention_mask=mask,
+                     position_ids=(mask.cumsum(-1) - 1).clamp_min(0), use_cache=True)
+    cache = step.past_key_values
+    for pos in range(t):
+        logits = step.logits[:, -1].float().cpu() / temperature + noise[:, pos]
+        token = torch.where(done, torch.full((b,), pad_id), logits.argmax(-1))
+        out[:, pos] = token
+        done |= torch.isin(token, eos)
+        if done.all() or pos == t - 1:
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+        with active_adapter(model, None), steering(pos + 1, done):
+            step = model(input_ids=token[:, None].to(device), attention_mask=mask,
+                         position_ids=mask.sum(-1, keepdim=True) - 1, past_key_values=cache, use_cache=True)
+        cache = step.past_key_values
+    return out
+
+
 class SteeringHook:
     """Adds ``vectors`` [B, d] to the output of one decoder layer at the positions ``mask`` [B, S] marks (None: at
     every position; incremental decoding feeds one position at a time)."""
@@ -107,20 +155,10 @@ class SteeringVectors:
     # -- lift: the start (u = 0) and each particle's posterior noise ----------------------------------------------
     @torch.no_grad()
     def lift(self, rollouts: Rollouts) -> Particles:
-        g, n, t = rollouts.shape
-        p_ids, p_mask, ids, cmask = rollouts.flat()
-        gen = torch.Generator().manual_seed(self.seed)
-        noise = []
-        for s in range(0, g * n, 16):
-            logits = self.reference.logits(ids[s:s + 16], p_ids[s:s + 16], p_mask[s:s + 16]) / self.temperature
-            b, _, v = logits.shape
-            e = posterior_gumbel(logits.reshape(b * t, v), ids[s:s + 16].reshape(-1), gen).reshape(b, t, v)
-            free = ~cmask[s:s + 16].bool()  # after the sample's end: no observation, prior noise
-            e[free] = _gumbel((int(free.sum()), v), gen)
-            noise.append(e)
-        d = self.model.config.hidden_size
-        movable = (cmask.sum(-1) > 0).float().reshape(g, n)
-        return Particles(rollouts, torch.zeros(g, n, d), movable, {"noise": torch.cat(noise)})
+        g, n, _ = rollouts.shape
+        noise = posterior_noise(self.reference, rollouts, self.temperature, self.seed)
+        movable = (rollouts.completion_mask.sum(-1) > 0).float()
+        return Particles(rollouts, torch.zeros(g, n, self.model.config.hidden_size), movable, {"noise": noise})
 
     # -- grad: the scorer on the reference tokens with u added at the steered layer --------------------------------
     def _steer_mask(self, p_mask: torch.Tensor, t: int) -> torch.Tensor:
@@ -157,29 +195,7 @@ class SteeringVectors:
         return new_ids.reshape(g, n, t), new_mask.reshape(g, n, t)
 
     def generate(self, p_ids, p_mask, u, noise) -> torch.Tensor:
-        """[B, T] tokens: argmax(steered logits / temperature + noise[:, t]) step by step, with a KV cache; after a
-        row's EOS its tokens are padding."""
-        model, device = self.model, self.model.device
-        b, t = noise.shape[:2]
-        out = torch.full((b, t), self.tokenizer.pad_token_id, dtype=torch.long)
-        done = torch.zeros(b, dtype=torch.bool)
-        eos = torch.tensor(sorted(self.eos))
-        mask = p_mask.to(device)
-        steer = self._steer_mask(p_mask, 0).to(device)
-        with active_adapter(model, None), self.hook.active(u.to(device), steer):
-            step = model(input_ids=p_ids.to(device), attention_mask=mask,
-                         position_ids=(mask.cumsum(-1) - 1).clamp_min(0), use_cache=True)
-        cache = step.past_key_values
-        for pos in range(t):
-            logits = step.logits[:, -1].float().cpu() / self.temperature + noise[:, pos]
-            token = torch.where(done, torch.full((b,), self.tokenizer.pad_token_id), logits.argmax(-1))
-            out[:, pos] = token
-            done |= torch.isin(token, eos)
-            if done.all() or pos == t - 1:
-                break
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-            with active_adapter(model, None), self.hook.active(u.to(device)):
-                step = model(input_ids=token[:, None].to(device), attention_mask=mask,
-                             position_ids=mask.sum(-1, keepdim=True) - 1, past_key_values=cache, use_cache=True)
-            cache = step.past_key_values
-        return out
+        """[B, T] tokens regenerated with u added at the steered layer, under each row's noise."""
+        first, later = self._steer_mask(p_mask, 0).to(self.model.device), None
+        return regenerate(self.model, self.tokenizer.pad_token_id, self.eos, p_ids, p_mask, noise, self.temperature,
+                          lambda step, _done: self.hook.active(u.to(self.model.device), first if step == 0 else later))
