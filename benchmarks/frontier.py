@@ -46,14 +46,18 @@ ROOT = Path(__file__).resolve().parent
 # arm -> trainer kind; vgf_pairs adds the minimal-pair loss (--edit_pair_weight), vgf_tilted moves particles towards
 # the KL-regularised target (transport_target='tilted'), vgf_steer moves steering vectors the model decodes itself
 # (decoder='steer', --steer_step_size), vgf_steer_ridge does so with the online ridge value model cut at 16 blocks
-# (value_fit='ridge', the test-time setting of run 6), grpo_kl is GRPO with a KL penalty (--grpo_beta)
+# (value_fit='ridge', the test-time setting of run 6), vgf_steer_prefix moves the hidden state at every generated
+# token along a prefix value refitted on the buffer's true rewards (decoder='steer_prefix', --prefix_layer,
+# --prefix_step_size), grpo_kl is GRPO with a KL penalty (--grpo_beta)
 ARMS = {"vgf": "vgf", "vgf_pairs": "vgf", "vgf_tilted": "vgf", "vgf_steer": "vgf", "vgf_steer_ridge": "vgf",
-        "bon": "bon", "grpo": "grpo", "grpo_kl": "grpo"}
+        "vgf_steer_prefix": "vgf", "bon": "bon", "grpo": "grpo", "grpo_kl": "grpo"}
 LABELS = {"vgf": "VGF (transport)", "vgf_pairs": "VGF + edit pairs", "vgf_tilted": "VGF, tilted target",
           "vgf_steer": "VGF, steering vectors", "vgf_steer_ridge": "VGF, steering vectors, ridge value",
+          "vgf_steer_prefix": "VGF, per-step steering, prefix value",
           "bon": "VGF budget 0 (best-of-N distil)", "grpo": "TRL GRPO (beta 0)", "grpo_kl": "TRL GRPO (beta > 0)"}
 COLORS = {"vgf": "tab:blue", "vgf_pairs": "tab:purple", "vgf_tilted": "tab:cyan", "vgf_steer": "tab:red",
-          "vgf_steer_ridge": "tab:brown", "bon": "tab:orange", "grpo": "tab:green", "grpo_kl": "tab:olive"}
+          "vgf_steer_ridge": "tab:brown", "vgf_steer_prefix": "tab:pink", "bon": "tab:orange", "grpo": "tab:green",
+          "grpo_kl": "tab:olive"}
 
 
 def eval_rewards(s: arms.ArmSettings) -> dict:
@@ -66,7 +70,7 @@ def eval_rewards(s: arms.ArmSettings) -> dict:
 
 
 def arm_settings(s: arms.ArmSettings, arm: str, grpo_beta: float, pairs: dict,
-                 steer_step_size: float = 0.2) -> arms.ArmSettings:
+                 steer_step_size: float = 0.2, prefix: tuple[int, float] = (15, 0.05)) -> arms.ArmSettings:
     """The shared settings with what ``arm`` changes (``pairs``: the vgf_pairs arm's ``edit_pair_*`` fields). Every
     VGF arm names its pair loss and transport target, so a change of VGFConfig's defaults changes no arm."""
     if arm in ("grpo", "grpo_kl"):
@@ -83,6 +87,11 @@ def arm_settings(s: arms.ArmSettings, arm: str, grpo_beta: float, pairs: dict,
         if arm == "vgf_steer_ridge":  # a ridge head is cheap to refit, so it gets a longer buffer
             s = replace(s, value_num_layers=16, value_buffer_steps=8)
             vgf |= {"value_fit": "ridge"}
+    if arm == "vgf_steer_prefix":  # (layer, Adam step per token in standard deviations); the prefix value is the
+        # space's own ridge head on that layer, refitted each step on 8 steps of rollouts with their true rewards
+        s = replace(s, decoder="steer_prefix", transport_steps=1, transport_step_size=prefix[1],
+                    value_buffer_steps=8)
+        vgf |= {"steer_layer": prefix[0]}
     return replace(s, extra=s.extra | vgf)
 
 
@@ -372,8 +381,9 @@ def resume_from(results: dict, path: Path, best_of: list[int], error) -> float:
     for key in ("settings", "checkpoints", "eval_prompts", "samples", "grpo_beta", "edit_pairs"):
         if prev.get(key) != now[key]:
             error(f"--resume: {path} was run with other {key} ({prev.get(key)} vs {now[key]}); use another --name")
-    if prev.get("steer_step_size", now["steer_step_size"]) != now["steer_step_size"]:  # absent before the steer arm
-        error(f"--resume: {path} was run with another --steer_step_size ({prev['steer_step_size']})")
+    for key in ("steer_step_size", "prefix"):  # absent from runs before those arms
+        if prev.get(key, now[key]) != now[key]:
+            error(f"--resume: {path} was run with another {key} ({prev[key]} vs {now[key]})")
     if sorted(prev.get("best_of_n", {}), key=int) != [str(n) for n in sorted(best_of)]:
         error(f"--resume: {path} scored the base's best-of-{sorted(prev.get('best_of_n', {}))}, not {best_of}")
     results["base"], results["best_of_n"] = prev["base"], prev["best_of_n"]
@@ -397,6 +407,9 @@ def main(argv=None) -> dict:
     p.add_argument("--edit_pair_beta", type=float, default=0.5, help="The vgf_pairs arm's edit_pair_beta.")
     p.add_argument("--steer_step_size", type=float, default=0.2,
                    help="The vgf_steer arm's transport_step_size (hidden-state units; test_time.py run 6's 0.2).")
+    p.add_argument("--prefix_layer", type=int, default=15, help="The vgf_steer_prefix arm's steer_layer.")
+    p.add_argument("--prefix_step_size", type=float, default=0.05,
+                   help="The vgf_steer_prefix arm's step per generated token (standard deviations per unit).")
     p.add_argument("--matched_kl", default="0.5,1.0", help="KL levels (per sequence) of the matched-KL table.")
     p.add_argument("--reward_model", default=arms.PROXY_REWARD_MODEL, help="Proxy reward model (helpful task).")
     p.add_argument("--scorer", default=None, choices=["value", "reward_model"],
@@ -416,6 +429,7 @@ def main(argv=None) -> dict:
     if a.tiny:
         a.checkpoints, a.prompts, a.generations, a.max_completion_length = "1,2", 2, 2, 8
         a.eval_prompts, a.samples, a.transport_steps, a.value_num_layers, a.best_of = 4, 1, 1, None, "2"
+        a.prefix_layer = min(a.prefix_layer, 1)  # the tiny test model has 2 layers
     arms.offline()
     arms.set_threads(a.threads)
     from vgf_llm.tasks import task_dataset
@@ -446,6 +460,7 @@ def main(argv=None) -> dict:
     results = {"settings": base_settings.as_dict(), "arms": chosen, "seeds": seeds, "checkpoints": checkpoints,
                "eval_prompts": a.eval_prompts, "samples": a.samples, "grpo_beta": a.grpo_beta,
                "edit_pairs": pairs, "steer_step_size": a.steer_step_size,
+               "prefix": [a.prefix_layer, a.prefix_step_size],
                "matched_kl_levels": [float(x) for x in a.matched_kl.split(",") if x.strip()],
                "machine": arms.machine_info(),
                "command": "python benchmarks/frontier.py " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -468,7 +483,8 @@ def main(argv=None) -> dict:
                 if any(r["seed"] == seed for r in results["runs"][arm]):
                     print(f"[frontier] {arm} seed {seed}: kept from the earlier run", flush=True)
                     continue
-                s = arm_settings(replace(base_settings, seed=seed), arm, a.grpo_beta, pairs, a.steer_step_size)
+                s = arm_settings(replace(base_settings, seed=seed), arm, a.grpo_beta, pairs, a.steer_step_size,
+                                 (a.prefix_layer, a.prefix_step_size))
                 folder = root / f"{arm}-seed{seed}"
                 print(f"[frontier] {arm} seed {seed}: training {max(checkpoints)} steps ...", flush=True)
                 r = run(train_with_checkpoints, s, arm, str(folder), checkpoints, a.threads)

@@ -202,15 +202,16 @@ def test_frontier_tiny(tiny_lm_dir, tiny_reward_model_dir, tmp_path):
     import frontier
 
     frontier.main(["--tiny", "--inline", "--model", str(tiny_lm_dir), "--reward_model", str(tiny_reward_model_dir),
-                   "--arms", "vgf,vgf_pairs,vgf_tilted,vgf_steer,vgf_steer_ridge,bon,grpo,grpo_kl", "--seeds", "0,1",
-                   "--out_dir", str(tmp_path), "--name", "smoke"])
+                   "--arms", "vgf,vgf_pairs,vgf_tilted,vgf_steer,vgf_steer_ridge,vgf_steer_prefix,bon,grpo,grpo_kl",
+                   "--seeds", "0,1", "--out_dir", str(tmp_path), "--name", "smoke"])
     saved = json.loads((tmp_path / "smoke.json").read_text())
     assert saved["partial"] is False
     assert saved["base"]["n"] == 4 and saved["base"]["kl_per_sequence"] == pytest.approx(0.0, abs=1e-5)
     assert 0.0 <= saved["base"]["sampled_gold"] <= 1.0  # the gold reward, never trained on
     assert math.isfinite(saved["base"]["sampled_proxy"])  # the proxy reward model every arm trains on
     assert saved["best_of_n"]["2"]["kl_per_sequence"] == pytest.approx(math.log(2) - 0.5)
-    for arm in ("vgf", "vgf_pairs", "vgf_tilted", "vgf_steer", "vgf_steer_ridge", "bon", "grpo", "grpo_kl"):
+    for arm in ("vgf", "vgf_pairs", "vgf_tilted", "vgf_steer", "vgf_steer_ridge", "vgf_steer_prefix", "bon", "grpo",
+                "grpo_kl"):
         runs = saved["runs"][arm]
         assert [r["seed"] for r in runs] == [0, 1], arm
         for r in runs:
@@ -219,10 +220,11 @@ def test_frontier_tiny(tiny_lm_dir, tiny_reward_model_dir, tmp_path):
                 assert sc["kl_per_sequence"] >= 0 and 0.0 <= sc["sampled_gold"] <= 1.0, arm
             assert r["completions_generated"] == 2 * 2 * 2, arm
         assert saved["summary"][arm]["2"]["seeds"] == 2, arm
-    for arm in ("vgf_steer", "vgf_steer_ridge"):
+    for arm in ("vgf_steer", "vgf_steer_ridge", "vgf_steer_prefix"):
         steer_log = [h for h in saved["runs"][arm][0]["log_history"] if "transport/displacement" in h]
         assert steer_log and all(h["transport/displacement"] > 0 for h in steer_log), arm  # the vectors moved
-    assert any("value/cv_corr" in h for h in saved["runs"]["vgf_steer_ridge"][0]["log_history"])  # ridge refits
+    for arm in ("vgf_steer_ridge", "vgf_steer_prefix"):  # the ridge head / the prefix value is refitted
+        assert any("value/cv_corr" in h for h in saved["runs"][arm][0]["log_history"]), arm
     for arm in ("vgf", "vgf_pairs", "vgf_tilted", "vgf_steer"):
         run = saved["runs"][arm][0]
         assert run["transport_reward_before"] is not None and run["transport_reward_after"] is not None

@@ -1,5 +1,7 @@
 """Particle spaces (vgf_llm.spaces): lift, gradient and decoding of embedding-row and soft-token particles."""
 
+import math
+
 import pytest
 import torch
 from conftest import CHAT_PROMPTS as PROMPTS  # the chat prompts the conftest rollouts fixture samples
@@ -368,6 +370,8 @@ def test_prefix_value_fits_a_learnable_synthetic_reward(tiny_lm, tokenizer):
     per_response = torch.zeros(len(ids)).index_add_(0, rows, pv(states.float())) / mask.sum(-1).clamp_min(1)
     assert torch.corrcoef(torch.stack([per_response, reward.float()]))[0, 1] > 0.7
     assert fit_prefix_value(tiny_lm, 1, p_ids[:3], p_mask[:3], ids[:3], mask[:3], reward[:3], groups[:3]) is None
+    one_prompt = fit_prefix_value(tiny_lm, 1, p_ids[:6], p_mask[:6], ids[:6], mask[:6], reward[:6], groups[:6])
+    assert one_prompt is not None and math.isfinite(one_prompt.cv_corr)  # folds of single responses then
 
 
 def test_prefix_steering_at_zero_step_reproduces_the_reference_samples(tiny_lm, tokenizer, rollouts):

@@ -66,13 +66,15 @@ def fit_prefix_value(model, layer: int, prompt_ids, prompt_mask, ids, mask, targ
                      groups: torch.Tensor, *, lambdas=RIDGE_STRENGTHS, folds: int = 4, seed: int = 0,
                      batch_size: int = 16) -> PrefixValue | None:
     """Ridge of each response's final ``targets`` [B] (NaN: skipped) on the states of all its prefixes at
-    ``layer``, strength chosen by out-of-fold correlation over folds of whole ``groups`` (prompts). None when
-    there are too few finite targets or groups to cross-validate."""
+    ``layer``, strength chosen by out-of-fold correlation over folds of whole ``groups`` (prompts; responses of a
+    single prompt are their own groups). None with fewer than 4 finite targets."""
     y = torch.as_tensor(targets).double()
     keep = torch.isfinite(y) & (mask.sum(-1) > 0)
     groups = torch.as_tensor(groups)
-    if int(keep.sum()) < 2 * folds or len(groups[keep].unique()) < 2:
+    if int(keep.sum()) < 4:
         return None
+    if len(groups[keep].unique()) < 2:
+        groups = torch.arange(len(y))
     idx = keep.nonzero().squeeze(1)
     x, row = prefix_states(model, layer, prompt_ids[idx], prompt_mask[idx], ids[idx], mask[idx],
                            batch_size=batch_size)
