@@ -340,30 +340,17 @@ def test_generate_with_zero_steps_is_best_of_n(fitted, tiny_lm_dir, prompts_file
         assert all(p["text_after"] == p["text_before"] and p["tokens_changed"] == 0 for p in line["particles"])
 
 
-def test_generate_with_steering_particles_the_model_decodes(fitted, tiny_lm_dir, prompts_file, tmp_path, capsys):
-    out = tmp_path / "steer.jsonl"
+@pytest.mark.parametrize("decoder,budget", [("steer", "--transport_steps 3 --transport_step_size 1.0"),
+                                            ("steer_prefix", "--transport_steps 1 --transport_step_size 1.0")])
+def test_generate_with_particles_the_model_decodes(fitted, tiny_lm_dir, prompts_file, tmp_path, capsys, decoder,
+                                                   budget):
+    """A steering vector per particle (steer), or the hidden state moved at every token along a prefix value that
+    generate distils from the value model's scores of each batch (steer_prefix)."""
+    out = tmp_path / f"{decoder}.jsonl"
     code, stdout, _ = run_cli(
-        f"generate --model_name_or_path {tiny_lm_dir} --prompts {prompts_file} --num_prompts 2 --decoder steer "
-        f"--value_model_path {fitted[0]} --num_generations 4 --transport_steps 3 --transport_step_size 1.0 "
+        f"generate --model_name_or_path {tiny_lm_dir} --prompts {prompts_file} --num_prompts 3 --decoder {decoder} "
+        f"--value_model_path {fitted[0]} --num_generations 4 {budget} "
         f"--steer_layer 1 --max_completion_length 8 --output {out}",
-        capsys,
-    )
-    assert code == 0, stdout
-    lines = read_jsonl(out)
-    check_result_lines(lines, [row["prompt"] for row in PROMPT_ROWS[:2]], 4)
-    assert all(p["displacement"] > 0 for line in lines for p in line["particles"])
-    expect_error(f"generate --model_name_or_path {tiny_lm_dir} --prompts {prompts_file} --decoder steer "
-                 f"--value_model_path {fitted[0]} --top_k 5 --output {out}", capsys, "top_k=0")
-
-
-def test_generate_with_per_step_steering_distils_the_value_model_into_a_prefix_value(
-    fitted, tiny_lm_dir, prompts_file, tmp_path, capsys
-):
-    out = tmp_path / "steer_prefix.jsonl"
-    code, stdout, _ = run_cli(
-        f"generate --model_name_or_path {tiny_lm_dir} --prompts {prompts_file} --num_prompts 3 "
-        f"--decoder steer_prefix --value_model_path {fitted[0]} --num_generations 4 --transport_steps 1 "
-        f"--transport_step_size 1.0 --steer_layer 1 --max_completion_length 8 --output {out}",
         capsys,
     )
     assert code == 0, stdout
@@ -371,6 +358,8 @@ def test_generate_with_per_step_steering_distils_the_value_model_into_a_prefix_v
     check_result_lines(lines, [row["prompt"] for row in PROMPT_ROWS[:3]], 4)
     assert all(p["displacement"] > 0 for line in lines for p in line["particles"])
     assert sum(p["tokens_changed"] for line in lines for p in line["particles"]) > 0
+    expect_error(f"generate --model_name_or_path {tiny_lm_dir} --prompts {prompts_file} --decoder {decoder} "
+                 f"--value_model_path {fitted[0]} --top_k 5 --output {out}", capsys, "top_k=0")
 
 
 def test_generate_with_a_reward_model_on_a_task_reports_the_true_reward(
