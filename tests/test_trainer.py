@@ -92,6 +92,7 @@ def test_per_step_steering_fits_its_prefix_value_to_the_true_rewards_not_the_val
     log = logged(tr)
     assert [len(t) for t in fitted] == [8, 16]  # the buffer: one step's 2 prompts x 4, then two steps'
     assert tr.sampler.space.prefix_value is not None and math.isfinite(log["value/cv_corr"])
+    assert -1 <= log["value/corr"] <= 1  # step 2's fresh rollouts, scored by step 1's prefix value
     assert "value/loss" not in log and torch.equal(tr.scorer.head.weight, value_head)
     assert log["transport/displacement"] > 0 and log["transport/tokens_changed"] > 0
 

@@ -62,6 +62,14 @@ def prefix_states(model, layer: int, prompt_ids, prompt_mask, ids, mask, *, batc
     return torch.cat(states), torch.cat(rows)
 
 
+def mean_prefix_values(model, pv: PrefixValue, prompt_ids, prompt_mask, ids, mask) -> torch.Tensor:
+    """[B] each response's prefix values averaged over its prefixes (NaN for an empty response): how the trainer
+    checks the prefix value on fresh rollouts it was not fitted on."""
+    states, rows = prefix_states(model, pv.layer, prompt_ids, prompt_mask, ids, mask)
+    total = torch.zeros(len(ids)).index_add_(0, rows, pv(states))
+    return total / torch.bincount(rows, minlength=len(ids)).float()
+
+
 def fit_prefix_value(model, layer: int, prompt_ids, prompt_mask, ids, mask, targets: torch.Tensor,
                      groups: torch.Tensor, *, lambdas=RIDGE_STRENGTHS, folds: int = 4, seed: int = 0,
                      batch_size: int = 16) -> PrefixValue | None:

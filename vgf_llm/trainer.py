@@ -34,6 +34,7 @@ from transformers.trainer_utils import enable_full_determinism, rotate_checkpoin
 from vgf_llm.config import VGFConfig
 from vgf_llm.distill import MIN_TARGET_WEIGHT, completion_logps, distill_weights, group_std, pad_cat
 from vgf_llm.evaluation import policy_rewards
+from vgf_llm.prefix_value import mean_prefix_values
 from vgf_llm.rewards import RewardFunctionError, resolve_reward_funcs, reward_func_name, reward_texts_and_parts
 from vgf_llm.rollout.hf import Rollouts, tokens_changed
 from vgf_llm.rollout.vllm_backend import make_rollout_backend
@@ -395,8 +396,10 @@ class VGFTrainer(Trainer):
         p_ids, p_mask, c_ids, c_mask = ro.flat()
         r = rewards.reshape(-1)
         ok = torch.isfinite(r)
-        if fit_prefix is None and ok.sum() > 2 and r[ok].std() > 0:  # on samples the value model never saw
-            self._metrics["value/corr"].append(pearson(self.scorer.score_ids(p_ids, p_mask, c_ids, c_mask)[ok], r[ok]))
+        pred = self._value_on_fresh(p_ids, p_mask, c_ids, c_mask) if ok.sum() > 2 and r[ok].std() > 0 else None
+        if pred is not None:  # on samples the value was never fitted on
+            ok &= torch.isfinite(pred)
+            self._metrics["value/corr"].append(pearson(pred[ok], r[ok]))
         self.value_buffer.append(self._gather((p_ids, p_mask, c_ids, c_mask, r)))
         parts = list(zip(*self.value_buffer, strict=True))
         pad = self.processing_class.pad_token_id
@@ -421,6 +424,16 @@ class VGFTrainer(Trainer):
                                 batch_size=self.args.value_batch_size, val_fraction=0.0,
                                 seed=self.args.seed + self.state.global_step, progress=False)
         self._metrics["value/loss"].append(stats["train_loss_last"])
+
+    def _value_on_fresh(self, p_ids, p_mask, c_ids, c_mask) -> torch.Tensor | None:
+        """[B] what the transport's value says of new rollouts: the value model's scores, or each response's mean
+        prefix value (``steer_prefix``; None before one is fitted)."""
+        space = self.sampler.space
+        if not hasattr(space, "fit_prefix"):
+            return self.scorer.score_ids(p_ids, p_mask, c_ids, c_mask)
+        if space.prefix_value is None:
+            return None
+        return mean_prefix_values(self.model, space.prefix_value, p_ids, p_mask, c_ids, c_mask)
 
     def _gather(self, tensors: tuple) -> tuple:
         """Every process fits the value model on every process's rollouts, so the copies stay identical."""
