@@ -33,7 +33,12 @@ class Particles:
 
 class ParticleSpace(Protocol):
     """Where VGF's particles live. ``repulsion``: whether SVGD's kernel between two particles means anything here
-    (it does not when particles index different candidate sets)."""
+    (it does not when particles index different candidate sets).
+
+    A space whose particles only exist while the model generates (``moves_while_decoding = True``, e.g.
+    ``steer_prefix``) implements ``move_and_decode(particles, budget) -> (ids, mask, displacement, trace)`` instead
+    of ``grad`` and ``decode``: the sampler hands it the budget (``flow.transport``'s keyword arguments) and it runs
+    the transport at every generated token."""
 
     repulsion: bool
 
