@@ -88,12 +88,13 @@ class PrefixSteering:
         device = self.model.device
         weight_z = (pv.weight * pv.std).to(device)  # d V / d z for z = (h - mean) / std
         mean, std = pv.mean.to(device), pv.std.to(device)
+        value_at_mean = pv.bias + float(pv.mean @ pv.weight)  # V = weight_z . z + value_at_mean
         movable = particles.mask.reshape(-1).bool()
         alive = movable.clone()
         traces, disp_sum, moved_steps = [], torch.zeros(g * n), torch.zeros(g * n)
 
-        def grad_fn(z):
-            return z @ weight_z + (pv.bias + mean @ pv.weight.to(device)), weight_z.expand_as(z)
+        def grad_fn(z):  # called at every generated token: nothing to recompute
+            return z @ weight_z + value_at_mean, weight_z.expand_as(z)
 
         def move(hidden):  # [B, S, d] -> the same with its newest position moved
             z = ((hidden[:, -1].float() - mean) / std).reshape(g, n, -1)
