@@ -48,16 +48,20 @@ ROOT = Path(__file__).resolve().parent
 # (decoder='steer', --steer_step_size), vgf_steer_ridge does so with the online ridge value model cut at 16 blocks
 # (value_fit='ridge', the test-time setting of run 6), vgf_steer_prefix moves the hidden state at every generated
 # token along a prefix value refitted on the buffer's true rewards (decoder='steer_prefix', --prefix_layer,
-# --prefix_step_size), grpo_kl is GRPO with a KL penalty (--grpo_beta)
-ARMS = {"vgf": "vgf", "vgf_pairs": "vgf", "vgf_tilted": "vgf", "vgf_steer": "vgf", "vgf_steer_ridge": "vgf",
-        "vgf_steer_prefix": "vgf", "bon": "bon", "grpo": "grpo", "grpo_kl": "grpo"}
+# --prefix_step_size), an arm ending in _baseline subtracts the group's sampled responses' mean cross-entropy from
+# the distillation loss (distill_baseline), grpo_kl is GRPO with a KL penalty (--grpo_beta)
+ARMS = {"vgf": "vgf", "vgf_pairs": "vgf", "vgf_tilted": "vgf", "vgf_tilted_baseline": "vgf", "vgf_steer": "vgf",
+        "vgf_steer_ridge": "vgf", "vgf_steer_prefix": "vgf", "bon": "bon", "bon_baseline": "bon", "grpo": "grpo",
+        "grpo_kl": "grpo"}
 LABELS = {"vgf": "VGF (transport)", "vgf_pairs": "VGF + edit pairs", "vgf_tilted": "VGF, tilted target",
           "vgf_steer": "VGF, steering vectors", "vgf_steer_ridge": "VGF, steering vectors, ridge value",
           "vgf_steer_prefix": "VGF, per-step steering, prefix value",
+          "vgf_tilted_baseline": "VGF, tilted target, sample baseline",
+          "bon_baseline": "best-of-N distil, sample baseline",
           "bon": "VGF budget 0 (best-of-N distil)", "grpo": "TRL GRPO (beta 0)", "grpo_kl": "TRL GRPO (beta > 0)"}
 COLORS = {"vgf": "tab:blue", "vgf_pairs": "tab:purple", "vgf_tilted": "tab:cyan", "vgf_steer": "tab:red",
           "vgf_steer_ridge": "tab:brown", "vgf_steer_prefix": "tab:pink", "bon": "tab:orange", "grpo": "tab:green",
-          "grpo_kl": "tab:olive"}
+          "grpo_kl": "tab:olive", "vgf_tilted_baseline": "navy", "bon_baseline": "tab:gray"}
 
 
 def eval_rewards(s: arms.ArmSettings) -> dict:
@@ -75,10 +79,11 @@ def arm_settings(s: arms.ArmSettings, arm: str, grpo_beta: float, pairs: dict,
     VGF arm names its pair loss and transport target, so a change of VGFConfig's defaults changes no arm."""
     if arm in ("grpo", "grpo_kl"):
         return replace(s, grpo_beta=grpo_beta if arm == "grpo_kl" else 0.0)
+    baseline = {"distill_baseline": True} if arm.endswith("_baseline") else {}
     if ARMS[arm] == "bon":
-        return s
-    vgf = {"edit_pair_weight": 0.0, "transport_target": "reward"}
-    vgf |= pairs if arm == "vgf_pairs" else {"transport_target": "tilted"} if arm == "vgf_tilted" else {}
+        return replace(s, extra=s.extra | baseline)
+    vgf = {"edit_pair_weight": 0.0, "transport_target": "reward"} | baseline
+    vgf |= pairs if arm == "vgf_pairs" else {"transport_target": "tilted"} if arm.startswith("vgf_tilted") else {}
     if arm in ("vgf_steer", "vgf_steer_ridge"):  # the budget lives in hidden-state space: Adam steps x step size
         # per coordinate; the gradient comes from the online value model, which reads the policy's own hidden states
         # (a separate reward model cannot), so the reward model stays the training reward only

@@ -459,6 +459,46 @@ def test_the_pair_loss_raises_the_transported_particle_over_its_original(tiny_lm
     assert "distill/pair_loss" in tr._metrics and "distill/pair_margin" in tr._metrics
 
 
+def test_the_sample_baseline_makes_each_group_zero_sum_and_pushes_the_targets_above_the_samples(
+        tiny_lm_dir, standard_prompts, tmp_path):
+    """distill_baseline: every sampled response of a distilled group becomes a row, each group's weights sum to 0,
+    the group's worst sample weighs -1/N; a few steps on the loss raise the positively weighted rows' log-ratio to
+    the base above the negatively weighted rows'. Off, every weight is positive and each group's sum is 1."""
+    rows = [dict(r) for r in standard_prompts.select(range(2))]
+    tr = trainer(tiny_lm_dir, standard_prompts, tmp_path, distill_baseline=True, learning_rate=5e-2)
+    batch = _one_batch(tr, rows)
+    ids, mask, start, w = batch["input_ids"], batch["attention_mask"], batch["completion_start"], batch["weights"]
+    groups: dict[tuple, list[int]] = {}
+    for r in range(len(ids)):
+        groups.setdefault(tuple(ids[r, :start].tolist()), []).append(r)
+    assert len(groups) == 2
+    n = tr.args.num_generations
+    for members in groups.values():
+        assert abs(float(w[members].sum())) < 1e-5 and len(members) >= n
+        texts = [tr.processing_class.decode(ids[r, start:][batch["completion_mask"][r].bool()]) for r in members]
+        worst = members[min(range(len(members)), key=lambda i: length_reward(None, [texts[i]])[0])]
+        assert float(w[worst]) <= -1 / n + 1e-3
+    off = _one_batch(trainer(tiny_lm_dir, standard_prompts, tmp_path / "off"), rows)
+    assert bool((off["weights"] > 0).all()) and abs(float(off["weights"].sum()) - 2) < 1e-5
+
+    from vgf_llm.distill import completion_logps
+
+    def gap():
+        with torch.no_grad():
+            ratio = ((completion_logps(tr.model, ids, mask, start) - batch["ref_logps"]) * batch["completion_mask"])
+        ratio = ratio.sum(-1)
+        return float(ratio[w > 0].mean() - ratio[w < 0].mean())
+
+    assert abs(gap()) < 1e-4  # the policy starts as the base
+    opt = torch.optim.Adam([p for p in tr.model.parameters() if p.requires_grad], lr=5e-2)
+    tr.model.train()
+    for _ in range(3):
+        opt.zero_grad()
+        tr.compute_loss(tr.model, batch).backward()
+        opt.step()
+    assert gap() > 0.5
+
+
 @pytest.mark.parametrize("bad", [dict(num_generations=1), dict(particle_source="nope"), dict(scorer="reward_model"),
                                  dict(transport_verifier="gold"), dict(max_unrewarded_batches=-1),
                                  dict(max_completion_length=0),

@@ -98,6 +98,11 @@ class VGFConfig(TransportConfig, TrainingArguments):
         "help": "Weights within a group from the true rewards: 'softmax' (temperature distill_temperature), "
                 "'best' (argmax only) or 'advantage' (reward above the group mean)."})
     distill_temperature: float = 0.1
+    distill_baseline: bool = field(default=False, metadata={
+        "help": "Subtract from each group's weighted cross-entropy the mean cross-entropy of its original samples "
+                "(weights then sum to 0 per group, the low-reward samples' negative). A control variate, as GRPO's "
+                "group mean: its expected gradient is zero while the policy is the sampler, so the update keeps "
+                "what separates the targets from the samples and drops what they share."})
     edit_pair_weight: float = field(default=0.0, metadata={
         "help": "Weight of the minimal-pair loss (0: off). Each transported particle whose edits raised the true "
                 "reward and its original differ in a few tokens only: a DPO-style logistic loss on the pair "

@@ -467,9 +467,12 @@ class VGFTrainer(Trainer):
         weights[skip] = 0
         weights[weights < MIN_TARGET_WEIGHT] = 0  # negligible targets cost a forward and backward each
         weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-12)
+        if args.distill_baseline:  # minus the mean of the group's original samples (distilled groups only)
+            sampled = torch.isfinite(rewards) & (weights.sum(-1, keepdim=True) > 0)
+            weights[:, :n] -= sampled / sampled.sum(-1, keepdim=True).clamp_min(1)
         self._metrics["frac_groups_skipped"].append(float(skip.float().mean()))
         improved = edited & (moved_values > rewards) if args.edit_pair_weight > 0 else torch.zeros_like(edited)
-        keep = weights > 0
+        keep = weights != 0
         keep[:, :n] |= improved
         keep[:, n:] |= improved
         rows = keep.nonzero()
@@ -495,9 +498,9 @@ class VGFTrainer(Trainer):
         return batch
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """Weighted cross-entropy of the kept targets (weights sum to 1 per group), plus ``edit_pair_weight`` times
-        the minimal-pair loss -log sigmoid(beta * (log-ratio to the base of the transported particle - that of its
-        original)), both averaged over the groups."""
+        """Weighted cross-entropy of the kept targets (weights sum to 1 per group, 0 with ``distill_baseline``),
+        plus ``edit_pair_weight`` times the minimal-pair loss -log sigmoid(beta * (log-ratio to the base of the
+        transported particle - that of its original)), both averaged over the groups."""
         with self._timed("distill"), active_adapter(self.accelerator.unwrap_model(model), POLICY):
             logps = completion_logps(model, inputs["input_ids"], inputs["attention_mask"], inputs["completion_start"])
         mask = inputs["completion_mask"].to(logps.dtype)
@@ -512,12 +515,13 @@ class VGFTrainer(Trainer):
             loss = loss + self.args.edit_pair_weight * pair_loss
             self._metrics["distill/pair_loss"].append(float(pair_loss.detach()))
             self._metrics["distill/pair_margin"].append(float(margin.detach().mean()))
-        if weights.sum() > 0:
+        if (weights > 0).any():
             target = mask * (weights > 0)[:, None].to(mask.dtype)  # the distillation targets, not pair-only rows
             log_ratio = inputs["ref_logps"] - logps.detach()
             k3 = (torch.exp(log_ratio) - log_ratio - 1) * target  # TRL's per-token KL estimator
             self._metrics["kl"].append(float(k3.sum() / target.sum().clamp_min(1)))
-            self._metrics["distill/nll"].append(float((nll.detach() * weights).sum() / weights.sum()))
+            positive = weights.clamp_min(0)
+            self._metrics["distill/nll"].append(float((nll.detach() * positive).sum() / positive.sum()))
         return (loss, None) if return_outputs else loss
 
     def _log_step(self, prompts, ro, moved, rewards, moved_rewards, changed, disp) -> None:
