@@ -51,17 +51,19 @@ ROOT = Path(__file__).resolve().parent
 # --prefix_step_size), an arm ending in _baseline subtracts the group's sampled responses' mean cross-entropy from
 # the distillation loss (distill_baseline), grpo_kl is GRPO with a KL penalty (--grpo_beta)
 ARMS = {"vgf": "vgf", "vgf_pairs": "vgf", "vgf_tilted": "vgf", "vgf_tilted_baseline": "vgf", "vgf_steer": "vgf",
-        "vgf_steer_ridge": "vgf", "vgf_steer_prefix": "vgf", "bon": "bon", "bon_baseline": "bon", "grpo": "grpo",
-        "grpo_kl": "grpo"}
+        "vgf_steer_ridge": "vgf", "vgf_steer_prefix": "vgf", "vgf_steer_prefix_baseline": "vgf", "bon": "bon",
+        "bon_baseline": "bon", "grpo": "grpo", "grpo_kl": "grpo"}
 LABELS = {"vgf": "VGF (transport)", "vgf_pairs": "VGF + edit pairs", "vgf_tilted": "VGF, tilted target",
           "vgf_steer": "VGF, steering vectors", "vgf_steer_ridge": "VGF, steering vectors, ridge value",
           "vgf_steer_prefix": "VGF, per-step steering, prefix value",
           "vgf_tilted_baseline": "VGF, tilted target, sample baseline",
+          "vgf_steer_prefix_baseline": "VGF, per-step steering, prefix value, sample baseline",
           "bon_baseline": "best-of-N distil, sample baseline",
           "bon": "VGF budget 0 (best-of-N distil)", "grpo": "TRL GRPO (beta 0)", "grpo_kl": "TRL GRPO (beta > 0)"}
 COLORS = {"vgf": "tab:blue", "vgf_pairs": "tab:purple", "vgf_tilted": "tab:cyan", "vgf_steer": "tab:red",
           "vgf_steer_ridge": "tab:brown", "vgf_steer_prefix": "tab:pink", "bon": "tab:orange", "grpo": "tab:green",
-          "grpo_kl": "tab:olive", "vgf_tilted_baseline": "navy", "bon_baseline": "tab:gray"}
+          "grpo_kl": "tab:olive", "vgf_tilted_baseline": "navy", "vgf_steer_prefix_baseline": "purple",
+          "bon_baseline": "tab:gray"}
 
 
 def eval_rewards(s: arms.ArmSettings) -> dict:
@@ -92,8 +94,8 @@ def arm_settings(s: arms.ArmSettings, arm: str, grpo_beta: float, pairs: dict,
         if arm == "vgf_steer_ridge":  # a ridge head is cheap to refit, so it gets a longer buffer
             s = replace(s, value_num_layers=16, value_buffer_steps=8)
             vgf |= {"value_fit": "ridge"}
-    if arm == "vgf_steer_prefix":  # (layer, Adam step per token in standard deviations); the prefix value is the
-        # space's own ridge head on that layer, refitted each step on 8 steps of rollouts with their true rewards
+    if arm.startswith("vgf_steer_prefix"):  # (layer, Adam step per token in standard deviations); the prefix value
+        # is the space's own ridge head on that layer, refitted each step on 8 steps of rollouts with their true rewards
         s = replace(s, decoder="steer_prefix", transport_steps=1, transport_step_size=prefix[1],
                     value_buffer_steps=8)
         vgf |= {"steer_layer": prefix[0]}
