@@ -79,19 +79,35 @@ def test_the_online_ridge_value_model_solves_its_head_and_never_trains_its_adapt
 
 
 def test_per_step_steering_fits_its_prefix_value_to_the_true_rewards_not_the_value_model(tiny_lm_dir,
-                                                                                         standard_prompts, tmp_path):
+                                                                                         standard_prompts, tmp_path,
+                                                                                         monkeypatch):
     """decoder='steer_prefix': each step the space's prefix value is re-fitted by ridge on the buffer's true
-    rewards (cross-validated by prompt), the value model is never trained, and the particles move."""
+    rewards (cross-validated by prompt), the value model is never trained, and the particles move. The buffer's
+    prefix states are read once per response and kept: the last fit equals one on states read afresh."""
+    import vgf_llm.trainer as trainer_module
+    from vgf_llm.distill import pad_cat
+    from vgf_llm.prefix_value import fit_prefix_value
+
     tr = trainer(tiny_lm_dir, standard_prompts, tmp_path, decoder="steer_prefix", transport_steps=1,
-                 transport_step_size=1.0, steer_layer=1, max_steps=2, value_buffer_steps=2)
+                 transport_step_size=1.0, steer_layer=1, max_steps=3, value_buffer_steps=2)
     value_head = tr.scorer.head.weight.detach().clone()
     fitted = []
-    fit = tr.sampler.space.fit_prefix
-    tr.sampler.space.fit_prefix = lambda *a, **k: fitted.append(a[4].clone()) or fit(*a, **k)
+    fit = trainer_module.fit_prefix_value_on_states
+    monkeypatch.setattr(trainer_module, "fit_prefix_value_on_states",
+                        lambda *a, **k: fitted.append(a[3].clone()) or fit(*a, **k))
     tr.train()
     log = logged(tr)
-    assert [len(t) for t in fitted] == [8, 16]  # the buffer: one step's 2 prompts x 4, then two steps'
-    assert tr.sampler.space.prefix_value is not None and math.isfinite(log["value/cv_corr"])
+    assert [len(t) for t in fitted] == [8, 16, 16]  # the buffer: one step's 2 prompts x 4, then the last two steps'
+    pv = tr.sampler.space.prefix_value
+    assert pv is not None and math.isfinite(log["value/cv_corr"])
+    parts = list(zip(*tr.value_buffer, strict=True))
+    pad = tr.processing_class.pad_token_id
+    fresh = fit_prefix_value(tr.model, 1, pad_cat(list(parts[0]), pad, left=True),
+                             pad_cat(list(parts[1]), 0, left=True), pad_cat(list(parts[2]), pad),
+                             pad_cat(list(parts[3]), 0), torch.cat(parts[4]), torch.arange(16) // 4,
+                             seed=tr.args.seed + 2)
+    assert torch.equal(fitted[-1], torch.cat(parts[4])) and fresh.ridge == pv.ridge
+    torch.testing.assert_close(fresh.weight, pv.weight, rtol=1e-4, atol=1e-6)
     assert -1 <= log["value/corr"] <= 1  # step 2's fresh rollouts, scored by step 1's prefix value
     assert "value/loss" not in log and torch.equal(tr.scorer.head.weight, value_head)
     assert log["transport/displacement"] > 0 and log["transport/tokens_changed"] > 0
@@ -194,18 +210,20 @@ def test_saved_adapter_loads_with_peft_and_reproduces_the_policy(tiny_lm_dir, st
     assert not torch.allclose(reference, expected, atol=1e-4)  # the adapter does something
 
 
-def test_two_plus_two_steps_with_resume_equal_four_steps(tiny_lm_dir, standard_prompts, tmp_path):
+@pytest.mark.parametrize("space", [{},  # steer_prefix: the resumed run re-reads the restored buffer's prefix states
+                                   dict(decoder="steer_prefix", transport_steps=1, steer_layer=1)])
+def test_two_plus_two_steps_with_resume_equal_four_steps(tiny_lm_dir, standard_prompts, tmp_path, space):
     import shutil
 
     from safetensors.torch import load_file
 
     straight = trainer(tiny_lm_dir, standard_prompts, tmp_path / "a", max_steps=4, save_strategy="steps",
-                       save_steps=2)
+                       save_steps=2, **space)
     straight.train()
     # an interrupted run: only its first checkpoint exists
     shutil.copytree(tmp_path / "a" / "out" / "checkpoint-2", tmp_path / "b" / "out" / "checkpoint-2")
     resumed = trainer(tiny_lm_dir, standard_prompts, tmp_path / "b", max_steps=4, save_strategy="steps",
-                      save_steps=2)
+                      save_steps=2, **space)
     resumed.train(resume_from_checkpoint=True)
     a = load_file(str(tmp_path / "a" / "out" / "checkpoint-4" / "adapter_model.safetensors"))
     b = load_file(str(tmp_path / "b" / "out" / "checkpoint-4" / "adapter_model.safetensors"))

@@ -66,27 +66,46 @@ def mean_prefix_values(model, pv: PrefixValue, prompt_ids, prompt_mask, ids, mas
     """[B] each response's prefix values averaged over its prefixes (NaN for an empty response): how the trainer
     checks the prefix value on fresh rollouts it was not fitted on."""
     states, rows = prefix_states(model, pv.layer, prompt_ids, prompt_mask, ids, mask)
-    total = torch.zeros(len(ids)).index_add_(0, rows, pv(states))
-    return total / torch.bincount(rows, minlength=len(ids)).float()
+    return response_means(pv(states), rows, len(ids))
 
 
+def response_means(values: torch.Tensor, rows: torch.Tensor, n: int) -> torch.Tensor:
+    """[n] the mean of per-prefix ``values`` over each response's prefixes (``rows``: the response of each)."""
+    total = torch.zeros(n).index_add_(0, rows, values.float().cpu())
+    return total / torch.bincount(rows, minlength=n).float()
+
+
+@torch.no_grad()
 def fit_prefix_value(model, layer: int, prompt_ids, prompt_mask, ids, mask, targets: torch.Tensor,
                      groups: torch.Tensor, *, lambdas=RIDGE_STRENGTHS, folds: int = 4, seed: int = 0,
                      batch_size: int = 16) -> PrefixValue | None:
     """Ridge of each response's final ``targets`` [B] (NaN: skipped) on the states of all its prefixes at
     ``layer``, strength chosen by out-of-fold correlation over folds of whole ``groups`` (prompts; responses of a
     single prompt are their own groups). None with fewer than 4 finite targets."""
-    y = torch.as_tensor(targets).double()
-    keep = torch.isfinite(y) & (mask.sum(-1) > 0)
-    groups = torch.as_tensor(groups)
+    keep = torch.isfinite(torch.as_tensor(targets).double()) & (mask.sum(-1) > 0)
     if int(keep.sum()) < 4:
         return None
-    if len(groups[keep].unique()) < 2:
-        groups = torch.arange(len(y))
     idx = keep.nonzero().squeeze(1)
-    x, row = prefix_states(model, layer, prompt_ids[idx], prompt_mask[idx], ids[idx], mask[idx],
-                           batch_size=batch_size)
-    py, pg = y[idx][row], groups[idx][row]
+    states, rows = prefix_states(model, layer, prompt_ids[idx], prompt_mask[idx], ids[idx], mask[idx],
+                                 batch_size=batch_size)
+    return fit_prefix_value_on_states(layer, states, idx[rows], targets, groups, lambdas=lambdas, folds=folds,
+                                      seed=seed)
+
+
+def fit_prefix_value_on_states(layer: int, states: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor,
+                               groups: torch.Tensor, *, lambdas=RIDGE_STRENGTHS, folds: int = 4,
+                               seed: int = 0) -> PrefixValue | None:
+    """``fit_prefix_value`` on prefix states already read (``prefix_states``' output; ``rows`` index ``targets``
+    and ``groups``), so a caller that keeps a buffer reads each response's states once, not at every refit."""
+    y = torch.as_tensor(targets).double()
+    groups = torch.as_tensor(groups)
+    sel = torch.isfinite(y[rows])
+    x, row = states[sel].double(), rows[sel]
+    if len(row.unique()) < 4:
+        return None
+    if len(groups[row].unique()) < 2:  # one prompt: its responses are the folds
+        groups = torch.arange(len(y))
+    py, pg = y[row], groups[row]
     cv = ridge_cv({(layer, "prefix"): x}, py, pg, lambdas=lambdas, folds=min(folds, len(pg.unique())), seed=seed)
     best = cv["best"]
     w, b = ridge_solve(x, py, best["ridge"])

@@ -34,7 +34,7 @@ from transformers.trainer_utils import enable_full_determinism, rotate_checkpoin
 from vgf_llm.config import VGFConfig
 from vgf_llm.distill import MIN_TARGET_WEIGHT, completion_logps, distill_weights, group_std, pad_cat
 from vgf_llm.evaluation import policy_rewards
-from vgf_llm.prefix_value import mean_prefix_values
+from vgf_llm.prefix_value import fit_prefix_value_on_states, prefix_states, response_means
 from vgf_llm.rewards import RewardFunctionError, resolve_reward_funcs, reward_func_name, reward_texts_and_parts
 from vgf_llm.rollout.hf import Rollouts, tokens_changed
 from vgf_llm.rollout.vllm_backend import make_rollout_backend
@@ -162,6 +162,7 @@ class VGFTrainer(Trainer):
             self.add_callback(SyncPolicyWeights(self))
         self.sampler = VGFSampler(model, processing_class, self.scorer, args, backend=self.backend, progress=False)
         self.value_buffer: deque = deque(maxlen=max(1, args.value_buffer_steps))
+        self._prefix_states: deque = deque(maxlen=self.value_buffer.maxlen)  # steer_prefix: each entry's states
         self._metrics: dict[str, list[float]] = defaultdict(list)
         self._phase_seconds: dict[str, float] = {}
         self._micro_batches = 0
@@ -390,14 +391,16 @@ class VGFTrainer(Trainer):
     def _update_value_model(self, ro: Rollouts, rewards: torch.Tensor) -> None:
         """Fit what the transport reads on a buffer of recent rollouts and their true rewards: the value model, or
         the particle space's own prefix value (``steer_prefix``, whose moves never read the value model)."""
-        fit_prefix = getattr(self.sampler.space, "fit_prefix", None)
-        if not isinstance(self.scorer, ValueModel) and fit_prefix is None:
-            return
         p_ids, p_mask, c_ids, c_mask = ro.flat()
         r = rewards.reshape(-1)
+        if hasattr(self.sampler.space, "fit_prefix"):
+            self._refit_prefix_value(self.sampler.space, self._gather((p_ids, p_mask, c_ids, c_mask, r)))
+            return
+        if not isinstance(self.scorer, ValueModel):
+            return
         ok = torch.isfinite(r)
-        pred = self._value_on_fresh(p_ids, p_mask, c_ids, c_mask) if ok.sum() > 2 and r[ok].std() > 0 else None
-        if pred is not None:  # on samples the value was never fitted on
+        if ok.sum() > 2 and r[ok].std() > 0:  # the value model's scores of samples it was never fitted on
+            pred = self.scorer.score_ids(p_ids, p_mask, c_ids, c_mask)
             ok &= torch.isfinite(pred)
             self._metrics["value/corr"].append(pearson(pred[ok], r[ok]))
         self.value_buffer.append(self._gather((p_ids, p_mask, c_ids, c_mask, r)))
@@ -408,12 +411,6 @@ class VGFTrainer(Trainer):
         if torch.isfinite(data[4]).sum() < 4:
             return
         groups = torch.arange(len(data[4])) // self.args.num_generations  # rows come in blocks of one prompt's
-        if fit_prefix is not None:
-            fitted = fit_prefix(*data, groups, seed=self.args.seed + self.state.global_step)
-            if fitted is not None:
-                self._metrics["value/cv_corr"].append(fitted.cv_corr)
-                self._metrics["value/ridge"].append(fitted.ridge)
-            return
         if self.args.value_fit == "ridge":
             stats = refit_head(self.scorer, *data[:4], data[4], groups, seed=self.args.seed + self.state.global_step)
             if stats is not None:
@@ -425,15 +422,35 @@ class VGFTrainer(Trainer):
                                 seed=self.args.seed + self.state.global_step, progress=False)
         self._metrics["value/loss"].append(stats["train_loss_last"])
 
-    def _value_on_fresh(self, p_ids, p_mask, c_ids, c_mask) -> torch.Tensor | None:
-        """[B] what the transport's value says of new rollouts: the value model's scores, or each response's mean
-        prefix value (``steer_prefix``; None before one is fitted)."""
-        space = self.sampler.space
-        if not hasattr(space, "fit_prefix"):
-            return self.scorer.score_ids(p_ids, p_mask, c_ids, c_mask)
-        if space.prefix_value is None:
-            return None
-        return mean_prefix_values(self.model, space.prefix_value, p_ids, p_mask, c_ids, c_mask)
+    def _refit_prefix_value(self, space, entry: tuple) -> None:
+        """``steer_prefix``: score the new rollouts ``entry`` with the current prefix value (``value/corr``: each
+        response's mean prefix value), add them to the buffer and re-fit the prefix value by ridge on it. The
+        reference's prefix states never change, so each response's are read once and kept beside the buffer."""
+        layer, r = space.steer_layer, entry[4]
+        states, rows = prefix_states(self.model, layer, *entry[:4])
+        if space.prefix_value is not None:
+            pred = response_means(space.prefix_value(states), rows, len(r))
+            ok = torch.isfinite(r) & torch.isfinite(pred)
+            if ok.sum() > 2 and r[ok].std() > 0:
+                self._metrics["value/corr"].append(pearson(pred[ok], r[ok]))
+        if len(self._prefix_states) != len(self.value_buffer):  # resumed from a checkpoint: read its buffer once
+            self._prefix_states.clear()
+            for e in self.value_buffer:
+                old_states, old_rows = prefix_states(self.model, layer, *e[:4])
+                self._prefix_states.append((old_states.float(), old_rows))
+        self.value_buffer.append(entry)
+        self._prefix_states.append((states.float(), rows))
+        sizes = torch.tensor([len(e[4]) for e in self.value_buffer])
+        offsets = (sizes.cumsum(0) - sizes).tolist()  # each entry's first row in the concatenated buffer
+        targets = torch.cat([e[4] for e in self.value_buffer])
+        fitted = fit_prefix_value_on_states(
+            layer, torch.cat([s for s, _ in self._prefix_states]),
+            torch.cat([rw + o for (_, rw), o in zip(self._prefix_states, offsets, strict=True)]), targets,
+            torch.arange(len(targets)) // self.args.num_generations, seed=self.args.seed + self.state.global_step)
+        if fitted is not None:
+            space.prefix_value = fitted
+            self._metrics["value/cv_corr"].append(fitted.cv_corr)
+            self._metrics["value/ridge"].append(fitted.ridge)
 
     def _gather(self, tensors: tuple) -> tuple:
         """Every process fits the value model on every process's rollouts, so the copies stay identical."""
