@@ -198,6 +198,22 @@ def test_frontier_resume_keeps_finished_runs_and_refuses_other_settings(tiny_lm_
     assert "no earlier run" in capsys.readouterr().err
 
 
+def test_frontier_baseline_arms_are_their_plain_arms_plus_the_sample_baseline():
+    from dataclasses import replace
+
+    import arms
+    import frontier
+
+    assert set(frontier.LABELS) == set(frontier.ARMS) == set(frontier.COLORS)  # every arm is drawn and named
+    s = arms.ArmSettings(task="helpful")
+    for plain in ("bon", "vgf_tilted", "vgf_steer_prefix"):
+        a, b = (frontier.arm_settings(s, arm, 0.04, {}) for arm in (plain, plain + "_baseline"))
+        assert frontier.ARMS[plain] == frontier.ARMS[plain + "_baseline"]
+        assert b.extra == a.extra | {"distill_baseline": True} and replace(b, extra={}) == replace(a, extra={})
+    assert not any(frontier.arm_settings(s, arm, 0.04, {}).extra.get("distill_baseline")
+                   for arm in frontier.ARMS if not arm.endswith("_baseline"))
+
+
 def test_frontier_tiny(tiny_lm_dir, tiny_reward_model_dir, tmp_path):
     import frontier
 
