@@ -49,7 +49,8 @@ ROOT = Path(__file__).resolve().parent
 # (value_fit='ridge', the test-time setting of run 6), vgf_steer_prefix moves the hidden state at every generated
 # token along a prefix value refitted on the buffer's true rewards (decoder='steer_prefix', --prefix_layer,
 # --prefix_step_size), an arm ending in _baseline subtracts the group's sampled responses' mean cross-entropy from
-# the distillation loss (distill_baseline), grpo_kl is GRPO with a KL penalty (--grpo_beta)
+# the distillation loss (distill_baseline), grpo_kl is GRPO with a KL penalty (--grpo_beta). A VGF arm followed by
+# ':<step size>' (e.g. vgf_steer_prefix:0.1) is a point of a budget sweep: the arm with another transport_step_size.
 ARMS = {"vgf": "vgf", "vgf_pairs": "vgf", "vgf_tilted": "vgf", "vgf_tilted_baseline": "vgf", "vgf_steer": "vgf",
         "vgf_steer_ridge": "vgf", "vgf_steer_prefix": "vgf", "vgf_steer_prefix_baseline": "vgf", "bon": "bon",
         "bon_baseline": "bon", "grpo": "grpo", "grpo_kl": "grpo"}
@@ -66,6 +67,24 @@ COLORS = {"vgf": "tab:blue", "vgf_pairs": "tab:purple", "vgf_tilted": "tab:cyan"
           "bon_baseline": "tab:gray"}
 
 
+def split_arm(arm: str) -> tuple[str, float | None]:
+    """``'vgf_steer_prefix:0.1'`` -> ``('vgf_steer_prefix', 0.1)``: a point of a budget sweep is its arm with another
+    ``transport_step_size`` (per generated token for steer_prefix, per Adam step for the other VGF arms)."""
+    name, _, step = arm.partition(":")
+    return name, (float(step) if step else None)
+
+
+def arm_label(arm: str) -> str:
+    name, step = split_arm(arm)
+    return LABELS[name] + ("" if step is None else f", step {step:g}")
+
+
+def arm_style(arm: str) -> dict:
+    """Plot style: the arm's colour; the points of a budget sweep dashed, with square markers."""
+    name, step = split_arm(arm)
+    return {"color": COLORS[name], "marker": "o"} | ({} if step is None else {"marker": "s", "ls": "--"})
+
+
 def eval_rewards(s: arms.ArmSettings) -> dict:
     """``{name: reward_funcs}`` every checkpoint is scored with: gold (never trained on) and the training reward."""
     from vgf_llm.rewards import gold_helpful, reasoning_gym_reward
@@ -79,6 +98,7 @@ def arm_settings(s: arms.ArmSettings, arm: str, grpo_beta: float, pairs: dict,
                  steer_step_size: float = 0.2, prefix: tuple[int, float] = (15, 0.05)) -> arms.ArmSettings:
     """The shared settings with what ``arm`` changes (``pairs``: the vgf_pairs arm's ``edit_pair_*`` fields). Every
     VGF arm names its pair loss and transport target, so a change of VGFConfig's defaults changes no arm."""
+    arm, step = split_arm(arm)
     if arm in ("grpo", "grpo_kl"):
         return replace(s, grpo_beta=grpo_beta if arm == "grpo_kl" else 0.0)
     baseline = {"distill_baseline": True} if arm.endswith("_baseline") else {}
@@ -99,6 +119,8 @@ def arm_settings(s: arms.ArmSettings, arm: str, grpo_beta: float, pairs: dict,
         s = replace(s, decoder="steer_prefix", transport_steps=1, transport_step_size=prefix[1],
                     value_buffer_steps=8)
         vgf |= {"steer_layer": prefix[0]}
+    if step is not None:
+        s = replace(s, transport_step_size=step)
     return replace(s, extra=s.extra | vgf)
 
 
@@ -140,7 +162,7 @@ def train_with_checkpoints(s: arms.ArmSettings, arm: str, folder: str, checkpoin
     with tempfile.TemporaryDirectory() as out:
         start = time.perf_counter()
         steps = max(checkpoints)
-        kind = ARMS[arm]
+        kind = ARMS[split_arm(arm)[0]]
         trainer = (arms.grpo_trainer(s, out, steps=steps, callbacks=[SaveAt()]) if kind == "grpo"
                    else arms.vgf_trainer(s, kind, out, steps=steps, callbacks=[SaveAt()]))
         gold = eval_rewards(s)["gold"]
@@ -282,7 +304,7 @@ def matched_markdown(results: dict) -> str:
              "its checkpoints) interpolated linearly at the level, mean ± std over the seeds that reach it "
              "(n = seeds; '-': not reached, no extrapolation).", "", head, "|" + "---|" * (len(levels) + 1)]
     for arm, row in table.items():
-        label = "base best-of-N (test time)" if arm == "best_of_n" else LABELS[arm]
+        label = "base best-of-N (test time)" if arm == "best_of_n" else arm_label(arm)
         cells = ["-" if v is None else (f"{v[0]:.3f}" if arm == "best_of_n" else f"{v[0]:.3f} ± {v[1]:.3f} (n={v[2]})")
                  for v in row.values()]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
@@ -327,8 +349,9 @@ def markdown(results: dict) -> str:
             def cell(key, fmt=".3f", row=row):
                 return (f"{row[key]:{fmt}} ± {row[key + '_std']:{fmt}}" if key in row else "-")
 
-            lines.append(f"| {LABELS[arm]} | {step} | {row['seeds']} | {cell('sampled_gold')} | {cell('greedy_gold')} "
-                         f"| " + (f"{cell('sampled_proxy')} | " if proxy else "") + f"{cell('kl_per_sequence')} | "
+            proxy_cell = f"{cell('sampled_proxy')} | " if proxy else ""
+            lines.append(f"| {arm_label(arm)} | {step} | {row['seeds']} | {cell('sampled_gold')} | "
+                         f"{cell('greedy_gold')} | {proxy_cell}{cell('kl_per_sequence')} | "
                          f"{transport if step == max(steps) else ''} |")
     return "\n".join(lines) + matched_markdown(results)
 
@@ -352,7 +375,7 @@ def plot(results: dict, path: Path) -> None:
             (r["kl_per_sequence"], r["sampled_gold"], r.get("kl_per_sequence_std", 0.0), r.get("sampled_gold_std", 0.0))
             for r in steps.values() if "sampled_gold" in r]
         xs, ys, xe, ye = zip(*pts, strict=True)
-        ax.errorbar(xs, ys, xerr=xe, yerr=ye, color=COLORS[arm], marker="o", ms=5, capsize=3, label=LABELS[arm])
+        ax.errorbar(xs, ys, xerr=xe, yerr=ye, ms=5, capsize=3, label=arm_label(arm), **arm_style(arm))
     ax.set_xlabel("KL(policy || base) per sequence, held-out samples")
     ax.set_ylabel("gold reward of samples (T=1)" if results["settings"]["task"] == "helpful" else
                   "accuracy of samples (T=1)")
@@ -447,9 +470,15 @@ def main(argv=None) -> dict:
         p.error(f"--eval_prompts {a.eval_prompts} held-out prompts of {a.task!r}: {err} (basic_arithmetic has enough)")
     checkpoints = sorted({int(x) for x in a.checkpoints.split(",")})
     chosen = [x.strip() for x in a.arms.split(",") if x.strip()]
-    unknown = set(chosen) - set(ARMS)
+    try:
+        unknown = {arm for arm in chosen if split_arm(arm)[0] not in ARMS}
+    except ValueError as err:
+        p.error(f"--arms: an arm's budget is a number after ':' (e.g. vgf_steer_prefix:0.1): {err}")
     if unknown:
-        p.error(f"unknown arms {sorted(unknown)}; choose from {list(ARMS)}")
+        p.error(f"unknown arms {sorted(unknown)}; choose from {list(ARMS)} (a VGF arm may carry ':<step size>')")
+    swept = [arm for arm in chosen if split_arm(arm)[1] is not None and ARMS[split_arm(arm)[0]] != "vgf"]
+    if swept or any(split_arm(arm)[1] is not None and split_arm(arm)[1] <= 0 for arm in chosen):
+        p.error(f"--arms: only VGF arms take a budget, and it must be > 0: {chosen}")
     seeds = [int(x) for x in a.seeds.split(",")]
     best_of = [int(x) for x in a.best_of.split(",") if x.strip()]
     scorer = a.scorer or ("reward_model" if a.task == "helpful" else "value")

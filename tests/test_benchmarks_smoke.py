@@ -212,6 +212,13 @@ def test_frontier_baseline_arms_are_their_plain_arms_plus_the_sample_baseline():
         assert b.extra == a.extra | {"distill_baseline": True} and replace(b, extra={}) == replace(a, extra={})
     assert not any(frontier.arm_settings(s, arm, 0.04, {}).extra.get("distill_baseline")
                    for arm in frontier.ARMS if not arm.endswith("_baseline"))
+    swept = frontier.arm_settings(s, "vgf_steer_prefix:0.4", 0.04, {}, prefix=(15, 0.2))  # a budget sweep point
+    plain = frontier.arm_settings(s, "vgf_steer_prefix", 0.04, {}, prefix=(15, 0.2))
+    assert (plain.transport_step_size, swept.transport_step_size) == (0.2, 0.4)
+    assert replace(swept, transport_step_size=0.2) == plain and "step 0.4" in frontier.arm_label("vgf_steer_prefix:0.4")
+    for bad in ("bon:0.1", "vgf:abc", "vgf:-1", "nope:0.1"):  # refused before any training
+        with pytest.raises(SystemExit):
+            frontier.main(["--arms", bad])
 
 
 def test_frontier_tiny(tiny_lm_dir, tiny_reward_model_dir, tmp_path):
