@@ -419,6 +419,8 @@ def resume_from(results: dict, path: Path, best_of: list[int], error) -> float:
     results["base"], results["best_of_n"] = prev["base"], prev["best_of_n"]
     for arm in results["runs"]:
         results["runs"][arm] = [r for r in prev["runs"].get(arm, []) if r["seed"] in results["seeds"]]
+    for arm, runs in prev["runs"].items():  # arms not named this time stay in the table as they were
+        results["runs"].setdefault(arm, runs)
     done = {arm: [r["seed"] for r in runs] for arm, runs in results["runs"].items()}
     print(f"[frontier] resuming {path}: kept the base scores and runs {done}", flush=True)
     return float(prev.get("wall_seconds", 0.0))
@@ -454,7 +456,8 @@ def main(argv=None) -> dict:
     p.add_argument("--name", default=None, help="Output file stem (default frontier_<task>).")
     p.add_argument("--resume", action="store_true",
                    help="Keep the base scores and the finished (arm, seed) runs of an earlier run with the same name "
-                        "and settings (its JSON is written after every arm); run only the rest.")
+                        "and settings (its JSON is written after every arm; arms not in --arms are kept as they "
+                        "were); run only the rest.")
     a = p.parse_args(argv)
     if a.tiny:
         a.checkpoints, a.prompts, a.generations, a.max_completion_length = "1,2", 2, 2, 8

@@ -190,6 +190,10 @@ def test_frontier_resume_keeps_finished_runs_and_refuses_other_settings(tiny_lm_
     assert runs[0]["train_seconds"] == first["runs"]["bon"][0]["train_seconds"]  # kept, not trained again
     assert second["base"]["sampled_gold"] == first["base"]["sampled_gold"] and second["partial"] is False
     assert "bon seed 0: kept from the earlier run" in capsys.readouterr().out
+    other = [a if a != "bon" else "vgf_steer_prefix:0.5" for a in args]  # another arm: bon's runs stay as they were
+    third = frontier.main(other + ["--seeds", "0", "--resume"])
+    assert [r["seed"] for r in third["runs"]["bon"]] == [0, 1] and len(third["runs"]["vgf_steer_prefix:0.5"]) == 1
+    assert set(third["summary"]) == {"bon", "vgf_steer_prefix:0.5"}
     with pytest.raises(SystemExit):  # another learning rate would mix two experiments in one table
         frontier.main(args + ["--seeds", "0", "--resume", "--learning_rate", "0.1"])
     assert "other settings" in capsys.readouterr().err
