@@ -420,7 +420,8 @@ def resume_from(results: dict, path: Path, best_of: list[int], error) -> float:
     for arm in results["runs"]:
         results["runs"][arm] = [r for r in prev["runs"].get(arm, []) if r["seed"] in results["seeds"]]
     for arm, runs in prev["runs"].items():  # arms not named this time stay in the table as they were
-        results["runs"].setdefault(arm, runs)
+        if runs:
+            results["runs"].setdefault(arm, runs)
     done = {arm: [r["seed"] for r in runs] for arm, runs in results["runs"].items()}
     print(f"[frontier] resuming {path}: kept the base scores and runs {done}", flush=True)
     return float(prev.get("wall_seconds", 0.0))
