@@ -419,6 +419,16 @@ def _one_batch(tr: VGFTrainer, rows: list[dict]) -> dict:
     return tr._prepare_inputs(rows)
 
 
+def _adam_steps(tr: VGFTrainer, batch: dict, steps: int, lr: float = 5e-2) -> None:
+    """A few Adam steps of the trainer's own loss on one fixed distillation batch."""
+    opt = torch.optim.Adam([p for p in tr.model.parameters() if p.requires_grad], lr=lr)
+    tr.model.train()
+    for _ in range(steps):
+        opt.zero_grad()
+        tr.compute_loss(tr.model, batch).backward()
+        opt.step()
+
+
 def test_edit_pairs_are_transported_particles_that_raised_the_reward_and_their_originals(
         tiny_lm_dir, standard_prompts, tmp_path):
     """With edit_pair_weight > 0 the batch holds, besides the weighted targets, every (transported, original) pair
@@ -466,12 +476,7 @@ def test_the_pair_loss_raises_the_transported_particle_over_its_original(tiny_lm
         return ratio[list(better)] - ratio[list(worse)]
 
     assert torch.allclose(margins(), torch.zeros(len(batch["pairs"])), atol=1e-4)
-    opt = torch.optim.Adam([p for p in tr.model.parameters() if p.requires_grad], lr=5e-2)
-    tr.model.train()
-    for _ in range(5):
-        opt.zero_grad()
-        tr.compute_loss(tr.model, batch).backward()
-        opt.step()
+    _adam_steps(tr, batch, 5)
     after = margins()
     assert float(after.mean()) > 0.1 and float((after > 0).float().mean()) >= 0.75, after
     assert "distill/pair_loss" in tr._metrics and "distill/pair_margin" in tr._metrics
@@ -508,12 +513,7 @@ def test_the_sample_baseline_makes_each_group_zero_sum_and_pushes_the_targets_ab
         return float(ratio[w > 0].mean() - ratio[w < 0].mean())
 
     assert abs(gap()) < 1e-4  # the policy starts as the base
-    opt = torch.optim.Adam([p for p in tr.model.parameters() if p.requires_grad], lr=5e-2)
-    tr.model.train()
-    for _ in range(3):
-        opt.zero_grad()
-        tr.compute_loss(tr.model, batch).backward()
-        opt.step()
+    _adam_steps(tr, batch, 3)
     assert gap() > 0.5
 
 
