@@ -475,13 +475,13 @@ def main(argv=None) -> dict:
     checkpoints = sorted({int(x) for x in a.checkpoints.split(",")})
     chosen = [x.strip() for x in a.arms.split(",") if x.strip()]
     try:
-        unknown = {arm for arm in chosen if split_arm(arm)[0] not in ARMS}
+        parsed = {arm: split_arm(arm) for arm in chosen}
     except ValueError as err:
         p.error(f"--arms: an arm's budget is a number after ':' (e.g. vgf_steer_prefix:0.1): {err}")
+    unknown = {arm for arm, (name, _) in parsed.items() if name not in ARMS}
     if unknown:
         p.error(f"unknown arms {sorted(unknown)}; choose from {list(ARMS)} (a VGF arm may carry ':<step size>')")
-    swept = [arm for arm in chosen if split_arm(arm)[1] is not None and ARMS[split_arm(arm)[0]] != "vgf"]
-    if swept or any(split_arm(arm)[1] is not None and split_arm(arm)[1] <= 0 for arm in chosen):
+    if any(step is not None and (ARMS[name] != "vgf" or step <= 0) for name, step in parsed.values()):
         p.error(f"--arms: only VGF arms take a budget, and it must be > 0: {chosen}")
     seeds = [int(x) for x in a.seeds.split(",")]
     best_of = [int(x) for x in a.best_of.split(",") if x.strip()]

@@ -350,7 +350,7 @@ def test_prefix_value_fits_a_learnable_synthetic_reward(tiny_lm, tokenizer):
     """A final reward spread over the tokens (the mean of a fixed linear read-out of each token's embedding): the
     ridge on the prefixes' states recovers it out of fold, labels shuffled across responses leave nothing to
     recover, and the prefixes' values averaged over a response track its reward."""
-    from vgf_llm.prefix_value import fit_prefix_value, mean_prefix_values, prefix_states
+    from vgf_llm.prefix_value import fit_prefix_value, prefix_states, response_means
 
     prompts = [[{"role": "user", "content": f"Say something about {w}."}] for w in
                ("a cat", "the sea", "a tree", "bread", "rain", "music", "a road", "snow")]
@@ -367,7 +367,7 @@ def test_prefix_value_fits_a_learnable_synthetic_reward(tiny_lm, tokenizer):
     shuffled = fit_prefix_value(tiny_lm, 1, p_ids, p_mask, ids, mask,
                                 reward[torch.randperm(len(reward), generator=torch.Generator().manual_seed(1))], groups)
     assert pv.cv_corr > 0.15 and pv.cv_corr > shuffled.cv_corr + 0.2, (pv.cv_corr, shuffled.cv_corr)
-    per_response = mean_prefix_values(tiny_lm, pv, p_ids, p_mask, ids, mask)
+    per_response = response_means(pv(states), rows, len(ids))
     by_hand = torch.zeros(len(ids)).index_add_(0, rows, pv(states.float())) / mask.sum(-1)
     torch.testing.assert_close(per_response, by_hand)
     assert torch.corrcoef(torch.stack([per_response, reward.float()]))[0, 1] > 0.7

@@ -62,15 +62,9 @@ def prefix_states(model, layer: int, prompt_ids, prompt_mask, ids, mask, *, batc
     return torch.cat(states), torch.cat(rows)
 
 
-def mean_prefix_values(model, pv: PrefixValue, prompt_ids, prompt_mask, ids, mask) -> torch.Tensor:
-    """[B] each response's prefix values averaged over its prefixes (NaN for an empty response): how the trainer
-    checks the prefix value on fresh rollouts it was not fitted on."""
-    states, rows = prefix_states(model, pv.layer, prompt_ids, prompt_mask, ids, mask)
-    return response_means(pv(states), rows, len(ids))
-
-
 def response_means(values: torch.Tensor, rows: torch.Tensor, n: int) -> torch.Tensor:
-    """[n] the mean of per-prefix ``values`` over each response's prefixes (``rows``: the response of each)."""
+    """[n] the mean of per-prefix ``values`` over each response's prefixes (``rows``: the response of each; NaN
+    for an empty response): how the trainer checks a prefix value on fresh rollouts it was not fitted on."""
     total = torch.zeros(n).index_add_(0, rows, values.float().cpu())
     return total / torch.bincount(rows, minlength=n).float()
 

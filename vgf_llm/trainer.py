@@ -427,7 +427,12 @@ class VGFTrainer(Trainer):
         response's mean prefix value), add them to the buffer and re-fit the prefix value by ridge on it. The
         reference's prefix states never change, so each response's are read once and kept beside the buffer."""
         layer, r = space.steer_layer, entry[4]
-        states, rows = prefix_states(self.model, layer, *entry[:4])
+
+        def read(e):  # (float32 states [P, d], response row of each) of one buffer entry
+            states, rows = prefix_states(self.model, layer, *e[:4])
+            return states.float(), rows
+
+        states, rows = read(entry)
         if space.prefix_value is not None:
             pred = response_means(space.prefix_value(states), rows, len(r))
             ok = torch.isfinite(r) & torch.isfinite(pred)
@@ -435,11 +440,9 @@ class VGFTrainer(Trainer):
                 self._metrics["value/corr"].append(pearson(pred[ok], r[ok]))
         if len(self._prefix_states) != len(self.value_buffer):  # resumed from a checkpoint: read its buffer once
             self._prefix_states.clear()
-            for e in self.value_buffer:
-                old_states, old_rows = prefix_states(self.model, layer, *e[:4])
-                self._prefix_states.append((old_states.float(), old_rows))
+            self._prefix_states.extend(read(e) for e in self.value_buffer)
         self.value_buffer.append(entry)
-        self._prefix_states.append((states.float(), rows))
+        self._prefix_states.append((states, rows))
         sizes = torch.tensor([len(e[4]) for e in self.value_buffer])
         offsets = (sizes.cumsum(0) - sizes).tolist()  # each entry's first row in the concatenated buffer
         targets = torch.cat([e[4] for e in self.value_buffer])
