@@ -49,22 +49,26 @@ ROOT = Path(__file__).resolve().parent
 # (value_fit='ridge', the test-time setting of run 6), vgf_steer_prefix moves the hidden state at every generated
 # token along a prefix value refitted on the buffer's true rewards (decoder='steer_prefix', --prefix_layer,
 # --prefix_step_size), an arm ending in _baseline subtracts the group's sampled responses' mean cross-entropy from
-# the distillation loss (distill_baseline), grpo_kl is GRPO with a KL penalty (--grpo_beta). A VGF arm followed by
+# the distillation loss (distill_baseline), vgf_steer_prefix_distribution distils the steered next-token
+# distributions instead of the sampled tokens (distill_target='distribution'), grpo_kl is GRPO with a KL penalty
+# (--grpo_beta). A VGF arm followed by
 # ':<step size>' (e.g. vgf_steer_prefix:0.1) is a point of a budget sweep: the arm with another transport_step_size.
 ARMS = {"vgf": "vgf", "vgf_pairs": "vgf", "vgf_tilted": "vgf", "vgf_tilted_baseline": "vgf", "vgf_steer": "vgf",
-        "vgf_steer_ridge": "vgf", "vgf_steer_prefix": "vgf", "vgf_steer_prefix_baseline": "vgf", "bon": "bon",
+        "vgf_steer_ridge": "vgf", "vgf_steer_prefix": "vgf", "vgf_steer_prefix_baseline": "vgf",
+        "vgf_steer_prefix_distribution": "vgf", "bon": "bon",
         "bon_baseline": "bon", "grpo": "grpo", "grpo_kl": "grpo"}
 LABELS = {"vgf": "VGF (transport)", "vgf_pairs": "VGF + edit pairs", "vgf_tilted": "VGF, tilted target",
           "vgf_steer": "VGF, steering vectors", "vgf_steer_ridge": "VGF, steering vectors, ridge value",
           "vgf_steer_prefix": "VGF, per-step steering, prefix value",
           "vgf_tilted_baseline": "VGF, tilted target, sample baseline",
           "vgf_steer_prefix_baseline": "VGF, per-step steering, prefix value, sample baseline",
+          "vgf_steer_prefix_distribution": "VGF, per-step steering, distributions distilled",
           "bon_baseline": "best-of-N distil, sample baseline",
           "bon": "VGF budget 0 (best-of-N distil)", "grpo": "TRL GRPO (beta 0)", "grpo_kl": "TRL GRPO (beta > 0)"}
 COLORS = {"vgf": "tab:blue", "vgf_pairs": "tab:purple", "vgf_tilted": "tab:cyan", "vgf_steer": "tab:red",
           "vgf_steer_ridge": "tab:brown", "vgf_steer_prefix": "tab:pink", "bon": "tab:orange", "grpo": "tab:green",
           "grpo_kl": "tab:olive", "vgf_tilted_baseline": "navy", "vgf_steer_prefix_baseline": "purple",
-          "bon_baseline": "tab:gray"}
+          "bon_baseline": "tab:gray", "vgf_steer_prefix_distribution": "black"}
 
 
 def split_arm(arm: str) -> tuple[str, float | None]:
@@ -119,6 +123,8 @@ def arm_settings(s: arms.ArmSettings, arm: str, grpo_beta: float, pairs: dict,
         s = replace(s, decoder="steer_prefix", transport_steps=1, transport_step_size=prefix[1],
                     value_buffer_steps=8)
         vgf |= {"steer_layer": prefix[0]}
+        if arm.endswith("_distribution"):
+            vgf |= {"distill_target": "distribution"}
     if step is not None:
         s = replace(s, transport_step_size=step)
     return replace(s, extra=s.extra | vgf)

@@ -388,6 +388,41 @@ def test_prefix_steering_at_zero_step_reproduces_the_reference_samples(tiny_lm, 
     assert not disp.any() and trace.values.shape[1:] == rollouts.shape[:2] and trace.values.shape[0] > 2
 
 
+def test_prefix_steering_keeps_the_distributions_it_decoded_from(sharp_lm, tokenizer):
+    """keep_logps: at step size 0 the kept distributions are the base's own along the samples (teacher-forced);
+    moved, each decoded token is the Gumbel-max of its kept distribution and the particle's noise, and the
+    distributions differ from the base's: they are what the steered model sampled from."""
+    from vgf_llm.distill import completion_logits, token_kl
+    from vgf_llm.spaces import PrefixSteering
+
+    rollouts = HFGenerateBackend(sharp_lm, tokenizer, max_new_tokens=10, batch_size=2).generate(PROMPTS, 4, seed=3)
+    space = PrefixSteering(sharp_lm, tokenizer, None, steer_layer=1)
+    space.prefix_value = favourite_prefix_value(sharp_lm, 20)
+    space.keep_logps = True
+    particles = space.lift(rollouts)
+    g, n, t = rollouts.shape
+
+    def base_logps(ids, mask):
+        p_ids, p_mask = particles.rollouts.prompt_ids, particles.rollouts.prompt_mask
+        p_ids, p_mask = p_ids.repeat_interleave(n, 0), p_mask.repeat_interleave(n, 0)
+        with torch.no_grad():
+            logits = completion_logits(sharp_lm, torch.cat([p_ids, ids], 1), torch.cat([p_mask, mask], 1),
+                                       p_ids.shape[1])
+        return torch.log_softmax(logits.float(), -1)
+
+    budget = dict(steps=1, step_size=0.0, alpha=1.0, step_rule="adam", radius=None, repulsion=True)
+    ids, mask, _, _ = space.move_and_decode(particles, budget)
+    kept, used = space.last_logps.reshape(g * n, t, -1), mask.reshape(g * n, t).bool()
+    base = base_logps(ids.reshape(g * n, t), mask.reshape(g * n, t))
+    assert kept.dtype == torch.bfloat16 and float(token_kl(kept, base)[used].abs().max()) < 1e-2
+    ids, mask, _, _ = space.move_and_decode(particles, dict(budget, step_size=2.0))
+    kept, used = space.last_logps.reshape(g * n, t, -1), mask.reshape(g * n, t).bool()
+    drawn = (kept.float() + particles.state["noise"]).argmax(-1)
+    assert float((drawn == ids.reshape(g * n, t))[used].float().mean()) > 0.95
+    base = base_logps(ids.reshape(g * n, t), mask.reshape(g * n, t))
+    assert float(token_kl(kept, base)[used].mean()) > 0.1
+
+
 def test_prefix_steering_moves_the_decoded_tokens_towards_the_preferred_token(sharp_lm, tokenizer):
     from vgf_llm.spaces import PrefixSteering
 

@@ -517,12 +517,49 @@ def test_the_sample_baseline_makes_each_group_zero_sum_and_pushes_the_targets_ab
     assert gap() > 0.5
 
 
+def test_distilling_the_steered_distributions_teaches_the_transports_tilt_at_every_token(
+        tiny_lm_dir, standard_prompts, tmp_path):
+    """distill_target='distribution' (steer_prefix): every transported particle is a row (changed or not) whose
+    targets are the distributions the steered model drew it from, every original the base's own distributions; the
+    loss at the start (policy = base) is the weighted KL of those targets from the base, the logged teacher KL is the
+    transported rows' per-sequence KL from the base, and a few steps on the loss bring the policy towards them."""
+    from vgf_llm.distill import completion_logits, token_kl
+    from vgf_llm.value import active_adapter
+
+    rows = [dict(r) for r in standard_prompts.select(range(2))]
+    tr = trainer(tiny_lm_dir, standard_prompts, tmp_path, decoder="steer_prefix", transport_steps=1,
+                 transport_step_size=4.0, steer_layer=1, distill_target="distribution", distill_temperature=100.0)
+    batch = _one_batch(tr, rows)
+    ids, mask, start = batch["input_ids"], batch["attention_mask"], batch["completion_start"]
+    cm, teacher = batch["completion_mask"], batch["teacher_logps"]
+    assert teacher.shape[:2] == cm.shape
+    assert torch.allclose(teacher.float().exp().sum(-1)[cm.bool()], torch.ones(1), atol=2e-2)
+    with torch.no_grad(), active_adapter(tr.model, None):
+        base = torch.log_softmax(completion_logits(tr.model, ids, mask, start).float(), -1)
+    per_row = (token_kl(teacher, base) * cm).sum(-1)
+    n = tr.args.num_generations
+    assert len(cm) == 2 * 2 * n  # near-uniform weights: each group's originals, then its transported particles
+    steered = torch.arange(len(cm)) % (2 * n) >= n
+    assert float(per_row[steered].min()) > 10 * float(per_row[~steered].abs().max())  # originals: the base itself
+    torch.testing.assert_close(tr._metrics["distill/teacher_kl"][-1], float(per_row[steered].mean()), rtol=1e-3,
+                               atol=1e-3)
+    expected = float((batch["weights"] * per_row / cm.sum(-1)).sum() / 2)
+    with torch.no_grad():
+        start_loss = float(tr.compute_loss(tr.model, batch))
+    assert abs(start_loss - expected) < 1e-3 * max(1.0, expected) and start_loss > 0
+    _adam_steps(tr, batch, 10, lr=2e-3)  # a small loss: Adam's step does not shrink with it
+    with torch.no_grad():
+        assert float(tr.compute_loss(tr.model, batch)) < 0.75 * start_loss
+    with pytest.raises(ValueError, match="steer_prefix"):
+        config(tmp_path, distill_target="distribution")  # the default decoder draws no distributions to distil
+
+
 @pytest.mark.parametrize("bad", [dict(num_generations=1), dict(particle_source="nope"), dict(scorer="reward_model"),
                                  dict(transport_verifier="gold"), dict(max_unrewarded_batches=-1),
                                  dict(max_completion_length=0),
                                  dict(transport_alpha=0.0), dict(distill_weighting="mean"),
                                  dict(edit_pair_weight=-1.0), dict(edit_pair_beta=0.0),
-                                 dict(transport_target="kl"),
+                                 dict(transport_target="kl"), dict(distill_target="logits"),
                                  dict(transport_target="tilted", transport_verifier="scorer")])
 def test_config_rejects_bad_values(tmp_path, bad):
     with pytest.raises(ValueError):

@@ -25,6 +25,7 @@ SCORERS = ("value", "reward_model")
 VALUE_FITS = ("lora", "ridge")
 DISTILL_WEIGHTINGS = ("softmax", "best", "advantage")
 DISTILL_POOLS = ("union", "moved")
+DISTILL_TARGETS = ("tokens", "distribution")
 
 
 @dataclass
@@ -98,6 +99,12 @@ class VGFConfig(TransportConfig, TrainingArguments):
         "help": "Weights within a group from the true rewards: 'softmax' (temperature distill_temperature), "
                 "'best' (argmax only) or 'advantage' (reward above the group mean)."})
     distill_temperature: float = 0.1
+    distill_target: str = field(default="tokens", metadata={
+        "help": "What each kept response teaches: 'tokens' (cross-entropy of its sampled tokens) or 'distribution' "
+                "(decoder='steer_prefix' only: KL from the full next-token distribution it was decoded from, at "
+                "every one of its tokens: the steered model's for a transported particle, the base's for an "
+                "original). The policy then learns the transport's tilt at every token instead of the one token "
+                "drawn, and is not sharpened on the samples; the budget sets how far that target is from the base."})
     distill_baseline: bool = field(default=False, metadata={
         "help": "Subtract from each group's weighted cross-entropy the mean cross-entropy of its original samples "
                 "(weights then sum to 0 per group, the low-reward samples' negative). A control variate, as GRPO's "
@@ -129,7 +136,8 @@ class VGFConfig(TransportConfig, TrainingArguments):
         choices = {"particle_source": PARTICLE_SOURCES, "transport_verifier": TRANSPORT_VERIFIERS,
                    "transport_target": TRANSPORT_TARGETS,
                    "scorer": SCORERS, "value_fit": VALUE_FITS, "distill_weighting": DISTILL_WEIGHTINGS,
-                   "distill_pool": DISTILL_POOLS, "vllm_mode": ("colocate", "server")}
+                   "distill_pool": DISTILL_POOLS, "distill_target": DISTILL_TARGETS,
+                   "vllm_mode": ("colocate", "server")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r}; choose one of {allowed}")
@@ -142,6 +150,10 @@ class VGFConfig(TransportConfig, TrainingArguments):
         if self.transport_target == "tilted" and self.transport_verifier != "reward":
             raise ValueError("transport_target='tilted' checks edits with the true reward plus the base's "
                              "log-likelihood: it needs transport_verifier='reward'")
+        if self.distill_target == "distribution" and (self.decoder != "steer_prefix" or self.transport_steps < 1):
+            raise ValueError("distill_target='distribution' distils the distributions the steered model decoded the "
+                             "transported particles from: it needs decoder='steer_prefix' and transport_steps >= 1, "
+                             f"got decoder={self.decoder!r}, transport_steps={self.transport_steps}")
         if self.edit_pair_weight < 0 or self.edit_pair_beta <= 0:
             raise ValueError(f"edit_pair_weight must be >= 0 and edit_pair_beta > 0, got {self.edit_pair_weight}, "
                              f"{self.edit_pair_beta}")

@@ -40,11 +40,23 @@ def distill_weights(rewards: torch.Tensor, how: str, temperature: float) -> torc
     return torch.nan_to_num(torch.where(finite, w, 0), nan=0.0)
 
 
-def completion_logps(model, input_ids, attention_mask, completion_start: int) -> torch.Tensor:
-    """Per-token log-probabilities of ``input_ids[:, completion_start:]`` (prompts left-padded). Only the
-    completion's logits are computed (``logits_to_keep``): the vocabulary projection dominates small models."""
+def completion_logits(model, input_ids, attention_mask, completion_start: int) -> torch.Tensor:
+    """[B, T, V] the logits that predict each token of ``input_ids[:, completion_start:]`` (prompts left-padded).
+    Only the completion's logits are computed (``logits_to_keep``): the vocabulary projection dominates small
+    models."""
     positions = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
     width = input_ids.shape[1] - completion_start
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                   logits_to_keep=width + 1).logits[:, :-1]
+    return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                 logits_to_keep=width + 1).logits[:, :-1]
+
+
+def completion_logps(model, input_ids, attention_mask, completion_start: int) -> torch.Tensor:
+    """Per-token log-probabilities of ``input_ids[:, completion_start:]`` (prompts left-padded)."""
+    logits = completion_logits(model, input_ids, attention_mask, completion_start)
     return selective_log_softmax(logits.float(), input_ids[:, completion_start:])  # TRL's: row by row, less memory
+
+
+def token_kl(teacher_logps: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
+    """[B, T] KL(teacher || student) of two [B, T, V] next-token log-distributions, position by position."""
+    teacher = teacher_logps.float()
+    return (teacher.exp() * (teacher - student.float())).sum(-1)

@@ -30,9 +30,18 @@ from accelerate.utils import gather_object
 from transformers import PreTrainedModel, Trainer, TrainerCallback
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.trainer_utils import enable_full_determinism, rotate_checkpoints, set_seed
+from trl.trainer.utils import selective_log_softmax
 
 from vgf_llm.config import VGFConfig
-from vgf_llm.distill import MIN_TARGET_WEIGHT, completion_logps, distill_weights, group_std, pad_cat
+from vgf_llm.distill import (
+    MIN_TARGET_WEIGHT,
+    completion_logits,
+    completion_logps,
+    distill_weights,
+    group_std,
+    pad_cat,
+    token_kl,
+)
 from vgf_llm.evaluation import policy_rewards
 from vgf_llm.prefix_value import fit_prefix_value_on_states, prefix_states, response_means
 from vgf_llm.rewards import RewardFunctionError, resolve_reward_funcs, reward_func_name, reward_texts_and_parts
@@ -161,6 +170,8 @@ class VGFTrainer(Trainer):
         if args.particle_source == "policy" and hasattr(self.backend, "sync_weights"):
             self.add_callback(SyncPolicyWeights(self))
         self.sampler = VGFSampler(model, processing_class, self.scorer, args, backend=self.backend, progress=False)
+        if args.distill_target == "distribution":  # the steered distributions are the targets: keep them
+            self.sampler.space.keep_logps = True
         self.value_buffer: deque = deque(maxlen=max(1, args.value_buffer_steps))
         self._prefix_states: deque = deque(maxlen=self.value_buffer.maxlen)  # steer_prefix: each entry's states
         self._metrics: dict[str, list[float]] = defaultdict(list)
@@ -343,7 +354,8 @@ class VGFTrainer(Trainer):
                 moved_values = moved_rewards.clone()  # from here on a tensor of its own
                 moved_values.view(-1)[idx] += args.distill_temperature * logmu_change
         with self._timed("distill"):  # the reference's log-probabilities of the targets (for the KL)
-            targets = self._targets(ro, moved, rewards, moved_values, changed)
+            teacher = self.sampler.space.last_logps if args.distill_target == "distribution" else None
+            targets = self._targets(ro, moved, rewards, moved_values, changed, teacher)
         model.train()
         self._log_step(prompts, ro, moved, rewards, moved_rewards, changed, disp)
         return targets
@@ -466,11 +478,13 @@ class VGFTrainer(Trainer):
                 acc.gather(acc.pad_across_processes(c_ids, dim=1, pad_index=pad)),
                 acc.gather(acc.pad_across_processes(c_mask, dim=1, pad_index=0)), acc.gather(r))
 
-    def _targets(self, ro, moved, rewards, moved_values, changed) -> dict:
+    def _targets(self, ro, moved, rewards, moved_values, changed, teacher=None) -> dict:
         """The distillation batch: kept (prompt, response) sequences with their weights (``moved_values``: what a
         transported particle counts as, its true reward or, tilted, that plus its likelihood change), the minimal
         pairs (a transported particle whose edits raised that value, and its original), and the reference's
-        log-probabilities of every row (for the pair loss and the logged KL)."""
+        log-probabilities of every row (for the pair loss and the logged KL). ``teacher`` [G, N, T, V]: the
+        distributions the transported particles were decoded from (``distill_target='distribution'``); each row
+        then carries its target distributions, the teacher's or, for an original, the base's."""
         args, pad = self.args, self.processing_class.pad_token_id
         g, n, _ = ro.shape
         # candidates [G, 2N, T]: the N originals, then the N transported particles (n + j was moved from j)
@@ -479,6 +493,8 @@ class VGFTrainer(Trainer):
         ids = ids.view(2, g, n, -1).transpose(0, 1).reshape(g, 2 * n, -1)
         masks = masks.view(2, g, n, -1).transpose(0, 1).reshape(g, 2 * n, -1)
         edited = changed > 0  # an unchanged transported particle is its original: it is counted once
+        if teacher is not None:  # ... unless its distributions are the target: they were steered all the same
+            edited = moved.completion_mask.sum(-1) > 0
         moved_pool = torch.where(edited, moved_values, math.nan)
         kept_originals = rewards if args.distill_pool == "union" else torch.where(edited, math.nan, rewards)
         pool = torch.cat([kept_originals, moved_pool], 1)
@@ -513,8 +529,18 @@ class VGFTrainer(Trainer):
                  "pairs": pairs.to(device), "pair_weights": pair_weights.to(device),
                  "completion_start": ro.prompt_ids.shape[1], "num_groups": g}
         with torch.no_grad(), active_adapter(self.model, None):
-            batch["ref_logps"] = completion_logps(self.model, batch["input_ids"], batch["attention_mask"],
-                                                  batch["completion_start"])
+            logits = completion_logits(self.model, batch["input_ids"], batch["attention_mask"],
+                                       batch["completion_start"]).float()
+        batch["ref_logps"] = selective_log_softmax(logits, batch["input_ids"][:, batch["completion_start"]:])
+        if teacher is not None:
+            base = torch.log_softmax(logits / args.temperature, -1).cpu()
+            from_moved = rows[:, 1] >= n
+            targets = base.to(teacher.dtype)
+            targets[from_moved] = teacher[rows[from_moved, 0], rows[from_moved, 1] - n]
+            if from_moved.any():  # how far from the base the distributions taught are, per sequence
+                kl = token_kl(targets[from_moved], base[from_moved]) * completion_mask[from_moved]
+                self._metrics["distill/teacher_kl"].append(float(kl.sum(-1).mean()))
+            batch["teacher_logps"] = targets.to(device)
         return batch
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -522,9 +548,15 @@ class VGFTrainer(Trainer):
         plus ``edit_pair_weight`` times the minimal-pair loss -log sigmoid(beta * (log-ratio to the base of the
         transported particle - that of its original)), both averaged over the groups."""
         with self._timed("distill"), active_adapter(self.accelerator.unwrap_model(model), POLICY):
-            logps = completion_logps(model, inputs["input_ids"], inputs["attention_mask"], inputs["completion_start"])
+            logits = completion_logits(model, inputs["input_ids"], inputs["attention_mask"],
+                                       inputs["completion_start"]).float()
+        logps = selective_log_softmax(logits, inputs["input_ids"][:, inputs["completion_start"]:])
         mask = inputs["completion_mask"].to(logps.dtype)
-        nll = -(logps * mask).sum(-1) / mask.sum(-1).clamp_min(1)
+        if "teacher_logps" in inputs:  # KL from each row's target distributions, token by token
+            per_token = token_kl(inputs["teacher_logps"], torch.log_softmax(logits / self.args.temperature, -1))
+        else:
+            per_token = -logps
+        nll = (per_token * mask).sum(-1) / mask.sum(-1).clamp_min(1)
         weights = inputs["weights"]
         loss = (weights * nll).sum() / inputs["num_groups"]
         pairs = inputs["pairs"]

@@ -50,6 +50,8 @@ class PrefixSteering:
         self.reference = ReferenceTokens(model, model.get_input_embeddings().weight)
         self.prefix_value: PrefixValue | None = None
         self.last_stats: dict = {}
+        self.keep_logps = False  # set by whoever distils the steered distributions (distill_target='distribution')
+        self.last_logps: torch.Tensor | None = None  # [G, N, T, V] of the last move_and_decode, when kept
 
     @classmethod
     def from_config(cls, model, tokenizer, scorer, config):
@@ -124,14 +126,19 @@ class PrefixSteering:
             finally:
                 handle.remove()
 
+        record = [] if self.keep_logps else None
         out = regenerate(self.model, self.tokenizer.pad_token_id, self.eos, p_ids, p_mask, particles.state["noise"],
-                         self.temperature, steering)
+                         self.temperature, steering, record)
         new_mask = completion_mask_from_ids(out, self.eos, self.tokenizer.pad_token_id)
         new_ids = torch.where(movable[:, None], out, ids)
         new_mask = torch.where(movable[:, None], new_mask, cmask)
         new_ids = torch.where(new_mask.bool(), new_ids, torch.full_like(new_ids, self.tokenizer.pad_token_id))
         disp = (disp_sum / moved_steps.clamp_min(1)).reshape(g, n)
         self.last_stats = {"moved_positions": float(moved_steps.sum()), "prefix_cv_corr": pv.cv_corr}
+        if record is not None:  # decoding stops once every row is done: the later positions are all padding
+            logps = torch.stack(record, 1)
+            logps = torch.nn.functional.pad(logps, (0, 0, 0, t - logps.shape[1]))
+            self.last_logps = logps.reshape(g, n, t, -1)
         return new_ids.reshape(g, n, t), new_mask.reshape(g, n, t), disp, concat_traces(traces, g, n)
 
 

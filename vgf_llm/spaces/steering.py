@@ -67,10 +67,13 @@ def posterior_noise(reference: ReferenceTokens, rollouts: Rollouts, temperature:
 
 
 @torch.no_grad()
-def regenerate(model, pad_id: int, eos: set[int], p_ids, p_mask, noise, temperature: float, steering) -> torch.Tensor:
+def regenerate(model, pad_id: int, eos: set[int], p_ids, p_mask, noise, temperature: float, steering,
+               record: list | None = None) -> torch.Tensor:
     """[B, T] tokens: argmax(logits / temperature + noise[:, t]) step by step with a KV cache, the reference
     (adapters off) running under ``steering(step, done)`` (a context manager per forward call: step 0 is the
-    prompt pass; ``done`` [B] marks rows already past their EOS); after a row's EOS its tokens are padding."""
+    prompt pass; ``done`` [B] marks rows already past their EOS); after a row's EOS its tokens are padding.
+    ``record``: a list each step's [B, V] distribution the token was drawn from, log_softmax(logits /
+    temperature) in bfloat16, is appended to (the steered model's own next-token distributions)."""
     device = model.device
     b, t = noise.shape[:2]
     out = torch.full((b, t), pad_id, dtype=torch.long)
@@ -82,7 +85,10 @@ def regenerate(model, pad_id: int, eos: set[int], p_ids, p_mask, noise, temperat
                      position_ids=(mask.cumsum(-1) - 1).clamp_min(0), use_cache=True)
     cache = step.past_key_values
     for pos in range(t):
-        logits = step.logits[:, -1].float().cpu() / temperature + noise[:, pos]
+        scaled = step.logits[:, -1].float().cpu() / temperature
+        if record is not None:
+            record.append(torch.log_softmax(scaled, -1).to(torch.bfloat16))
+        logits = scaled + noise[:, pos]
         token = torch.where(done, torch.full((b,), pad_id), logits.argmax(-1))
         out[:, pos] = token
         done |= torch.isin(token, eos)
