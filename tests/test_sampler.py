@@ -51,7 +51,8 @@ def test_sampler_moves_particles_and_reports_every_field(value_sampler_parts, de
     sampler = VGFSampler(model, tok, vm, config, progress=False)
     results = sampler.sample(PROMPTS, seed=1)
     steps = sampler.last_trace.values.shape[0]  # per-step steering: 3 transport steps at every generated token
-    assert len(results) == len(PROMPTS) and (steps == 3 if decoder != "steer_prefix" else steps % 3 == 0 < steps - 3)
+    expected = {"steer_prefix": steps % 3 == 0 < steps - 3, "tilt_prefix": steps == 0}  # the tilt: closed form
+    assert len(results) == len(PROMPTS) and expected.get(decoder, steps == 3)
     for r in results:
         assert len(r.particles) == 4 and 0 <= r.chosen < 4
         scores = [p.score_after for p in r.particles] + [p.score_before for p in r.particles]

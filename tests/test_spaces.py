@@ -80,8 +80,8 @@ def test_make_space_builds_every_named_space_from_a_config(tiny_lm, tokenizer):
         config = SamplerConfig(decoder=name, decoder_topk=3, max_edits=2, steer_layer=1)
         space = make_space(name, tiny_lm, tokenizer, vm, config)
         assert isinstance(space, cls)
-        if name in ("steer", "steer_prefix"):
-            assert space.steer_layer == 1
+        if name in ("steer", "steer_prefix", "tilt_prefix"):
+            assert space.steer_layer == 1 and getattr(space, "topk", 3) == 3
         else:
             assert space.max_edits == 2 and space.reference.k == 3
     with pytest.raises(ValueError, match="choose one of"):
@@ -443,6 +443,64 @@ def test_prefix_steering_moves_the_decoded_tokens_towards_the_preferred_token(sh
     up = [count(1.0, s) for s in (0.5, 2.0)]
     assert original <= up[0] <= up[1] and up[1] > original + 10, (original, up)
     assert count(-1.0, 2.0) <= original  # against the value: the token gets rarer
+
+
+def test_prefix_tilt_reads_each_candidates_value_at_its_own_position(tiny_lm, tokenizer, rollouts):
+    """Q(v) of a candidate token is the prefix value of the state at v's own position when the prefix is extended
+    by v: the same number ``prefix_states`` reads teacher-forced; the KV cache it was given is left as it was."""
+    from vgf_llm.prefix_value import prefix_states
+    from vgf_llm.spaces import PrefixTilt
+
+    space = PrefixTilt(tiny_lm, tokenizer, None, steer_layer=2, topk=4)
+    space.prefix_value = favourite_prefix_value(tiny_lm, 20, layer=2)
+    p_ids, p_mask, ids, mask = rollouts.flat()
+    rows, k = torch.arange(4), 3  # prefix: the prompt and the first k response tokens
+    am = torch.cat([p_mask[rows], mask[rows, :k]], 1)
+    with torch.no_grad():
+        out = tiny_lm(input_ids=torch.cat([p_ids[rows], ids[rows, :k]], 1), attention_mask=am,
+                      position_ids=(am.cumsum(-1) - 1).clamp_min(0), use_cache=True)
+    cache = out.past_key_values
+    before = cache.get_seq_length()
+    candidates = torch.tensor([[20, 7, 11], [5, 20, 9], [30, 31, 32], [20, 20, 4]])
+    q = space.candidate_values(cache, am, candidates)
+    assert cache.get_seq_length() == before
+    for r in range(4):
+        for c in range(3):
+            ext = torch.cat([ids[r, :k], candidates[r, c:c + 1], torch.tensor([0])])[None]
+            states, _ = prefix_states(tiny_lm, 2, p_ids[r:r + 1], p_mask[r:r + 1], ext, torch.ones_like(ext))
+            torch.testing.assert_close(q[r, c], space.prefix_value(states[k + 1:k + 2].float())[0], rtol=1e-4,
+                                       atol=1e-4)
+
+
+def test_prefix_tilt_reproduces_at_zero_and_tilts_towards_the_valued_token(tiny_lm, tokenizer, rollouts):
+    """eta = 0 regenerates the reference samples; a positive budget makes the valued token more frequent, a
+    negative value never does; the displacement is the KL the tokens were drawn under, 0 at eta 0 and growing with
+    it; the kept distributions are the tilted ones (each token is the Gumbel-max of its kept distribution)."""
+    from vgf_llm.prefix_value import PrefixValue
+    from vgf_llm.spaces import PrefixTilt
+
+    favourite, d = 20, tiny_lm.config.hidden_size
+    e = tiny_lm.get_input_embeddings().weight[favourite].detach().float()
+    space = PrefixTilt(tiny_lm, tokenizer, None, steer_layer=1, topk=tiny_lm.config.vocab_size)
+    space.keep_logps = True
+
+    def run(sign: float, eta: float):  # layer 1 still carries the token's embedding: Q(favourite) is about 10 sign
+        space.prefix_value = PrefixValue(layer=1, weight=sign * 10 * e / (e @ e), bias=0.0, mean=torch.zeros(d),
+                                         std=torch.ones(d))
+        particles = space.lift(rollouts)
+        ids, mask, disp, _ = space.move_and_decode(particles, dict(steps=1, step_size=eta))
+        drawn = (space.last_logps.float() + particles.state["noise"].reshape(*ids.shape, -1)).argmax(-1)
+        assert float((drawn == ids)[mask.bool()].float().mean()) > 0.95
+        return int(((ids == favourite) & mask.bool()).sum()), float(disp.mean()), ids, mask
+
+    original = int(((rollouts.completion_ids == favourite) & rollouts.completion_mask.bool()).sum())
+    count0, kl0, ids0, mask0 = run(1.0, 0.0)
+    assert count0 == original and kl0 == 0
+    assert torch.equal(ids0, rollouts.completion_ids) and torch.equal(mask0, rollouts.completion_mask)
+    small, big = run(1.0, 0.2), run(1.0, 1.0)
+    assert original <= small[0] <= big[0] and big[0] > original + 10, (original, small[0], big[0])
+    assert 0 < small[1] < big[1]
+    assert run(-1.0, 1.0)[0] <= original
 
 
 def test_the_sampler_runs_prefix_steering_and_fits_the_prefix_value_to_the_scorer(tiny_lm, tokenizer):

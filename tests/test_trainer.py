@@ -50,7 +50,9 @@ def logged(tr: VGFTrainer) -> dict:
                                             ("steer", dict(transport_steps=4, transport_step_size=1.0,
                                                            steer_layer=1)),
                                             ("steer_prefix", dict(transport_steps=1, transport_step_size=1.0,
-                                                                  steer_layer=1))])
+                                                                  steer_layer=1)),
+                                            ("tilt_prefix", dict(transport_steps=1, transport_step_size=20.0,
+                                                                 steer_layer=1, decoder_topk=32))])
 def test_every_sampler_decoder_trains(tiny_lm_dir, standard_prompts, tmp_path, decoder, budget):
     """The trainer takes the sampler's particle spaces by name; each runs inside a training step and edits some
     particles (steering vectors through the model's own re-generation)."""
@@ -392,9 +394,9 @@ def test_the_tilted_target_keeps_only_edits_that_pay_for_their_likelihood(tiny_l
     seen = {}
     original_targets = tr._targets
 
-    def capture(ro, moved, rewards, moved_values, changed):
+    def capture(ro, moved, rewards, moved_values, changed, teacher=None):
         seen.update(ro=ro, moved=moved, rewards=rewards, moved_values=moved_values, changed=changed)
-        return original_targets(ro, moved, rewards, moved_values, changed)
+        return original_targets(ro, moved, rewards, moved_values, changed, teacher)
 
     tr._targets = capture
     _one_batch(tr, [dict(r) for r in standard_prompts.select(range(2))])

@@ -43,14 +43,16 @@ class TransportConfig:
         "help": "Cap on each particle row's displacement (None: no cap)."})
     repulsion: bool = field(default=True, metadata={"help": "Keep SVGD's repulsive kernel term."})
     # -- particle space / decoder ----------------------------------------------------------------------------
-    decoder: Literal["verified", "reference_gain", "soft_topk", "steer", "steer_prefix"] = field(
+    decoder: Literal["verified", "reference_gain", "soft_topk", "steer", "steer_prefix", "tilt_prefix"] = field(
         default="verified", metadata={
             "help": "Particle space and decoder: 'verified' (transport proposes reference top-k swaps, the scorer "
                     "checks them on real tokens), 'reference_gain' (the swaps with the largest first-order gain), "
                     "'soft_topk' (particles are logits over each position's reference top-k), 'steer' (a "
                     "hidden-state vector the model generates from again, under each sample's own noise), "
                     "'steer_prefix' (the hidden state itself, moved at every generated token along a prefix value "
-                    "read at that layer)."})
+                    "read at that layer), 'tilt_prefix' (the next-token logits of the decoder_topk candidates, "
+                    "moved at every generated token by steps x step size x their prefix value: an exponential "
+                    "tilt, the budget in nats per unit of value)."})
     decoder_topk: int = field(default=8, metadata={"help": "Reference top-k candidates per position."})
     max_edits: int = field(default=5, metadata={
         "help": "Token edits per particle (reference_gain, soft_topk); rounds of checked edits (verified)."})
@@ -59,8 +61,9 @@ class TransportConfig:
     verify_candidates: int = field(default=4, metadata={
         "help": "verified: swaps checked with real scorer passes per particle and round."})
     steer_layer: int | None = field(default=None, metadata={
-        "help": "steer, steer_prefix: the decoder layer whose output the particle shifts (default: half the value "
-                "model's depth; steer_prefix: half the model's)."})
+        "help": "steer, steer_prefix, tilt_prefix: the decoder layer whose output the particle shifts or the "
+                "prefix value reads (default: half the value model's depth; steer_prefix, tilt_prefix: half the "
+                "model's)."})
 
     def __post_init__(self):
         if self.decoder not in DECODERS:
