@@ -287,3 +287,22 @@ def test_edits_records_every_kept_edit_with_its_rewards(tiny_lm_dir, tiny_reward
     for e in out["edits"]:
         assert e["transported"] != e["original"] and e["reward_after"] > e["reward_before"]
         assert 0.0 <= e["gold_before"] <= 1.0 and 0.0 <= e["gold_after"] <= 1.0
+
+
+def test_transport_kl_measures_the_particles_kl_and_gold_against_best_of_n(tiny_lm_dir, tiny_reward_model_dir,
+                                                                            tmp_path):
+    """The probe runs both decode-time spaces on the same rollouts: their KL is exact (0 where nothing moved, > 0
+    once the budget moves anything), the gold before transport is the same for every configuration, and the table's
+    best-of-N rows come from those same samples."""
+    import transport_kl
+
+    out = transport_kl.main(["--model", str(tiny_lm_dir), "--reward_model", str(tiny_reward_model_dir), "--layer", "1",
+                             "--configs", "tilt_prefix:0,tilt_prefix:50,steer_prefix:2", "--steps", "2",
+                             "--max_completion_length", "6", "--threads", "1", "--out_dir", str(tmp_path)])
+    saved = json.loads((tmp_path / "transport_kl.json").read_text())
+    assert [r["budget"] for r in saved["runs"]] == [0.0, 50.0, 2.0]
+    zero, tilt, steer = (r["summary"] for r in out["runs"])
+    assert zero["kl_per_sequence"] == pytest.approx(0.0, abs=1e-2) and zero["tokens_changed"] == 0
+    assert tilt["kl_per_sequence"] > 0.01 and steer["kl_per_sequence"] > 0.01
+    assert zero["gold_before"] == tilt["gold_before"] == steer["gold_before"]
+    assert set(saved["best_of_gold"]) == {"2", "4", "8"} and all(0 <= v <= 1 for v in saved["best_of_gold"].values())
