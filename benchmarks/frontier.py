@@ -52,13 +52,14 @@ ROOT = Path(__file__).resolve().parent
 # the distillation loss (distill_baseline), vgf_steer_prefix_distribution distils the steered next-token
 # distributions instead of the sampled tokens (distill_target='distribution'), vgf_tilt_prefix tilts the top-k
 # next-token logits at every token by eta x their prefix value (decoder='tilt_prefix', eta = --tilt_eta; with
-# _distribution: the tilted distributions distilled), grpo_kl is GRPO with a KL penalty
+# _distribution: the tilted distributions distilled), vgf_tilt_reward tilts them by the proxy reward model's score of
+# each candidate continuation (decoder='tilt_reward', eta = --tilt_reward_eta), grpo_kl is GRPO with a KL penalty
 # (--grpo_beta). A VGF arm followed by
 # ':<step size>' (e.g. vgf_steer_prefix:0.1) is a point of a budget sweep: the arm with another transport_step_size.
 ARMS = {"vgf": "vgf", "vgf_pairs": "vgf", "vgf_tilted": "vgf", "vgf_tilted_baseline": "vgf", "vgf_steer": "vgf",
         "vgf_steer_ridge": "vgf", "vgf_steer_prefix": "vgf", "vgf_steer_prefix_baseline": "vgf",
         "vgf_steer_prefix_distribution": "vgf", "vgf_tilt_prefix": "vgf", "vgf_tilt_prefix_distribution": "vgf",
-        "bon": "bon",
+        "vgf_tilt_reward": "vgf", "vgf_tilt_reward_distribution": "vgf", "bon": "bon",
         "bon_baseline": "bon", "grpo": "grpo", "grpo_kl": "grpo"}
 LABELS = {"vgf": "VGF (transport)", "vgf_pairs": "VGF + edit pairs", "vgf_tilted": "VGF, tilted target",
           "vgf_steer": "VGF, steering vectors", "vgf_steer_ridge": "VGF, steering vectors, ridge value",
@@ -68,13 +69,16 @@ LABELS = {"vgf": "VGF (transport)", "vgf_pairs": "VGF + edit pairs", "vgf_tilted
           "vgf_steer_prefix_distribution": "VGF, per-step steering, distributions distilled",
           "vgf_tilt_prefix": "VGF, per-token logit tilt, prefix value",
           "vgf_tilt_prefix_distribution": "VGF, per-token logit tilt, distributions distilled",
+          "vgf_tilt_reward": "VGF, per-token logit tilt, reward model",
+          "vgf_tilt_reward_distribution": "VGF, per-token logit tilt, reward model, distributions distilled",
           "bon_baseline": "best-of-N distil, sample baseline",
           "bon": "VGF budget 0 (best-of-N distil)", "grpo": "TRL GRPO (beta 0)", "grpo_kl": "TRL GRPO (beta > 0)"}
 COLORS = {"vgf": "tab:blue", "vgf_pairs": "tab:purple", "vgf_tilted": "tab:cyan", "vgf_steer": "tab:red",
           "vgf_steer_ridge": "tab:brown", "vgf_steer_prefix": "tab:pink", "bon": "tab:orange", "grpo": "tab:green",
           "grpo_kl": "tab:olive", "vgf_tilted_baseline": "navy", "vgf_steer_prefix_baseline": "purple",
           "bon_baseline": "tab:gray", "vgf_steer_prefix_distribution": "black",
-          "vgf_tilt_prefix": "gold", "vgf_tilt_prefix_distribution": "darkgoldenrod"}
+          "vgf_tilt_prefix": "gold", "vgf_tilt_prefix_distribution": "darkgoldenrod",
+          "vgf_tilt_reward": "crimson", "vgf_tilt_reward_distribution": "darkred"}
 
 
 def split_arm(arm: str) -> tuple[str, float | None]:
@@ -106,7 +110,7 @@ def eval_rewards(s: arms.ArmSettings) -> dict:
 
 def arm_settings(s: arms.ArmSettings, arm: str, grpo_beta: float, pairs: dict,
                  steer_step_size: float = 0.2, prefix: tuple[int, float] = (15, 0.05),
-                 tilt_eta: float = 1.0) -> arms.ArmSettings:
+                 tilt_eta: tuple[float, float] = (0.3, 1.0)) -> arms.ArmSettings:
     """The shared settings with what ``arm`` changes (``pairs``: the vgf_pairs arm's ``edit_pair_*`` fields). Every
     VGF arm names its pair loss and transport target, so a change of VGFConfig's defaults changes no arm."""
     arm, step = split_arm(arm)
@@ -131,9 +135,11 @@ def arm_settings(s: arms.ArmSettings, arm: str, grpo_beta: float, pairs: dict,
                     value_buffer_steps=8)
         vgf |= {"steer_layer": prefix[0]}
     if arm.startswith("vgf_tilt_prefix"):  # the same prefix value; eta in nats per unit of reward, over the top 8
-        s = replace(s, decoder="tilt_prefix", transport_steps=1, transport_step_size=tilt_eta, decoder_topk=8,
+        s = replace(s, decoder="tilt_prefix", transport_steps=1, transport_step_size=tilt_eta[0], decoder_topk=8,
                     value_buffer_steps=8)
         vgf |= {"steer_layer": prefix[0]}
+    if arm.startswith("vgf_tilt_reward"):  # eta in nats per unit of the proxy's score, over the top 8 tokens
+        s = replace(s, decoder="tilt_reward", transport_steps=1, transport_step_size=tilt_eta[1], decoder_topk=8)
     if arm.endswith("_distribution"):
         vgf |= {"distill_target": "distribution"}
     if step is not None:
@@ -462,8 +468,10 @@ def main(argv=None) -> dict:
     p.add_argument("--prefix_layer", type=int, default=15, help="The vgf_steer_prefix arm's steer_layer.")
     p.add_argument("--prefix_step_size", type=float, default=0.05,
                    help="The vgf_steer_prefix arm's step per generated token (standard deviations per unit).")
-    p.add_argument("--tilt_eta", type=float, default=1.0,
+    p.add_argument("--tilt_eta", type=float, default=0.3,
                    help="The vgf_tilt_prefix arms' budget: nats of logit per unit of prefix value, at every token.")
+    p.add_argument("--tilt_reward_eta", type=float, default=1.0,
+                   help="The vgf_tilt_reward arms' budget: nats of logit per unit of the proxy's score, per token.")
     p.add_argument("--matched_kl", default="0.5,1.0", help="KL levels (per sequence) of the matched-KL table.")
     p.add_argument("--reward_model", default=arms.PROXY_REWARD_MODEL, help="Proxy reward model (helpful task).")
     p.add_argument("--scorer", default=None, choices=["value", "reward_model"],
@@ -521,7 +529,7 @@ def main(argv=None) -> dict:
     results = {"settings": base_settings.as_dict(), "arms": chosen, "seeds": seeds, "checkpoints": checkpoints,
                "eval_prompts": a.eval_prompts, "samples": a.samples, "grpo_beta": a.grpo_beta,
                "edit_pairs": pairs, "steer_step_size": a.steer_step_size,
-               "prefix": [a.prefix_layer, a.prefix_step_size], "tilt_eta": a.tilt_eta,
+               "prefix": [a.prefix_layer, a.prefix_step_size], "tilt_eta": [a.tilt_eta, a.tilt_reward_eta],
                "matched_kl_levels": [float(x) for x in a.matched_kl.split(",") if x.strip()],
                "machine": arms.machine_info(),
                "command": "python benchmarks/frontier.py " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -545,7 +553,7 @@ def main(argv=None) -> dict:
                     print(f"[frontier] {arm} seed {seed}: kept from the earlier run", flush=True)
                     continue
                 s = arm_settings(replace(base_settings, seed=seed), arm, a.grpo_beta, pairs, a.steer_step_size,
-                                 (a.prefix_layer, a.prefix_step_size), a.tilt_eta)
+                                 (a.prefix_layer, a.prefix_step_size), (a.tilt_eta, a.tilt_reward_eta))
                 folder = root / f"{arm}-seed{seed}"
                 print(f"[frontier] {arm} seed {seed}: training {max(checkpoints)} steps ...", flush=True)
                 r = run(train_with_checkpoints, s, arm, str(folder), checkpoints, a.threads)

@@ -3,13 +3,14 @@ were drawn from, next to best-of-N on the same samples.
 
 A trained policy can at best become the distribution its targets come from, so a transport that spends many nats
 for little reward cannot give a good reward-KL frontier however it is distilled. For the particle spaces that move
-while the model decodes (``steer_prefix``, ``tilt_prefix``) the KL is exact along each particle: the sum over its
-tokens of KL(the distribution its token was drawn from || the base's, teacher-forced). It runs the trainer's step
-(rollouts, proxy rewards, prefix-value refit on the buffer, transport, re-scoring) on ``--steps`` batches of train
-prompts without updating the policy, as ``edits.py`` does; every configuration sees the same rollouts (same seed).
-The best-of-N rows select by the proxy among each prompt's first N samples (analytic KL log N - (N-1)/N).
+while the model decodes (``steer_prefix``, ``tilt_prefix``, ``tilt_reward``) the KL is exact along each particle:
+the sum over its tokens of KL(the distribution its token was drawn from || the base's, teacher-forced). It runs the
+trainer's step (rollouts, proxy rewards, prefix-value refit on the buffer, transport, re-scoring) on ``--steps``
+batches of train prompts without updating the policy, as ``edits.py`` does; every configuration sees the same
+rollouts (same seed). The best-of-N rows select by the proxy among each prompt's first N samples (analytic KL
+log N - (N-1)/N).
 
-    python benchmarks/transport_kl.py --configs steer_prefix:0.2,tilt_prefix:1,tilt_prefix:3 --steps 4
+    python benchmarks/transport_kl.py --configs steer_prefix:0.2,tilt_prefix:0.3,tilt_reward:1 --steps 8
 
 Writes ``<out_dir>/transport_kl.json`` and prints a table.
 """
@@ -30,7 +31,7 @@ import arms  # noqa: E402
 import frontier  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
-ARM_OF = {"steer_prefix": "vgf_steer_prefix", "tilt_prefix": "vgf_tilt_prefix"}
+ARM_OF = {"steer_prefix": "vgf_steer_prefix", "tilt_prefix": "vgf_tilt_prefix", "tilt_reward": "vgf_tilt_reward"}
 
 
 def measure(s: arms.ArmSettings, decoder: str, budget: float, steps: int, layer: int) -> dict:
@@ -43,7 +44,7 @@ def measure(s: arms.ArmSettings, decoder: str, budget: float, steps: int, layer:
     from vgf_llm.rewards import gold_helpful, reward_texts
     from vgf_llm.value import active_adapter
 
-    s = frontier.arm_settings(s, ARM_OF[decoder], 0.0, {}, prefix=(layer, budget), tilt_eta=budget)
+    s = frontier.arm_settings(s, ARM_OF[decoder], 0.0, {}, prefix=(layer, budget), tilt_eta=(budget, budget))
     out = []
     with tempfile.TemporaryDirectory() as tmp:
         trainer = arms.vgf_trainer(s, "vgf", tmp, steps=steps)
@@ -109,7 +110,7 @@ def summary(run: dict, skip: int) -> dict:
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--configs", default="steer_prefix:0.2,tilt_prefix:1,tilt_prefix:3",
-                   help="Comma list of <decoder>:<budget> (steer_prefix: step per token; tilt_prefix: eta).")
+                   help="Comma list of <decoder>:<budget> (steer_prefix: step per token; tilt_*: eta).")
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--skip", type=int, default=1, help="Leading steps left out of the summary (prefix value warm-up).")
     p.add_argument("--layer", type=int, default=15, help="The prefix value's decoder layer.")

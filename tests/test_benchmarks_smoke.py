@@ -220,12 +220,15 @@ def test_frontier_baseline_arms_are_their_plain_arms_plus_the_sample_baseline():
     plain = frontier.arm_settings(s, "vgf_steer_prefix", 0.04, {}, prefix=(15, 0.2))
     assert (plain.transport_step_size, swept.transport_step_size) == (0.2, 0.4)
     assert replace(swept, transport_step_size=0.2) == plain and "step 0.4" in frontier.arm_label("vgf_steer_prefix:0.4")
-    for plain in ("vgf_steer_prefix", "vgf_tilt_prefix"):  # the _distribution arms only change the target
-        a, b = (frontier.arm_settings(s, arm, 0.04, {}, tilt_eta=2.0) for arm in (plain, plain + "_distribution"))
+    for plain in ("vgf_steer_prefix", "vgf_tilt_prefix", "vgf_tilt_reward"):  # _distribution: only the target
+        a, b = (frontier.arm_settings(s, arm, 0.04, {}, tilt_eta=(2.0, 3.0))
+                for arm in (plain, plain + "_distribution"))
         assert b.extra == a.extra | {"distill_target": "distribution"} and replace(b, extra={}) == replace(a, extra={})
-    tilt = frontier.arm_settings(s, "vgf_tilt_prefix", 0.04, {}, prefix=(15, 0.2), tilt_eta=2.0)
+    tilt = frontier.arm_settings(s, "vgf_tilt_prefix", 0.04, {}, prefix=(15, 0.2), tilt_eta=(2.0, 3.0))
     assert (tilt.decoder, tilt.transport_steps, tilt.transport_step_size, tilt.extra["steer_layer"]) == (
         "tilt_prefix", 1, 2.0, 15)
+    tilt = frontier.arm_settings(s, "vgf_tilt_reward", 0.04, {}, prefix=(15, 0.2), tilt_eta=(2.0, 3.0))
+    assert (tilt.decoder, tilt.transport_steps, tilt.transport_step_size) == ("tilt_reward", 1, 3.0)
     for bad in ("bon:0.1", "vgf:abc", "vgf:-1", "nope:0.1"):  # refused before any training
         with pytest.raises(SystemExit):
             frontier.main(["--arms", bad])
@@ -236,7 +239,7 @@ def test_frontier_tiny(tiny_lm_dir, tiny_reward_model_dir, tmp_path):
 
     frontier.main(["--tiny", "--inline", "--model", str(tiny_lm_dir), "--reward_model", str(tiny_reward_model_dir),
                    "--arms", "vgf,vgf_pairs,vgf_tilted,vgf_steer,vgf_steer_ridge,vgf_steer_prefix,"
-                   "vgf_tilt_prefix_distribution,bon,grpo,grpo_kl",
+                   "vgf_tilt_prefix_distribution,vgf_tilt_reward,bon,grpo,grpo_kl",
                    "--seeds", "0,1", "--out_dir", str(tmp_path), "--name", "smoke"])
     saved = json.loads((tmp_path / "smoke.json").read_text())
     assert saved["partial"] is False
@@ -245,7 +248,7 @@ def test_frontier_tiny(tiny_lm_dir, tiny_reward_model_dir, tmp_path):
     assert math.isfinite(saved["base"]["sampled_proxy"])  # the proxy reward model every arm trains on
     assert saved["best_of_n"]["2"]["kl_per_sequence"] == pytest.approx(math.log(2) - 0.5)
     for arm in ("vgf", "vgf_pairs", "vgf_tilted", "vgf_steer", "vgf_steer_ridge", "vgf_steer_prefix",
-                "vgf_tilt_prefix_distribution", "bon", "grpo", "grpo_kl"):
+                "vgf_tilt_prefix_distribution", "vgf_tilt_reward", "bon", "grpo", "grpo_kl"):
         runs = saved["runs"][arm]
         assert [r["seed"] for r in runs] == [0, 1], arm
         for r in runs:
@@ -254,7 +257,7 @@ def test_frontier_tiny(tiny_lm_dir, tiny_reward_model_dir, tmp_path):
                 assert sc["kl_per_sequence"] >= 0 and 0.0 <= sc["sampled_gold"] <= 1.0, arm
             assert r["completions_generated"] == 2 * 2 * 2, arm
         assert saved["summary"][arm]["2"]["seeds"] == 2, arm
-    for arm in ("vgf_steer", "vgf_steer_ridge", "vgf_steer_prefix", "vgf_tilt_prefix_distribution"):
+    for arm in ("vgf_steer", "vgf_steer_ridge", "vgf_steer_prefix", "vgf_tilt_prefix_distribution", "vgf_tilt_reward"):
         steer_log = [h for h in saved["runs"][arm][0]["log_history"] if "transport/displacement" in h]
         assert steer_log and all(h["transport/displacement"] > 0 for h in steer_log), arm  # the vectors moved
     for arm in ("vgf_steer_ridge", "vgf_steer_prefix", "vgf_tilt_prefix_distribution"):  # the head is refitted

@@ -44,14 +44,21 @@ def test_budget_zero_equals_best_of_n(value_sampler_parts):
 
 
 @pytest.mark.parametrize("decoder", DECODERS)
-def test_sampler_moves_particles_and_reports_every_field(value_sampler_parts, decoder):
+def test_sampler_moves_particles_and_reports_every_field(value_sampler_parts, decoder, tiny_reward_model_dir):
     model, tok, vm = value_sampler_parts
+    if decoder == "tilt_reward":  # the reward model is its own value of each candidate token
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        from vgf_llm.value import RewardModelScorer
+
+        vm = RewardModelScorer(AutoModelForSequenceClassification.from_pretrained(tiny_reward_model_dir),
+                               AutoTokenizer.from_pretrained(tiny_reward_model_dir), tok)
     config = SamplerConfig(num_generations=4, max_completion_length=10, generation_batch_size=8, transport_steps=3,
                            transport_step_size=2.0, transport_alpha=0.01, decoder=decoder, verify_top=None)
     sampler = VGFSampler(model, tok, vm, config, progress=False)
     results = sampler.sample(PROMPTS, seed=1)
     steps = sampler.last_trace.values.shape[0]  # per-step steering: 3 transport steps at every generated token
-    expected = {"steer_prefix": steps % 3 == 0 < steps - 3, "tilt_prefix": steps == 0}  # the tilt: closed form
+    expected = {"steer_prefix": steps % 3 == 0 < steps - 3, "tilt_prefix": steps == 0, "tilt_reward": steps == 0}
     assert len(results) == len(PROMPTS) and expected.get(decoder, steps == 3)
     for r in results:
         assert len(r.particles) == 4 and 0 <= r.chosen < 4

@@ -74,13 +74,25 @@ def test_reference_candidates_put_the_original_first_and_never_propose_specials(
     assert set(reference.topk(ids[:1], p_ids[:1], p_mask[:1])[0, 0].tolist()) == set(logits.topk(5).indices.tolist())
 
 
-def test_make_space_builds_every_named_space_from_a_config(tiny_lm, tokenizer):
+def reward_scorer(tiny_reward_model_dir, tokenizer):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from vgf_llm.value import RewardModelScorer
+
+    return RewardModelScorer(AutoModelForSequenceClassification.from_pretrained(tiny_reward_model_dir),
+                             AutoTokenizer.from_pretrained(tiny_reward_model_dir), tokenizer)
+
+
+def test_make_space_builds_every_named_space_from_a_config(tiny_lm, tokenizer, tiny_reward_model_dir):
     vm = ValueModel(tiny_lm, ValueModelConfig(lora_r=4))
+    rm = reward_scorer(tiny_reward_model_dir, tokenizer)
     for name, cls in SPACES.items():
         config = SamplerConfig(decoder=name, decoder_topk=3, max_edits=2, steer_layer=1)
-        space = make_space(name, tiny_lm, tokenizer, vm, config)
+        space = make_space(name, tiny_lm, tokenizer, rm if name == "tilt_reward" else vm, config)
         assert isinstance(space, cls)
-        if name in ("steer", "steer_prefix", "tilt_prefix"):
+        if name == "tilt_reward":
+            assert space.topk == 3 and space.reward_model is rm.model
+        elif name in ("steer", "steer_prefix", "tilt_prefix"):
             assert space.steer_layer == 1 and getattr(space, "topk", 3) == 3
         else:
             assert space.max_edits == 2 and space.reference.k == 3
@@ -501,6 +513,47 @@ def test_prefix_tilt_reproduces_at_zero_and_tilts_towards_the_valued_token(tiny_
     assert original <= small[0] <= big[0] and big[0] > original + 10, (original, small[0], big[0])
     assert 0 < small[1] < big[1]
     assert run(-1.0, 1.0)[0] <= original
+
+
+def test_reward_tilt_scores_each_candidate_as_the_reward_model_scores_the_whole_text(tiny_lm, tokenizer, rollouts,
+                                                                                     tiny_reward_model_dir):
+    """tilt_reward: at every step Q(v) is the reward model's score of the prompt and the response so far extended
+    by v, computed on the reward model's own cache along the particle (checked against scoring the whole text);
+    eta = 0 regenerates the reference samples with zero KL; a budget raises the reward model's mean score of the
+    particles; a value-model scorer is refused."""
+    from vgf_llm.spaces import RewardTilt
+
+    rm = reward_scorer(tiny_reward_model_dir, tokenizer)
+    space = RewardTilt(tiny_lm, tokenizer, rm, topk=16)
+    seen = []
+    values = space.candidate_values
+
+    def checked(cache, mask, candidates, tokens):
+        q = values(cache, mask, candidates, tokens)
+        seen.append((tokens.clone(), candidates.clone(), q))
+        return q
+
+    space.candidate_values = checked
+    particles = space.lift(rollouts)
+    p_ids, p_mask, ids, mask = rollouts.flat()
+    ids0, mask0, kl0, _ = space.move_and_decode(particles, dict(steps=1, step_size=0.0))
+    assert torch.equal(ids0, rollouts.completion_ids) and torch.equal(mask0, rollouts.completion_mask)
+    assert float(kl0.abs().max()) == 0 and not seen  # eta 0 reads no values
+    moved, moved_mask, kl, _ = space.move_and_decode(particles, dict(steps=1, step_size=30.0))
+    assert len(seen) >= 3 and (kl > 0).all()
+    for tokens, candidates, q in (seen[0], seen[2]):  # the first step (prompt only) and a later one
+        row, t = 1, tokens.shape[1]
+        whole = rm.score_ids(p_ids[row:row + 1].expand(candidates.shape[1], -1),
+                             p_mask[row:row + 1].expand(candidates.shape[1], -1),
+                             torch.cat([tokens[row].expand(candidates.shape[1], t), candidates[row][:, None]], 1),
+                             torch.ones(candidates.shape[1], t + 1, dtype=torch.long))
+        torch.testing.assert_close(q[row], whole.float(), rtol=1e-4, atol=1e-4)
+    g, n, t = moved.shape
+    before = rm.score_ids(p_ids, p_mask, ids, mask).mean()
+    after = rm.score_ids(p_ids, p_mask, moved.reshape(g * n, t), moved_mask.reshape(g * n, t)).mean()
+    assert after > before
+    with pytest.raises(ValueError, match="reward-model scorer"):
+        RewardTilt(tiny_lm, tokenizer, ValueModel(tiny_lm, ValueModelConfig(lora_r=4)))
 
 
 def test_the_sampler_runs_prefix_steering_and_fits_the_prefix_value_to_the_scorer(tiny_lm, tokenizer):

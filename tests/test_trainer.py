@@ -52,10 +52,15 @@ def logged(tr: VGFTrainer) -> dict:
                                             ("steer_prefix", dict(transport_steps=1, transport_step_size=1.0,
                                                                   steer_layer=1)),
                                             ("tilt_prefix", dict(transport_steps=1, transport_step_size=20.0,
-                                                                 steer_layer=1, decoder_topk=32))])
-def test_every_sampler_decoder_trains(tiny_lm_dir, standard_prompts, tmp_path, decoder, budget):
+                                                                 steer_layer=1, decoder_topk=32)),
+                                            ("tilt_reward", dict(transport_steps=1, transport_step_size=30.0,
+                                                                 decoder_topk=32, scorer="reward_model"))])
+def test_every_sampler_decoder_trains(tiny_lm_dir, standard_prompts, tmp_path, decoder, budget,
+                                      tiny_reward_model_dir):
     """The trainer takes the sampler's particle spaces by name; each runs inside a training step and edits some
     particles (steering vectors through the model's own re-generation)."""
+    if budget.get("scorer") == "reward_model":  # tilt_reward reads the reward model itself
+        budget = budget | {"reward_model_path": str(tiny_reward_model_dir)}
     tr = trainer(tiny_lm_dir, standard_prompts, tmp_path, decoder=decoder, max_steps=1, **budget)
     tr.train()
     log = logged(tr)

@@ -101,7 +101,7 @@ class VGFConfig(TransportConfig, TrainingArguments):
     distill_temperature: float = 0.1
     distill_target: str = field(default="tokens", metadata={
         "help": "What each kept response teaches: 'tokens' (cross-entropy of its sampled tokens) or 'distribution' "
-                "(decoder='steer_prefix' or 'tilt_prefix': KL from the full next-token distribution it was decoded "
+                "(decoder='steer_prefix' / 'tilt_*': KL from the full next-token distribution it was decoded "
                 "from, at "
                 "every one of its tokens: the steered model's for a transported particle, the base's for an "
                 "original). The policy then learns the transport's tilt at every token instead of the one token "
@@ -151,11 +151,10 @@ class VGFConfig(TransportConfig, TrainingArguments):
         if self.transport_target == "tilted" and self.transport_verifier != "reward":
             raise ValueError("transport_target='tilted' checks edits with the true reward plus the base's "
                              "log-likelihood: it needs transport_verifier='reward'")
-        if self.distill_target == "distribution" and (self.decoder not in ("steer_prefix", "tilt_prefix")
-                                                      or self.transport_steps < 1):
+        decodes = ("steer_prefix", "tilt_prefix", "tilt_reward")  # the spaces that keep their distributions
+        if self.distill_target == "distribution" and (self.decoder not in decodes or self.transport_steps < 1):
             raise ValueError("distill_target='distribution' distils the distributions the steered model decoded the "
-                             "transported particles from: it needs decoder='steer_prefix' or 'tilt_prefix' and "
-                             "transport_steps >= 1, "
+                             f"transported particles from: it needs decoder in {decodes} and transport_steps >= 1, "
                              f"got decoder={self.decoder!r}, transport_steps={self.transport_steps}")
         if self.edit_pair_weight < 0 or self.edit_pair_beta <= 0:
             raise ValueError(f"edit_pair_weight must be >= 0 and edit_pair_beta > 0, got {self.edit_pair_weight}, "

@@ -43,7 +43,8 @@ class TransportConfig:
         "help": "Cap on each particle row's displacement (None: no cap)."})
     repulsion: bool = field(default=True, metadata={"help": "Keep SVGD's repulsive kernel term."})
     # -- particle space / decoder ----------------------------------------------------------------------------
-    decoder: Literal["verified", "reference_gain", "soft_topk", "steer", "steer_prefix", "tilt_prefix"] = field(
+    decoder: Literal["verified", "reference_gain", "soft_topk", "steer", "steer_prefix", "tilt_prefix",
+                     "tilt_reward"] = field(
         default="verified", metadata={
             "help": "Particle space and decoder: 'verified' (transport proposes reference top-k swaps, the scorer "
                     "checks them on real tokens), 'reference_gain' (the swaps with the largest first-order gain), "
@@ -52,7 +53,8 @@ class TransportConfig:
                     "'steer_prefix' (the hidden state itself, moved at every generated token along a prefix value "
                     "read at that layer), 'tilt_prefix' (the next-token logits of the decoder_topk candidates, "
                     "moved at every generated token by steps x step size x their prefix value: an exponential "
-                    "tilt, the budget in nats per unit of value)."})
+                    "tilt, the budget in nats per unit of value), 'tilt_reward' (the same tilt by the reward "
+                    "model's score of each candidate continuation; needs a reward-model scorer)."})
     decoder_topk: int = field(default=8, metadata={"help": "Reference top-k candidates per position."})
     max_edits: int = field(default=5, metadata={
         "help": "Token edits per particle (reference_gain, soft_topk); rounds of checked edits (verified)."})

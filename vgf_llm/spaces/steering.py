@@ -74,8 +74,8 @@ def regenerate(model, pad_id: int, eos: set[int], p_ids, p_mask, noise, temperat
     prompt pass; ``done`` [B] marks rows already past their EOS); after a row's EOS its tokens are padding.
     ``record``: a list each step's [B, V] distribution the token was drawn from, log_softmax(logits /
     temperature) in bfloat16, is appended to (the steered model's own next-token distributions). ``tilt(logits,
-    cache, mask)``: moves each step's [B, V] logits / temperature before the token is drawn (``mask``: the
-    attention mask so far, ``cache``: the KV cache up to the newest token)."""
+    cache, mask, tokens)``: moves each step's [B, V] logits / temperature before the token is drawn (``mask``: the
+    attention mask so far, ``cache``: the KV cache up to the newest token, ``tokens``: the response so far)."""
     device = model.device
     b, t = noise.shape[:2]
     out = torch.full((b, t), pad_id, dtype=torch.long)
@@ -89,7 +89,7 @@ def regenerate(model, pad_id: int, eos: set[int], p_ids, p_mask, noise, temperat
     for pos in range(t):
         scaled = step.logits[:, -1].float().cpu() / temperature
         if tilt is not None:
-            scaled = tilt(scaled, step.past_key_values, mask)
+            scaled = tilt(scaled, step.past_key_values, mask, out[:, :pos])
         if record is not None:
             record.append(torch.log_softmax(scaled, -1).to(torch.bfloat16))
         logits = scaled + noise[:, pos]
