@@ -362,6 +362,27 @@ def test_generate_with_particles_the_model_decodes(fitted, tiny_lm_dir, prompts_
                  f"--value_model_path {fitted[0]} --top_k 5 --output {out}", capsys, "top_k=0")
 
 
+def test_generate_tilts_the_logits_by_the_reward_model_and_refuses_a_value_model(
+    fitted, tiny_lm_dir, tiny_reward_model_dir, prompts_file, tmp_path, capsys
+):
+    """--decoder tilt_reward: every generated token's top-k logits tilted by the reward model's score of each
+    candidate; the displacement is the KL each particle was drawn under. A value model cannot score candidates."""
+    out = tmp_path / "tilt.jsonl"
+    code, stdout, _ = run_cli(
+        f"generate --model_name_or_path {tiny_lm_dir} --prompts {prompts_file} --num_prompts 3 --decoder tilt_reward "
+        f"--reward_model_path {tiny_reward_model_dir} --num_generations 4 --transport_steps 1 "
+        f"--transport_step_size 30 --decoder_topk 32 --max_completion_length 8 --output {out}",
+        capsys,
+    )
+    assert code == 0, stdout
+    lines = read_jsonl(out)
+    check_result_lines(lines, [row["prompt"] for row in PROMPT_ROWS[:3]], 4)
+    assert all(p["displacement"] > 0 for line in lines for p in line["particles"])
+    assert sum(p["tokens_changed"] for line in lines for p in line["particles"]) > 0
+    expect_error(f"generate --model_name_or_path {tiny_lm_dir} --prompts {prompts_file} --decoder tilt_reward "
+                 f"--value_model_path {fitted[0]} --output {out}", capsys, "reward-model scorer")
+
+
 def test_generate_with_a_reward_model_on_a_task_reports_the_true_reward(
     tiny_lm_dir, tiny_reward_model_dir, tmp_path, capsys
 ):
