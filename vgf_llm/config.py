@@ -105,7 +105,8 @@ class VGFConfig(TransportConfig, TrainingArguments):
                 "from, at "
                 "every one of its tokens: the steered model's for a transported particle, the base's for an "
                 "original). The policy then learns the transport's tilt at every token instead of the one token "
-                "drawn, and is not sharpened on the samples; the budget sets how far that target is from the base."})
+                "drawn, and is not sharpened on the samples; the budget sets how far that target is from the base. "
+                "Memory: the targets are kept as rows x tokens x vocabulary bfloat16 log-probabilities."})
     distill_baseline: bool = field(default=False, metadata={
         "help": "Subtract from each group's weighted cross-entropy the mean cross-entropy of its original samples "
                 "(weights then sum to 0 per group, the low-reward samples' negative). A control variate, as GRPO's "

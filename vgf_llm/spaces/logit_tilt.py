@@ -173,7 +173,7 @@ class RewardTilt(TiltDecoding):
         self.keep_logps = False
         self.last_logps: torch.Tensor | None = None
         self.last_stats: dict = {}
-        self._cache = None
+        self._cache, self._fed = None, 0  # the reward model's KV cache along the particles; response tokens in it
 
     @classmethod
     def from_config(cls, model, tokenizer, scorer, config):
