@@ -28,11 +28,11 @@ from contextlib import contextmanager
 import torch
 from transformers import DynamicCache
 
-from vgf_llm.rollout.hf import Rollouts, completion_mask_from_ids, eos_token_ids
+from vgf_llm.rollout.hf import Rollouts, eos_token_ids
 from vgf_llm.spaces.base import Particles
 from vgf_llm.spaces.prefix_steering import PrefixSteering, concat_traces
 from vgf_llm.spaces.reference import ReferenceTokens
-from vgf_llm.spaces.steering import posterior_noise, regenerate
+from vgf_llm.spaces.steering import check_plain_sampling, posterior_noise, regenerate, regenerated, stack_record
 from vgf_llm.value import active_adapter, first_layers
 
 
@@ -102,25 +102,23 @@ class TiltDecoding:
         record = [] if self.keep_logps else None
         out = regenerate(self.model, self.tokenizer.pad_token_id, self.eos, p_ids, p_mask, particles.state["noise"],
                          self.temperature, track, record, tilt)
-        new_mask = completion_mask_from_ids(out, self.eos, self.tokenizer.pad_token_id)
-        new_ids = torch.where(movable[:, None], out, ids)
-        new_mask = torch.where(movable[:, None], new_mask, cmask)
-        new_ids = torch.where(new_mask.bool(), new_ids, torch.full_like(new_ids, self.tokenizer.pad_token_id))
+        new_ids, new_mask = regenerated(out, ids, cmask, movable, self.eos, self.tokenizer.pad_token_id)
         self.last_stats = {"kl_per_sequence": float(kl_sum.mean())}
         if record is not None:
-            logps = torch.stack(record, 1)
-            self.last_logps = torch.nn.functional.pad(logps, (0, 0, 0, t - logps.shape[1])).reshape(g, n, t, -1)
+            self.last_logps = stack_record(record, t).reshape(g, n, t, -1)
         return new_ids.reshape(g, n, t), new_mask.reshape(g, n, t), kl_sum.reshape(g, n), concat_traces([], g, n)
 
 
 class PrefixTilt(TiltDecoding, PrefixSteering):
     """Q(v): the prefix value at decoder layer ``steer_layer``, read at v's own position."""
 
+    name = "tilt_prefix"
+
     def __init__(self, model, tokenizer, scorer, *, steer_layer: int | None = None, temperature: float = 1.0,
                  top_p: float = 1.0, top_k: int = 0, topk: int = 8, seed: int = 0):
         super().__init__(model, tokenizer, scorer, steer_layer=steer_layer, temperature=temperature, top_p=top_p,
                          top_k=top_k, seed=seed)
-        check_topk(topk, "tilt_prefix")
+        check_topk(topk, self.name)
         self.topk = topk
 
     @classmethod
@@ -161,10 +159,7 @@ class RewardTilt(TiltDecoding):
         if reward_model is None or not hasattr(reward_model, "score"):
             raise ValueError("decoder='tilt_reward' scores each candidate token with the reward model itself: it "
                              "needs a reward-model scorer (scorer='reward_model' / --reward_model_path)")
-        if temperature <= 0 or top_k not in (0, None) or top_p != 1.0:
-            raise ValueError("decoder='tilt_reward' re-creates each reference sample by Gumbel-max: it needs plain "
-                             f"temperature sampling (temperature > 0, top_k=0, top_p=1), got {temperature}, {top_k}, "
-                             f"{top_p}")
+        check_plain_sampling("tilt_reward", temperature, top_k, top_p)
         check_topk(topk, "tilt_reward")
         self.model, self.tokenizer, self.scorer, self.reward_model = model, tokenizer, scorer, reward_model
         self.temperature, self.seed, self.topk = temperature, seed, topk

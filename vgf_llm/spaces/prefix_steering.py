@@ -24,22 +24,20 @@ import torch
 
 from vgf_llm.flow import TransportTrace, transport
 from vgf_llm.prefix_value import PrefixValue, fit_prefix_value
-from vgf_llm.rollout.hf import Rollouts, completion_mask_from_ids, eos_token_ids
+from vgf_llm.rollout.hf import Rollouts, eos_token_ids
 from vgf_llm.spaces.base import Particles
 from vgf_llm.spaces.reference import ReferenceTokens
-from vgf_llm.spaces.steering import posterior_noise, regenerate
+from vgf_llm.spaces.steering import check_plain_sampling, posterior_noise, regenerate, regenerated, stack_record
 
 
 class PrefixSteering:
+    name = "steer_prefix"
     repulsion = True
     moves_while_decoding = True  # the sampler hands it the budget instead of running one transport before decoding
 
     def __init__(self, model, tokenizer, scorer, *, steer_layer: int | None = None, temperature: float = 1.0,
                  top_p: float = 1.0, top_k: int = 0, seed: int = 0):
-        if temperature <= 0 or top_k not in (0, None) or top_p != 1.0:
-            raise ValueError("decoder='steer_prefix' re-creates each reference sample by Gumbel-max: it needs plain "
-                             f"temperature sampling (temperature > 0, top_k=0, top_p=1), got {temperature}, {top_k}, "
-                             f"{top_p}")
+        check_plain_sampling(self.name, temperature, top_k, top_p)
         depth = model.config.num_hidden_layers
         self.steer_layer = steer_layer if steer_layer is not None else max(1, depth // 2)
         if not 1 <= self.steer_layer <= depth:
@@ -129,16 +127,11 @@ class PrefixSteering:
         record = [] if self.keep_logps else None
         out = regenerate(self.model, self.tokenizer.pad_token_id, self.eos, p_ids, p_mask, particles.state["noise"],
                          self.temperature, steering, record)
-        new_mask = completion_mask_from_ids(out, self.eos, self.tokenizer.pad_token_id)
-        new_ids = torch.where(movable[:, None], out, ids)
-        new_mask = torch.where(movable[:, None], new_mask, cmask)
-        new_ids = torch.where(new_mask.bool(), new_ids, torch.full_like(new_ids, self.tokenizer.pad_token_id))
+        new_ids, new_mask = regenerated(out, ids, cmask, movable, self.eos, self.tokenizer.pad_token_id)
         disp = (disp_sum / moved_steps.clamp_min(1)).reshape(g, n)
         self.last_stats = {"moved_positions": float(moved_steps.sum()), "prefix_cv_corr": pv.cv_corr}
-        if record is not None:  # decoding stops once every row is done: the later positions are all padding
-            logps = torch.stack(record, 1)
-            logps = torch.nn.functional.pad(logps, (0, 0, 0, t - logps.shape[1]))
-            self.last_logps = logps.reshape(g, n, t, -1)
+        if record is not None:
+            self.last_logps = stack_record(record, t).reshape(g, n, t, -1)
         return new_ids.reshape(g, n, t), new_mask.reshape(g, n, t), disp, concat_traces(traces, g, n)
 
 

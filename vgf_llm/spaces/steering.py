@@ -66,6 +66,28 @@ def posterior_noise(reference: ReferenceTokens, rollouts: Rollouts, temperature:
     return torch.cat(noise)
 
 
+def check_plain_sampling(decoder: str, temperature: float, top_k, top_p: float) -> None:
+    """The spaces that re-create each reference sample by Gumbel-max need plain temperature sampling."""
+    if temperature <= 0 or top_k not in (0, None) or top_p != 1.0:
+        raise ValueError(f"decoder={decoder!r} re-creates each reference sample by Gumbel-max: it needs plain "
+                         f"temperature sampling (temperature > 0, top_k=0, top_p=1), got {temperature}, {top_k}, "
+                         f"{top_p}")
+
+
+def regenerated(out, ids, mask, movable, eos: set[int], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, mask) [B, T] of a regeneration ``out``: the original rows where not ``movable``, padding after EOS."""
+    new_mask = torch.where(movable[:, None], completion_mask_from_ids(out, eos, pad_id), mask)
+    new_ids = torch.where(movable[:, None], out, ids)
+    return torch.where(new_mask.bool(), new_ids, torch.full_like(new_ids, pad_id)), new_mask
+
+
+def stack_record(record: list, width: int) -> torch.Tensor:
+    """[B, width, V] of ``regenerate``'s per-step record; decoding stops once every row is done, so the positions
+    it never reached are all padding (zeros here, masked by whoever reads them)."""
+    logps = torch.stack(record, 1)
+    return torch.nn.functional.pad(logps, (0, 0, 0, width - logps.shape[1]))
+
+
 @torch.no_grad()
 def regenerate(model, pad_id: int, eos: set[int], p_ids, p_mask, noise, temperature: float, steering,
                record: list | None = None, tilt=None) -> torch.Tensor:
@@ -140,10 +162,7 @@ class SteeringVectors:
         if getattr(scorer, "model", None) is not model:
             raise ValueError("decoder='steer' needs a value model on the policy's own base model (a ValueModel): the "
                              "particles are the model's hidden states, and the scorer must read them")
-        if temperature <= 0 or top_k not in (0, None) or top_p != 1.0:
-            raise ValueError("decoder='steer' re-creates each reference sample by Gumbel-max: it needs plain "
-                             f"temperature sampling (temperature > 0, top_k=0, top_p=1), got {temperature}, {top_k}, "
-                             f"{top_p}")
+        check_plain_sampling("steer", temperature, top_k, top_p)
         depth = getattr(scorer.config, "num_layers", None) or model.config.num_hidden_layers
         depth = min(depth, model.config.num_hidden_layers)
         self.steer_layer = steer_layer if steer_layer is not None else max(1, depth // 2)
