@@ -129,15 +129,14 @@ def arm_settings(s: arms.ArmSettings, arm: str, grpo_beta: float, pairs: dict,
         if arm == "vgf_steer_ridge":  # a ridge head is cheap to refit, so it gets a longer buffer
             s = replace(s, value_num_layers=16, value_buffer_steps=8)
             vgf |= {"value_fit": "ridge"}
-    if arm.startswith("vgf_steer_prefix"):  # (layer, Adam step per token in standard deviations); the prefix value
-        # is the space's own ridge head on that layer, refitted each step on 8 steps of rollouts with their true rewards
-        s = replace(s, decoder="steer_prefix", transport_steps=1, transport_step_size=prefix[1],
-                    value_buffer_steps=8)
+    if arm.startswith(("vgf_steer_prefix", "vgf_tilt_prefix")):  # the prefix value: the space's own ridge head on
+        # layer prefix[0], refitted each step on 8 steps of rollouts with their true rewards
+        s = replace(s, transport_steps=1, value_buffer_steps=8)
         vgf |= {"steer_layer": prefix[0]}
-    if arm.startswith("vgf_tilt_prefix"):  # the same prefix value; eta in nats per unit of reward, over the top 8
-        s = replace(s, decoder="tilt_prefix", transport_steps=1, transport_step_size=tilt_eta[0], decoder_topk=8,
-                    value_buffer_steps=8)
-        vgf |= {"steer_layer": prefix[0]}
+    if arm.startswith("vgf_steer_prefix"):  # Adam step per token, in standard deviations per unit
+        s = replace(s, decoder="steer_prefix", transport_step_size=prefix[1])
+    if arm.startswith("vgf_tilt_prefix"):  # eta in nats per unit of prefix value, over the top 8 tokens
+        s = replace(s, decoder="tilt_prefix", transport_step_size=tilt_eta[0], decoder_topk=8)
     if arm.startswith("vgf_tilt_reward"):  # eta in nats per unit of the proxy's score, over the top 8 tokens
         s = replace(s, decoder="tilt_reward", transport_steps=1, transport_step_size=tilt_eta[1], decoder_topk=8)
     if arm.endswith("_distribution"):

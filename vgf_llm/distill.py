@@ -50,10 +50,15 @@ def completion_logits(model, input_ids, attention_mask, completion_start: int) -
                  logits_to_keep=width + 1).logits[:, :-1]
 
 
+def token_logps(logits: torch.Tensor, input_ids, completion_start: int) -> torch.Tensor:
+    """[B, T] log-probabilities of the completion tokens under ``completion_logits``' output."""
+    return selective_log_softmax(logits.float(), input_ids[:, completion_start:])  # TRL's: row by row, less memory
+
+
 def completion_logps(model, input_ids, attention_mask, completion_start: int) -> torch.Tensor:
     """Per-token log-probabilities of ``input_ids[:, completion_start:]`` (prompts left-padded)."""
-    logits = completion_logits(model, input_ids, attention_mask, completion_start)
-    return selective_log_softmax(logits.float(), input_ids[:, completion_start:])  # TRL's: row by row, less memory
+    return token_logps(completion_logits(model, input_ids, attention_mask, completion_start), input_ids,
+                       completion_start)
 
 
 def token_kl(teacher_logps: torch.Tensor, student: torch.Tensor) -> torch.Tensor:

@@ -30,7 +30,6 @@ from accelerate.utils import gather_object
 from transformers import PreTrainedModel, Trainer, TrainerCallback
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.trainer_utils import enable_full_determinism, rotate_checkpoints, set_seed
-from trl.trainer.utils import selective_log_softmax
 
 from vgf_llm.config import VGFConfig
 from vgf_llm.distill import (
@@ -41,6 +40,7 @@ from vgf_llm.distill import (
     group_std,
     pad_cat,
     token_kl,
+    token_logps,
 )
 from vgf_llm.evaluation import policy_rewards
 from vgf_llm.prefix_value import fit_prefix_value_on_states, prefix_states, response_means
@@ -531,7 +531,7 @@ class VGFTrainer(Trainer):
         with torch.no_grad(), active_adapter(self.model, None):
             logits = completion_logits(self.model, batch["input_ids"], batch["attention_mask"],
                                        batch["completion_start"]).float()
-        batch["ref_logps"] = selective_log_softmax(logits, batch["input_ids"][:, batch["completion_start"]:])
+        batch["ref_logps"] = token_logps(logits, batch["input_ids"], batch["completion_start"])
         if teacher is not None:
             base = torch.log_softmax(logits / args.temperature, -1).cpu()
             from_moved = rows[:, 1] >= n
@@ -550,7 +550,7 @@ class VGFTrainer(Trainer):
         with self._timed("distill"), active_adapter(self.accelerator.unwrap_model(model), POLICY):
             logits = completion_logits(model, inputs["input_ids"], inputs["attention_mask"],
                                        inputs["completion_start"]).float()
-        logps = selective_log_softmax(logits, inputs["input_ids"][:, inputs["completion_start"]:])
+        logps = token_logps(logits, inputs["input_ids"], inputs["completion_start"])
         mask = inputs["completion_mask"].to(logps.dtype)
         if "teacher_logps" in inputs:  # KL from each row's target distributions, token by token
             per_token = token_kl(inputs["teacher_logps"], torch.log_softmax(logits / self.args.temperature, -1))

@@ -32,7 +32,7 @@ from vgf_llm.rollout.hf import Rollouts, eos_token_ids
 from vgf_llm.spaces.base import Particles
 from vgf_llm.spaces.prefix_steering import PrefixSteering, concat_traces
 from vgf_llm.spaces.reference import ReferenceTokens
-from vgf_llm.spaces.steering import check_plain_sampling, posterior_noise, regenerate, regenerated, stack_record
+from vgf_llm.spaces.steering import check_plain_sampling, noise_particles, regenerate, regenerated, stack_record
 from vgf_llm.value import active_adapter, first_layers
 
 
@@ -65,13 +65,13 @@ class TiltDecoding:
     def tilt(self, logits: torch.Tensor, cache, mask: torch.Tensor, tokens: torch.Tensor,
              eta: float) -> tuple[torch.Tensor, torch.Tensor]:
         """(tilted logits [B, V], KL(tilted || untilted) [B]): the top-k candidates' logits + eta x (Q - E_p[Q])."""
-        probs = torch.softmax(logits, -1)
+        logq = torch.log_softmax(logits, -1)
         top = logits.topk(min(self.topk, logits.shape[-1]), -1).indices
         q = self.candidate_values(cache, mask, top, tokens)
-        p_top = probs.gather(-1, top)
+        p_top = logq.gather(-1, top).exp()
         mean = (p_top * q).sum(-1, keepdim=True) / p_top.sum(-1, keepdim=True).clamp_min(1e-12)
         tilted = logits.scatter_add(-1, top, eta * (q - mean))
-        logp, logq = torch.log_softmax(tilted, -1), torch.log_softmax(logits, -1)
+        logp = torch.log_softmax(tilted, -1)
         return tilted, (logp.exp() * (logp - logq)).sum(-1)
 
     def move_and_decode(self, particles: Particles, budget: dict):
@@ -177,10 +177,7 @@ class RewardTilt(TiltDecoding):
 
     @torch.no_grad()
     def lift(self, rollouts: Rollouts) -> Particles:
-        g, n, _ = rollouts.shape
-        noise = posterior_noise(self.reference, rollouts, self.temperature, self.seed)
-        movable = (rollouts.completion_mask.sum(-1) > 0).float()
-        return Particles(rollouts, torch.zeros(g, n, 1), movable, {"noise": noise})
+        return noise_particles(self.reference, rollouts, self.temperature, self.seed)
 
     def _run(self, ids, mask, cache):
         device = self.reward_model.device

@@ -27,7 +27,7 @@ from vgf_llm.prefix_value import PrefixValue, fit_prefix_value
 from vgf_llm.rollout.hf import Rollouts, eos_token_ids
 from vgf_llm.spaces.base import Particles
 from vgf_llm.spaces.reference import ReferenceTokens
-from vgf_llm.spaces.steering import check_plain_sampling, posterior_noise, regenerate, regenerated, stack_record
+from vgf_llm.spaces.steering import check_plain_sampling, noise_particles, regenerate, regenerated, stack_record
 
 
 class PrefixSteering:
@@ -71,11 +71,9 @@ class PrefixSteering:
             p_ids, p_mask, ids, mask = rollouts.flat()
             values = self.scorer.score_ids(p_ids, p_mask, ids, mask).float().cpu()
             if self.fit_prefix(p_ids, p_mask, ids, mask, values, torch.arange(g).repeat_interleave(n)) is None:
-                raise ValueError("decoder='steer_prefix' could not fit a prefix value on this batch (too few prompts "
-                                 "or responses): give it more prompts per batch, or fit one with fit_prefix")
-        noise = posterior_noise(self.reference, rollouts, self.temperature, self.seed)
-        movable = (rollouts.completion_mask.sum(-1) > 0).float()
-        return Particles(rollouts, torch.zeros(g, n, 1), movable, {"noise": noise})
+                raise ValueError(f"decoder={self.name!r} could not fit a prefix value on this batch (too few "
+                                 "prompts or responses): give it more prompts per batch, or fit one with fit_prefix")
+        return noise_particles(self.reference, rollouts, self.temperature, self.seed)
 
     def move_and_decode(self, particles: Particles, budget: dict):
         """Regenerate every movable particle, moving its state at ``steer_layer`` at every step with

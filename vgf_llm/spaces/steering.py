@@ -66,6 +66,16 @@ def posterior_noise(reference: ReferenceTokens, rollouts: Rollouts, temperature:
     return torch.cat(noise)
 
 
+def noise_particles(reference: ReferenceTokens, rollouts: Rollouts, temperature: float, seed: int,
+                    width: int = 1) -> Particles:
+    """Particles that re-create their reference samples: the state is each sample's posterior Gumbel noise, the
+    start zeros [G, N, width], and every non-empty response may move."""
+    g, n, _ = rollouts.shape
+    noise = posterior_noise(reference, rollouts, temperature, seed)
+    movable = (rollouts.completion_mask.sum(-1) > 0).float()
+    return Particles(rollouts, torch.zeros(g, n, width), movable, {"noise": noise})
+
+
 def check_plain_sampling(decoder: str, temperature: float, top_k, top_p: float) -> None:
     """The spaces that re-create each reference sample by Gumbel-max need plain temperature sampling."""
     if temperature <= 0 or top_k not in (0, None) or top_p != 1.0:
@@ -184,10 +194,7 @@ class SteeringVectors:
     # -- lift: the start (u = 0) and each particle's posterior noise ----------------------------------------------
     @torch.no_grad()
     def lift(self, rollouts: Rollouts) -> Particles:
-        g, n, _ = rollouts.shape
-        noise = posterior_noise(self.reference, rollouts, self.temperature, self.seed)
-        movable = (rollouts.completion_mask.sum(-1) > 0).float()
-        return Particles(rollouts, torch.zeros(g, n, self.model.config.hidden_size), movable, {"noise": noise})
+        return noise_particles(self.reference, rollouts, self.temperature, self.seed, self.model.config.hidden_size)
 
     # -- grad: the scorer on the reference tokens with u added at the steered layer --------------------------------
     def _steer_mask(self, p_mask: torch.Tensor, t: int) -> torch.Tensor:
