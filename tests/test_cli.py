@@ -340,17 +340,23 @@ def test_generate_with_zero_steps_is_best_of_n(fitted, tiny_lm_dir, prompts_file
         assert all(p["text_after"] == p["text_before"] and p["tokens_changed"] == 0 for p in line["particles"])
 
 
-@pytest.mark.parametrize("decoder,budget", [("steer", "--transport_steps 3 --transport_step_size 1.0"),
-                                            ("steer_prefix", "--transport_steps 1 --transport_step_size 1.0")])
-def test_generate_with_particles_the_model_decodes(fitted, tiny_lm_dir, prompts_file, tmp_path, capsys, decoder,
-                                                   budget):
-    """A steering vector per particle (steer), or the hidden state moved at every token along a prefix value that
-    generate distils from the value model's scores of each batch (steer_prefix)."""
+@pytest.mark.parametrize("decoder,scorer,budget,bad,message", [
+    ("steer", "value", "--transport_steps 3 --transport_step_size 1.0 --steer_layer 1", "value --top_k 5", "top_k=0"),
+    ("steer_prefix", "value", "--transport_steps 1 --transport_step_size 1.0 --steer_layer 1", "value --top_k 5",
+     "top_k=0"),
+    ("tilt_reward", "reward", "--transport_steps 1 --transport_step_size 30 --decoder_topk 32", "value",
+     "reward-model scorer")])
+def test_generate_with_particles_the_model_decodes(fitted, tiny_lm_dir, tiny_reward_model_dir, prompts_file, tmp_path,
+                                                   capsys, decoder, scorer, budget, bad, message):
+    """A steering vector per particle (steer), the hidden state moved at every token along a prefix value that
+    generate distils from the value model's scores of each batch (steer_prefix), or every token's top-k logits
+    tilted by the reward model's score of each candidate (tilt_reward; the displacement is the KL each particle was
+    drawn under). Each refuses what it cannot do: top-k sampling, or a value model that cannot score candidates."""
+    scorers = {"value": f"--value_model_path {fitted[0]}", "reward": f"--reward_model_path {tiny_reward_model_dir}"}
     out = tmp_path / f"{decoder}.jsonl"
     code, stdout, _ = run_cli(
         f"generate --model_name_or_path {tiny_lm_dir} --prompts {prompts_file} --num_prompts 3 --decoder {decoder} "
-        f"--value_model_path {fitted[0]} --num_generations 4 {budget} "
-        f"--steer_layer 1 --max_completion_length 8 --output {out}",
+        f"{scorers[scorer]} --num_generations 4 {budget} --max_completion_length 8 --output {out}",
         capsys,
     )
     assert code == 0, stdout
@@ -358,29 +364,9 @@ def test_generate_with_particles_the_model_decodes(fitted, tiny_lm_dir, prompts_
     check_result_lines(lines, [row["prompt"] for row in PROMPT_ROWS[:3]], 4)
     assert all(p["displacement"] > 0 for line in lines for p in line["particles"])
     assert sum(p["tokens_changed"] for line in lines for p in line["particles"]) > 0
+    bad_scorer, _, extra = bad.partition(" ")
     expect_error(f"generate --model_name_or_path {tiny_lm_dir} --prompts {prompts_file} --decoder {decoder} "
-                 f"--value_model_path {fitted[0]} --top_k 5 --output {out}", capsys, "top_k=0")
-
-
-def test_generate_tilts_the_logits_by_the_reward_model_and_refuses_a_value_model(
-    fitted, tiny_lm_dir, tiny_reward_model_dir, prompts_file, tmp_path, capsys
-):
-    """--decoder tilt_reward: every generated token's top-k logits tilted by the reward model's score of each
-    candidate; the displacement is the KL each particle was drawn under. A value model cannot score candidates."""
-    out = tmp_path / "tilt.jsonl"
-    code, stdout, _ = run_cli(
-        f"generate --model_name_or_path {tiny_lm_dir} --prompts {prompts_file} --num_prompts 3 --decoder tilt_reward "
-        f"--reward_model_path {tiny_reward_model_dir} --num_generations 4 --transport_steps 1 "
-        f"--transport_step_size 30 --decoder_topk 32 --max_completion_length 8 --output {out}",
-        capsys,
-    )
-    assert code == 0, stdout
-    lines = read_jsonl(out)
-    check_result_lines(lines, [row["prompt"] for row in PROMPT_ROWS[:3]], 4)
-    assert all(p["displacement"] > 0 for line in lines for p in line["particles"])
-    assert sum(p["tokens_changed"] for line in lines for p in line["particles"]) > 0
-    expect_error(f"generate --model_name_or_path {tiny_lm_dir} --prompts {prompts_file} --decoder tilt_reward "
-                 f"--value_model_path {fitted[0]} --output {out}", capsys, "reward-model scorer")
+                 f"{scorers[bad_scorer]} {extra} --output {out}", capsys, message)
 
 
 def test_generate_with_a_reward_model_on_a_task_reports_the_true_reward(
