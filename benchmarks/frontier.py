@@ -53,14 +53,16 @@ ROOT = Path(__file__).resolve().parent
 # distributions instead of the sampled tokens (distill_target='distribution'), vgf_tilt_prefix tilts the top-k
 # next-token logits at every token by eta x their prefix value (decoder='tilt_prefix', eta = --tilt_eta; with
 # _distribution: the tilted distributions distilled), vgf_tilt_reward tilts them by the proxy reward model's score of
-# each candidate continuation (decoder='tilt_reward', eta = --tilt_reward_eta), grpo_kl is GRPO with a KL penalty
-# (--grpo_beta). A VGF arm followed by
+# each candidate continuation (decoder='tilt_reward', eta = --tilt_reward_eta), an arm ending in _policy draws its
+# samples from the policy being trained (particle_source='policy', on-policy as GRPO's rollouts), grpo_kl is GRPO
+# with a KL penalty (--grpo_beta). A VGF arm followed by
 # ':<step size>' (e.g. vgf_steer_prefix:0.1) is a point of a budget sweep: the arm with another transport_step_size.
 ARMS = {"vgf": "vgf", "vgf_pairs": "vgf", "vgf_tilted": "vgf", "vgf_tilted_baseline": "vgf", "vgf_steer": "vgf",
         "vgf_steer_ridge": "vgf", "vgf_steer_prefix": "vgf", "vgf_steer_prefix_baseline": "vgf",
         "vgf_steer_prefix_distribution": "vgf", "vgf_tilt_prefix": "vgf", "vgf_tilt_prefix_distribution": "vgf",
         "vgf_tilt_reward": "vgf", "vgf_tilt_reward_distribution": "vgf", "bon": "bon",
-        "bon_baseline": "bon", "grpo": "grpo", "grpo_kl": "grpo"}
+        "bon_baseline": "bon", "bon_policy": "bon", "vgf_steer_prefix_policy": "vgf", "grpo": "grpo",
+        "grpo_kl": "grpo"}
 LABELS = {"vgf": "VGF (transport)", "vgf_pairs": "VGF + edit pairs", "vgf_tilted": "VGF, tilted target",
           "vgf_steer": "VGF, steering vectors", "vgf_steer_ridge": "VGF, steering vectors, ridge value",
           "vgf_steer_prefix": "VGF, per-step steering, prefix value",
@@ -72,13 +74,16 @@ LABELS = {"vgf": "VGF (transport)", "vgf_pairs": "VGF + edit pairs", "vgf_tilted
           "vgf_tilt_reward": "VGF, per-token logit tilt, reward model",
           "vgf_tilt_reward_distribution": "VGF, per-token logit tilt, reward model, distributions distilled",
           "bon_baseline": "best-of-N distil, sample baseline",
+          "bon_policy": "best-of-N distil, on-policy samples",
+          "vgf_steer_prefix_policy": "VGF, per-step steering, on-policy particles",
           "bon": "VGF budget 0 (best-of-N distil)", "grpo": "TRL GRPO (beta 0)", "grpo_kl": "TRL GRPO (beta > 0)"}
 COLORS = {"vgf": "tab:blue", "vgf_pairs": "tab:purple", "vgf_tilted": "tab:cyan", "vgf_steer": "tab:red",
           "vgf_steer_ridge": "tab:brown", "vgf_steer_prefix": "tab:pink", "bon": "tab:orange", "grpo": "tab:green",
           "grpo_kl": "tab:olive", "vgf_tilted_baseline": "navy", "vgf_steer_prefix_baseline": "purple",
           "bon_baseline": "tab:gray", "vgf_steer_prefix_distribution": "black",
           "vgf_tilt_prefix": "gold", "vgf_tilt_prefix_distribution": "darkgoldenrod",
-          "vgf_tilt_reward": "crimson", "vgf_tilt_reward_distribution": "darkred"}
+          "vgf_tilt_reward": "crimson", "vgf_tilt_reward_distribution": "darkred", "bon_policy": "sienna",
+          "vgf_steer_prefix_policy": "magenta"}
 
 
 def split_arm(arm: str) -> tuple[str, float | None]:
@@ -116,10 +121,12 @@ def arm_settings(s: arms.ArmSettings, arm: str, grpo_beta: float, pairs: dict,
     arm, step = split_arm(arm)
     if arm in ("grpo", "grpo_kl"):
         return replace(s, grpo_beta=grpo_beta if arm == "grpo_kl" else 0.0)
-    baseline = {"distill_baseline": True} if arm.endswith("_baseline") else {}
+    suffix = ({"distill_baseline": True} if arm.endswith("_baseline")
+              else {"particle_source": "policy"} if arm.endswith("_policy")  # samples from the policy, as GRPO's
+              else {})
     if ARMS[arm] == "bon":
-        return replace(s, extra=s.extra | baseline)
-    vgf = {"edit_pair_weight": 0.0, "transport_target": "reward"} | baseline
+        return replace(s, extra=s.extra | suffix)
+    vgf = {"edit_pair_weight": 0.0, "transport_target": "reward"} | suffix
     vgf |= pairs if arm == "vgf_pairs" else {"transport_target": "tilted"} if arm.startswith("vgf_tilted") else {}
     if arm in ("vgf_steer", "vgf_steer_ridge"):  # the budget lives in hidden-state space: Adam steps x step size
         # per coordinate; the gradient comes from the online value model, which reads the policy's own hidden states

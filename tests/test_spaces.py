@@ -400,6 +400,50 @@ def test_prefix_steering_at_zero_step_reproduces_the_reference_samples(tiny_lm, 
     assert not disp.any() and trace.values.shape[1:] == rollouts.shape[:2] and trace.values.shape[0] > 2
 
 
+@pytest.mark.parametrize("decoder", ["steer_prefix", "tilt_prefix"])
+def test_on_policy_particles_are_re_created_under_the_adapter_that_drew_them(tiny_lm_dir, tokenizer, decoder):
+    """particle_source='policy': the samples come from the policy adapter, so a moved particle must be decoded by
+    the policy too (its continuation after a changed token, the distributions it is distilled towards, the KL the
+    tilt measures). At budget 0 each is regenerated token for token, and the distributions its tokens were drawn
+    from are the policy's teacher-forced ones, not the base's."""
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM
+
+    from vgf_llm.spaces import PrefixSteering, PrefixTilt
+    from vgf_llm.trainer import POLICY
+    from vgf_llm.value import active_adapter
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir, dtype=torch.float32).eval()
+    model.add_adapter(LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False),
+                      adapter_name=POLICY)
+    with torch.no_grad():  # a policy far from the base
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.normal_(0, 0.5)
+    with active_adapter(model, POLICY):
+        ro = HFGenerateBackend(model, tokenizer, max_new_tokens=12, batch_size=4).generate(PROMPTS, 4, seed=3)
+    p_ids, p_mask, ids, cmask = ro.flat()
+
+    def teacher_forced(adapter):
+        with torch.no_grad(), active_adapter(model, adapter):
+            logits = model(input_ids=torch.cat([p_ids, ids], 1),
+                           attention_mask=torch.cat([p_mask, torch.ones_like(ids)], 1)).logits
+        return torch.log_softmax(logits[:, p_ids.shape[1] - 1:-1].float(), -1)
+
+    budget = dict(steps=1, step_size=0.0, alpha=1.0, step_rule="adam", radius=None, repulsion=False)
+    space = (PrefixSteering if decoder == "steer_prefix" else PrefixTilt)(model, tokenizer, None, steer_layer=1)
+    space.prefix_value = favourite_prefix_value(model, 20)
+    space.keep_logps = True
+    keep = cmask.bool()
+    for adapter, other in ((POLICY, None), (None, POLICY)):
+        space.reference.adapter = adapter
+        new_ids, new_mask = space.move_and_decode(space.lift(ro), budget)[:2]
+        assert torch.equal(new_mask, ro.completion_mask) and torch.equal(new_ids, ro.completion_ids)
+        drawn = space.last_logps.flatten(0, 1).float()[keep]
+        assert torch.allclose(drawn, teacher_forced(adapter)[keep], atol=0.05)
+        assert not torch.allclose(drawn, teacher_forced(other)[keep], atol=0.5)
+
+
 def test_prefix_steering_keeps_the_distributions_it_decoded_from(sharp_lm, tokenizer):
     """keep_logps: at step size 0 the kept distributions are the base's own along the samples (teacher-forced);
     moved, each decoded token is the Gumbel-max of its kept distribution and the particle's noise, and the

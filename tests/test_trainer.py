@@ -191,8 +191,10 @@ def test_budget_zero_distils_best_of_n_without_moving(tiny_lm_dir, standard_prom
 
 def test_policy_particles(tiny_lm_dir, standard_prompts, tmp_path):
     tr = trainer(tiny_lm_dir, standard_prompts, tmp_path, particle_source="policy")
+    assert tr.sampler.space.reference.adapter == POLICY  # its particles are moved and decoded by the policy
     tr.train()
     assert math.isfinite(logged(tr)["loss"])
+    assert trainer(tiny_lm_dir, standard_prompts, tmp_path / "ref").sampler.space.reference.adapter is None
 
 
 def test_saved_adapter_loads_with_peft_and_reproduces_the_policy(tiny_lm_dir, standard_prompts, tmp_path):

@@ -170,6 +170,8 @@ class VGFTrainer(Trainer):
         if args.particle_source == "policy" and hasattr(self.backend, "sync_weights"):
             self.add_callback(SyncPolicyWeights(self))
         self.sampler = VGFSampler(model, processing_class, self.scorer, args, backend=self.backend, progress=False)
+        if args.particle_source == "policy" and hasattr(self.sampler.space, "reference"):
+            self.sampler.space.reference.adapter = POLICY  # a moved particle is re-created under the model that drew it
         if args.distill_target == "distribution":  # the steered distributions are the targets: keep them
             self.sampler.space.keep_logps = True
         self.value_buffer: deque = deque(maxlen=max(1, args.value_buffer_steps))

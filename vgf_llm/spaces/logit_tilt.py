@@ -101,7 +101,7 @@ class TiltDecoding:
 
         record = [] if self.keep_logps else None
         out = regenerate(self.model, self.tokenizer.pad_token_id, self.eos, p_ids, p_mask, particles.state["noise"],
-                         self.temperature, track, record, tilt)
+                         self.temperature, track, record, tilt, adapter=self.reference.adapter)
         new_ids, new_mask = regenerated(out, ids, cmask, movable, self.eos, self.tokenizer.pad_token_id)
         self.last_stats = {"kl_per_sequence": float(kl_sum.mean())}
         if record is not None:

@@ -124,7 +124,7 @@ class PrefixSteering:
 
         record = [] if self.keep_logps else None
         out = regenerate(self.model, self.tokenizer.pad_token_id, self.eos, p_ids, p_mask, particles.state["noise"],
-                         self.temperature, steering, record)
+                         self.temperature, steering, record, adapter=self.reference.adapter)
         new_ids, new_mask = regenerated(out, ids, cmask, movable, self.eos, self.tokenizer.pad_token_id)
         disp = (disp_sum / moved_steps.clamp_min(1)).reshape(g, n)
         self.last_stats = {"moved_positions": float(moved_steps.sum()), "prefix_cv_corr": pv.cv_corr}

@@ -31,13 +31,16 @@ class ReferenceTokens:
     """The reference (``model`` with adapters off) proposing tokens for the particle spaces.
 
     ``embedding_weight`` is the scorer's embedding table (the particles' coordinates); ``exclude_ids`` are never
-    proposed; ``k`` candidates per position.
+    proposed; ``k`` candidates per position. ``adapter``: the adapter the particles were sampled under (None: the
+    base; the trainer sets the policy's when ``particle_source='policy'``, so a space that re-creates a sample
+    re-creates it under the model that drew it).
     """
 
     def __init__(self, model, embedding_weight: torch.Tensor, *, exclude_ids=(), k: int = 8):
         if k < 2:
             raise ValueError(f"decoder_topk must be >= 2 (the original token and at least one other), got {k}")
         self.model, self.k, self._source = model, k, embedding_weight
+        self.adapter: str | None = None
         vocab = full_shape(embedding_weight)[0]
         self.allowed = torch.ones(vocab, dtype=torch.bool)
         self.allowed[[i for i in exclude_ids if 0 <= i < vocab]] = False
@@ -61,7 +64,7 @@ class ReferenceTokens:
         device = self.model.device
         full_ids = torch.cat([prompt_ids, ids], 1).to(device)
         full_mask = torch.cat([prompt_mask, torch.ones_like(ids)], 1).to(device)
-        with active_adapter(self.model, None):
+        with active_adapter(self.model, self.adapter):
             # only the T + 1 last positions go through the LM head (the prompt's logits are never needed)
             logits = self.model(input_ids=full_ids, attention_mask=full_mask,
                                 position_ids=(full_mask.cumsum(-1) - 1).clamp_min(0),

@@ -100,9 +100,9 @@ def stack_record(record: list, width: int) -> torch.Tensor:
 
 @torch.no_grad()
 def regenerate(model, pad_id: int, eos: set[int], p_ids, p_mask, noise, temperature: float, steering,
-               record: list | None = None, tilt=None) -> torch.Tensor:
+               record: list | None = None, tilt=None, adapter: str | None = None) -> torch.Tensor:
     """[B, T] tokens: argmax(logits / temperature + noise[:, t]) step by step with a KV cache, the reference
-    (adapters off) running under ``steering(step, done)`` (a context manager per forward call: step 0 is the
+    (``adapter`` active; None: adapters off) running under ``steering(step, done)`` (a context manager per forward call: step 0 is the
     prompt pass; ``done`` [B] marks rows already past their EOS); after a row's EOS its tokens are padding.
     ``record``: a list each step's [B, V] distribution the token was drawn from, log_softmax(logits /
     temperature) in bfloat16, is appended to (the steered model's own next-token distributions). ``tilt(logits,
@@ -114,7 +114,7 @@ def regenerate(model, pad_id: int, eos: set[int], p_ids, p_mask, noise, temperat
     done = torch.zeros(b, dtype=torch.bool)
     eos = torch.tensor(sorted(eos))
     mask = p_mask.to(device)
-    with active_adapter(model, None), steering(0, done):
+    with active_adapter(model, adapter), steering(0, done):
         step = model(input_ids=p_ids.to(device), attention_mask=mask,
                      position_ids=(mask.cumsum(-1) - 1).clamp_min(0), use_cache=True)
     cache = step.past_key_values
@@ -131,7 +131,7 @@ def regenerate(model, pad_id: int, eos: set[int], p_ids, p_mask, noise, temperat
         if done.all() or pos == t - 1:
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-        with active_adapter(model, None), steering(pos + 1, done):
+        with active_adapter(model, adapter), steering(pos + 1, done):
             step = model(input_ids=token[:, None].to(device), attention_mask=mask,
                          position_ids=mask.sum(-1, keepdim=True) - 1, past_key_values=cache, use_cache=True)
         cache = step.past_key_values
@@ -234,4 +234,5 @@ class SteeringVectors:
         """[B, T] tokens regenerated with u added at the steered layer, under each row's noise."""
         first, later = self._steer_mask(p_mask, 0).to(self.model.device), None
         return regenerate(self.model, self.tokenizer.pad_token_id, self.eos, p_ids, p_mask, noise, self.temperature,
-                          lambda step, _done: self.hook.active(u.to(self.model.device), first if step == 0 else later))
+                          lambda step, _done: self.hook.active(u.to(self.model.device), first if step == 0 else later),
+                          adapter=self.reference.adapter)
