@@ -309,3 +309,27 @@ def test_transport_kl_measures_the_particles_kl_and_gold_against_best_of_n(tiny_
     assert tilt["kl_per_sequence"] > 0.01 and steer["kl_per_sequence"] > 0.01
     assert zero["gold_before"] == tilt["gold_before"] == steer["gold_before"]
     assert set(saved["best_of_gold"]) == {"2", "4", "8"} and all(0 <= v <= 1 for v in saved["best_of_gold"].values())
+
+
+def test_kl_ceiling_puts_the_gold_oracle_above_the_proxy_tilt_and_best_of_n(tiny_lm_dir, tiny_reward_model_dir,
+                                                                          tmp_path):
+    """Best-of-k's probabilities on ranked samples, exact KL from the empirical base, and the ordering the theory
+    fixes: at every matched KL the gold tilt (KL-optimal for gold) holds at least the gold of either proxy target,
+    and the proxy tilt (KL-optimal for the proxy) at least best-of-N's proxy reward."""
+    import kl_ceiling
+    import torch
+
+    q = kl_ceiling.best_of_k(torch.tensor([[0.3, -1.0]]), 2)  # best of 2 draws from 2: the higher one 3/4 of the time
+    assert torch.allclose(q, torch.tensor([[0.75, 0.25]], dtype=q.dtype))
+    assert float(kl_ceiling.kl_from_uniform(torch.full((1, 4), 0.25))) == pytest.approx(0.0)
+    out = kl_ceiling.main(["--model", str(tiny_lm_dir), "--reward_model", str(tiny_reward_model_dir),
+                           "--eval_prompts", "4", "--samples", "6", "--max_completion_length", "6", "--threads", "1",
+                           "--levels", "0.1,0.3", "--bootstrap", "20", "--out_dir", str(tmp_path)])
+    saved = json.loads((tmp_path / "kl_ceiling.json").read_text())
+    assert saved["eval_prompts"] == 4 and [r["kl"] for r in saved["table"]] == [0.1, 0.3]
+    for row in out["table"]:
+        assert row["tilt_gold"] >= max(row["tilt_proxy"], row["best_of_n"]) - 1e-3
+        assert row["tilt_proxy_proxy"] >= row["best_of_n_proxy"] - 1e-3
+        assert row["margin"] == pytest.approx(row["tilt_proxy"] - row["best_of_n"])
+    for k, kl in saved["best_of_k_kl"]["empirical"].items():  # on 6 samples a best-of-k spends less than log k - ...
+        assert 0 < kl <= saved["best_of_k_kl"]["analytic"][k] + 1e-9
