@@ -102,8 +102,9 @@ def stack_record(record: list, width: int) -> torch.Tensor:
 def regenerate(model, pad_id: int, eos: set[int], p_ids, p_mask, noise, temperature: float, steering,
                record: list | None = None, tilt=None, adapter: str | None = None) -> torch.Tensor:
     """[B, T] tokens: argmax(logits / temperature + noise[:, t]) step by step with a KV cache, the reference
-    (``adapter`` active; None: adapters off) running under ``steering(step, done)`` (a context manager per forward call: step 0 is the
-    prompt pass; ``done`` [B] marks rows already past their EOS); after a row's EOS its tokens are padding.
+    (``adapter`` active; None: adapters off) running under ``steering(step, done)`` (a context manager per
+    forward call: step 0 is the prompt pass; ``done`` [B] marks rows already past their EOS); after a row's EOS its
+    tokens are padding.
     ``record``: a list each step's [B, V] distribution the token was drawn from, log_softmax(logits /
     temperature) in bfloat16, is appended to (the steered model's own next-token distributions). ``tilt(logits,
     cache, mask, tokens)``: moves each step's [B, V] logits / temperature before the token is drawn (``mask``: the
