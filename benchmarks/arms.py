@@ -13,6 +13,7 @@ completions per prompt and translates.
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import sys
@@ -20,6 +21,7 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 ARMS = ("vgf", "bon", "grpo")
 ARM_LABELS = {"vgf": "VGF (transport)", "bon": "VGF budget 0 (best-of-N distil)", "grpo": "TRL GRPO + LoRA"}
@@ -282,6 +284,20 @@ def machine_info() -> dict:
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
+
+
+def provenance(script: str, argv: list[str] | None) -> dict:
+    """What every result file records of where it came from: the machine and the command line that made it."""
+    return {"machine": machine_info(),
+            "command": f"python benchmarks/{script} " + " ".join(argv if argv is not None else sys.argv[1:])}
+
+
+def write_json(path, result: dict) -> Path:
+    """Write a benchmark's results as indented JSON (folders made; anything JSON cannot hold written as text)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    return path
 
 
 def in_subprocess(func, *args, **kwargs):

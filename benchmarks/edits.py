@@ -15,7 +15,6 @@ Writes ``<out_dir>/edits_<task>.json`` and prints the edits.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -94,9 +93,7 @@ def main(argv=None) -> dict:
         change = st["logmu_change_of_edited"]
         print(f"step {i}: reward {st['reward_before']:.3f} -> {st['reward_after']:.3f}, log mu change of the edited "
               + ("-" if change is None else f"{change:.2f}"))
-    path = Path(a.out_dir) / f"edits_{a.task}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=2))
+    path = arms.write_json(Path(a.out_dir) / f"edits_{a.task}.json", out)
     print(f"[edits] {len(out['edits'])} edits that raised the reward -> {path}")
     return out
 

@@ -424,7 +424,7 @@ def write(results: dict, out_dir: Path, name: str, start: float, partial: bool) 
     results["partial"] = partial
     results["wall_seconds"] = time.time() - start
     results["table_md"] = markdown(results)
-    (out_dir / f"{name}.json").write_text(json.dumps(json_safe(results), indent=2, default=str))
+    arms.write_json(out_dir / f"{name}.json", json_safe(results))
     (out_dir / f"{name}.md").write_text(results["table_md"] + "\n")
     plot(results, out_dir / f"{name}.png")
     return results
@@ -537,9 +537,7 @@ def main(argv=None) -> dict:
                "edit_pairs": pairs, "steer_step_size": a.steer_step_size,
                "prefix": [a.prefix_layer, a.prefix_step_size], "tilt_eta": [a.tilt_eta, a.tilt_reward_eta],
                "matched_kl_levels": [float(x) for x in a.matched_kl.split(",") if x.strip()],
-               "machine": arms.machine_info(),
-               "command": "python benchmarks/frontier.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-               "runs": {arm: [] for arm in chosen}}
+               "runs": {arm: [] for arm in chosen}} | arms.provenance("frontier.py", argv)
     run = arms.in_subprocess if not a.inline else (lambda f, *args, **kw: f(*args, **kw))
     start = time.time()
     if a.resume:

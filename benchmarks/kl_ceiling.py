@@ -24,7 +24,6 @@ Writes ``<out_dir>/kl_ceiling.json`` and prints a table.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -180,12 +179,8 @@ def main(argv=None) -> dict:
           + ", ".join(f"k={k}: {empirical[k]:.3f} / {analytic[k]:.3f}" for k in empirical))
     result = {"eval_prompts": gold.shape[0], "samples": a.samples, "settings": s.as_dict(),
               "base_gold": float(gold.mean()), "base_proxy": float(proxy.mean()), "table": table, "curves": c,
-              "best_of_k_kl": {"empirical": empirical, "analytic": analytic}, "seconds": time.time() - start,
-              "machine": arms.machine_info(),
-              "command": "python benchmarks/kl_ceiling.py " + " ".join(argv if argv is not None else sys.argv[1:])}
-    path = Path(a.out_dir) / "kl_ceiling.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2))
+              "best_of_k_kl": {"empirical": empirical, "analytic": analytic}, "seconds": time.time() - start}
+    path = arms.write_json(Path(a.out_dir) / "kl_ceiling.json", result | arms.provenance("kl_ceiling.py", argv))
     print(f"[kl_ceiling] -> {path}")
     return result
 

@@ -20,7 +20,6 @@ The first ``--warmup`` steps of each arm are dropped; the table shows the mean o
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -161,9 +160,8 @@ def main(argv=None) -> dict:
     arms.set_threads(a.threads)
     s = arms.settings_from(a, seed=a.seed, steps=a.warmup + a.steps)
     chosen = arms.chosen_arms(p, a.arms)
-    results = {"settings": s.as_dict(), "warmup": a.warmup, "timed_steps": a.steps, "machine": arms.machine_info(),
-               "command": "python benchmarks/speed.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-               "arms": {}}
+    results = {"settings": s.as_dict(), "warmup": a.warmup, "timed_steps": a.steps, "arms": {}}
+    results |= arms.provenance("speed.py", argv)
     run = arms.in_subprocess if not a.inline else (lambda f, *args, **kw: f(*args, **kw))
     start = time.time()
     for arm in chosen:
@@ -182,8 +180,7 @@ def main(argv=None) -> dict:
         results["ratios_vs_grpo"] = {k: v["step_seconds"] / grpo["step_seconds"] for k, v in results["arms"].items()}
     results["table_md"] = table(results)
     print(results["table_md"])
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(results, indent=2, default=str))
+    arms.write_json(a.out, results)
     print(f"[speed] wrote {a.out}")
     return results
 

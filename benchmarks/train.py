@@ -254,9 +254,8 @@ def main(argv=None) -> dict:
     out_dir = Path(a.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results = {"settings": settings[seeds[0]].as_dict(), "seeds": seeds, "kl_samples": a.kl_samples,
-               "eval_prompts": a.eval_prompts, "machine": arms.machine_info(),
-               "command": "python benchmarks/train.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-               "per_seed": {arm: [] for arm in chosen}}
+               "eval_prompts": a.eval_prompts, "per_seed": {arm: [] for arm in chosen}}
+    results |= arms.provenance("train.py", argv)
     start = time.time()
     try:
         print("[train] held-out evaluation of the base ...", flush=True)
@@ -303,7 +302,7 @@ def finalize(results: dict, chosen: list[str], out_dir: Path, name: str, start: 
     results["wall_seconds"] = time.time() - start
     results["machine"]["loadavg_end"] = os.getloadavg()
     results["table_md"] = markdown(results)
-    (out_dir / f"{name}.json").write_text(json.dumps(results, indent=2, default=str))
+    arms.write_json(out_dir / f"{name}.json", results)
     (out_dir / f"{name}.md").write_text(results["table_md"] + "\n")
     plot(results, out_dir / f"{name}.png")
     return results

@@ -18,7 +18,6 @@ Writes ``<out_dir>/transport_kl.json`` and prints a table.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -155,11 +154,8 @@ def main(argv=None) -> dict:
               f"{sm['gold_gain']:+.3f} | {sm['gold_gain_per_nat']:+.3f} | {sm['proxy_gain']:+.3f} | "
               f"{sm['tokens_changed']:.1f} | {sm['seconds_per_step']:.0f} |")
     result = {"settings": s.as_dict(), "steps": a.steps, "skip": a.skip, "layer": a.layer, "best_of_gold": best,
-              "runs": runs, "machine": arms.machine_info(),
-              "command": "python benchmarks/transport_kl.py " + " ".join(argv if argv is not None else sys.argv[1:])}
-    path = Path(a.out_dir) / "transport_kl.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2))
+              "runs": runs} | arms.provenance("transport_kl.py", argv)
+    path = arms.write_json(Path(a.out_dir) / "transport_kl.json", result)
     print(f"[transport_kl] -> {path}")
     return result
 

@@ -28,11 +28,9 @@ from contextlib import contextmanager
 import torch
 from transformers import DynamicCache
 
-from vgf_llm.rollout.hf import Rollouts, eos_token_ids
 from vgf_llm.spaces.base import Particles
 from vgf_llm.spaces.prefix_steering import PrefixSteering, concat_traces
-from vgf_llm.spaces.reference import ReferenceTokens
-from vgf_llm.spaces.steering import check_plain_sampling, noise_particles, regenerate, regenerated, stack_record
+from vgf_llm.spaces.steering import RegeneratingSpace, regenerate, regenerated, stack_record
 from vgf_llm.value import active_adapter, first_layers
 
 
@@ -50,11 +48,9 @@ def check_topk(topk: int, name: str) -> None:
 class TiltDecoding:
     """The decode loop both tilts share: regenerate each particle under its own noise with every step's top-k
     logits tilted by eta x (Q - its mean under the model). A subclass reads Q (``candidate_values``) and may keep
-    per-batch state (``begin``). Needs ``model``, ``tokenizer``, ``eos``, ``temperature``, ``topk``,
-    ``keep_logps``."""
+    per-batch state (``begin``). Mixed into a ``RegeneratingSpace``, with ``topk``."""
 
     repulsion = False  # the flow on each particle's logits is closed-form; particles do not interact
-    moves_while_decoding = True
 
     def begin(self, p_ids: torch.Tensor, p_mask: torch.Tensor) -> None:
         """Called once per batch, before its first token."""
@@ -148,36 +144,28 @@ class PrefixTilt(TiltDecoding, PrefixSteering):
         return self.prefix_value(captured["h"][:, -1].float()).reshape(b, k).cpu()
 
 
-class RewardTilt(TiltDecoding):
+class RewardTilt(TiltDecoding, RegeneratingSpace):
     """Q(v): the scorer, a sequence-classification reward model on the policy's vocabulary, scoring the prompt and
     the response so far extended by v. The reward model keeps its own KV cache along the particles, fed one token
     per step; the candidates run on a copy of it."""
 
+    name = "tilt_reward"
+
     def __init__(self, model, tokenizer, scorer, *, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
                  topk: int = 8, seed: int = 0):
-        reward_model = getattr(scorer, "model", None)
-        if reward_model is None or not hasattr(reward_model, "score"):
+        self.reward_model = getattr(scorer, "model", None)
+        if self.reward_model is None or not hasattr(self.reward_model, "score"):
             raise ValueError("decoder='tilt_reward' scores each candidate token with the reward model itself: it "
                              "needs a reward-model scorer (scorer='reward_model' / --reward_model_path)")
-        check_plain_sampling("tilt_reward", temperature, top_k, top_p)
-        check_topk(topk, "tilt_reward")
-        self.model, self.tokenizer, self.scorer, self.reward_model = model, tokenizer, scorer, reward_model
-        self.temperature, self.seed, self.topk = temperature, seed, topk
-        self.eos = eos_token_ids(model, tokenizer)
-        self.reference = ReferenceTokens(model, model.get_input_embeddings().weight)
-        self.keep_logps = False
-        self.last_logps: torch.Tensor | None = None
-        self.last_stats: dict = {}
+        super().__init__(model, tokenizer, scorer, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+        check_topk(topk, self.name)
+        self.topk = topk
         self._cache, self._fed = None, 0  # the reward model's KV cache along the particles; response tokens in it
 
     @classmethod
     def from_config(cls, model, tokenizer, scorer, config):
         return cls(model, tokenizer, scorer, temperature=config.temperature, top_p=config.top_p, top_k=config.top_k,
                    topk=config.decoder_topk)
-
-    @torch.no_grad()
-    def lift(self, rollouts: Rollouts) -> Particles:
-        return noise_particles(self.reference, rollouts, self.temperature, self.seed)
 
     def _run(self, ids, mask, cache):
         device = self.reward_model.device

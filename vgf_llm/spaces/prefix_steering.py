@@ -24,32 +24,23 @@ import torch
 
 from vgf_llm.flow import TransportTrace, transport
 from vgf_llm.prefix_value import PrefixValue, fit_prefix_value
-from vgf_llm.rollout.hf import Rollouts, eos_token_ids
+from vgf_llm.rollout.hf import Rollouts
 from vgf_llm.spaces.base import Particles
-from vgf_llm.spaces.reference import ReferenceTokens
-from vgf_llm.spaces.steering import check_plain_sampling, noise_particles, regenerate, regenerated, stack_record
+from vgf_llm.spaces.steering import RegeneratingSpace, regenerate, regenerated, stack_record
 
 
-class PrefixSteering:
+class PrefixSteering(RegeneratingSpace):
     name = "steer_prefix"
     repulsion = True
-    moves_while_decoding = True  # the sampler hands it the budget instead of running one transport before decoding
 
     def __init__(self, model, tokenizer, scorer, *, steer_layer: int | None = None, temperature: float = 1.0,
                  top_p: float = 1.0, top_k: int = 0, seed: int = 0):
-        check_plain_sampling(self.name, temperature, top_k, top_p)
+        super().__init__(model, tokenizer, scorer, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
         depth = model.config.num_hidden_layers
         self.steer_layer = steer_layer if steer_layer is not None else max(1, depth // 2)
         if not 1 <= self.steer_layer <= depth:
             raise ValueError(f"steer_layer must be in 1..{depth}, got {self.steer_layer}")
-        self.model, self.tokenizer, self.scorer = model, tokenizer, scorer
-        self.temperature, self.seed = temperature, seed
-        self.eos = eos_token_ids(model, tokenizer)
-        self.reference = ReferenceTokens(model, model.get_input_embeddings().weight)
         self.prefix_value: PrefixValue | None = None
-        self.last_stats: dict = {}
-        self.keep_logps = False  # set by whoever distils the steered distributions (distill_target='distribution')
-        self.last_logps: torch.Tensor | None = None  # [G, N, T, V] of the last move_and_decode, when kept
 
     @classmethod
     def from_config(cls, model, tokenizer, scorer, config):
@@ -73,7 +64,7 @@ class PrefixSteering:
             if self.fit_prefix(p_ids, p_mask, ids, mask, values, torch.arange(g).repeat_interleave(n)) is None:
                 raise ValueError(f"decoder={self.name!r} could not fit a prefix value on this batch (too few "
                                  "prompts or responses): give it more prompts per batch, or fit one with fit_prefix")
-        return noise_particles(self.reference, rollouts, self.temperature, self.seed)
+        return super().lift(rollouts)
 
     def move_and_decode(self, particles: Particles, budget: dict):
         """Regenerate every movable particle, moving its state at ``steer_layer`` at every step with
