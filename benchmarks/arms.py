@@ -104,6 +104,16 @@ def add_shared_arguments(p, d: ArmSettings) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads per process.")
 
 
+def add_probe_arguments(p, out_dir: Path) -> None:
+    """The options the helpful-task probes (``transport_kl.py``, ``kl_ceiling.py``) share: the frontier's length,
+    model and proxy reward model, so a probe measures what the frontier trains on."""
+    p.add_argument("--max_completion_length", type=int, default=24)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--model", default=ArmSettings.model)
+    p.add_argument("--reward_model", default=PROXY_REWARD_MODEL)
+    p.add_argument("--out_dir", default=str(out_dir))
+
+
 def settings_from(a, **more) -> ArmSettings:
     """``ArmSettings`` from the shared options (and ``more``)."""
     return ArmSettings(model=a.model, task=a.task, prompts=a.prompts, generations=a.generations,

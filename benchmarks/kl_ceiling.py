@@ -136,11 +136,7 @@ def main(argv=None) -> dict:
     p.add_argument("--samples", type=int, default=32, help="Base samples per prompt (the empirical base).")
     p.add_argument("--levels", default="0.1,0.2,0.3,0.5,1.0", help="KL levels (nats per sequence) of the table.")
     p.add_argument("--bootstrap", type=int, default=1000)
-    p.add_argument("--max_completion_length", type=int, default=24)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--model", default=arms.ArmSettings.model)
-    p.add_argument("--reward_model", default=arms.PROXY_REWARD_MODEL)
-    p.add_argument("--out_dir", default=str(ROOT / "results"))
+    arms.add_probe_arguments(p, ROOT / "results")
     a = p.parse_args(argv)
     if a.samples < 2:
         p.error("--samples must be >= 2: a distribution over one sample has no KL to spend")

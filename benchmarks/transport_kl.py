@@ -113,12 +113,8 @@ def main(argv=None) -> dict:
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--skip", type=int, default=1, help="Leading steps left out of the summary (prefix value warm-up).")
     p.add_argument("--layer", type=int, default=15, help="The prefix value's decoder layer.")
-    p.add_argument("--max_completion_length", type=int, default=24)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--model", default=arms.ArmSettings.model)
-    p.add_argument("--reward_model", default=arms.PROXY_REWARD_MODEL)
-    p.add_argument("--out_dir", default=str(ROOT / "results"))
+    arms.add_probe_arguments(p, ROOT / "results")
     a = p.parse_args(argv)
     configs = []
     for item in a.configs.split(","):
