@@ -100,12 +100,9 @@ def curves(gold, proxy, ks, betas) -> dict:
 
 
 def at_kl(curve, kl: float, column: int = 1) -> float | None:
-    """Linear interpolation of ``column`` (1 = gold, 2 = proxy) at ``kl``; None outside the curve."""
-    for (k0, *v0), (k1, *v1) in zip(curve, curve[1:], strict=False):
-        if k0 <= kl <= k1:
-            a, b = v0[column - 1], v1[column - 1]
-            return a if k1 == k0 else a + (b - a) * (kl - k0) / (k1 - k0)
-    return None
+    """``column`` (1 = gold, 2 = proxy) of a curve at ``kl``, interpolated as the frontier's matched-KL table
+    interpolates a trained arm's curve (None beyond its largest KL)."""
+    return frontier.gold_at_kl([(point[0], point[column]) for point in curve], kl)
 
 
 def bootstrap_margins(gold, proxy, ks, betas, levels, draws: int, seed: int = 0) -> dict:

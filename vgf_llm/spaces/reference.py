@@ -28,7 +28,8 @@ def full_shape(param: torch.Tensor) -> torch.Size:
 
 
 class ReferenceTokens:
-    """The reference (``model`` with adapters off) proposing tokens for the particle spaces.
+    """The reference (``model`` under ``adapter``; by default with adapters off) proposing tokens for the particle
+    spaces.
 
     ``embedding_weight`` is the scorer's embedding table (the particles' coordinates); ``exclude_ids`` are never
     proposed; ``k`` candidates per position. ``adapter``: the adapter the particles were sampled under (None: the
