@@ -20,7 +20,6 @@ COMMANDS = {
     "models": ("vgf_llm.cli.models", "prepare or list offline models"),
     "env": ("vgf_llm.cli.env", "print versions and hardware, for bug reports"),
     "demo": ("vgf_llm.cli.demo", "run the toy bandit example (VGF vs best-of-N in 2-D)"),
-    "vllm-serve": ("vgf_llm.cli.vllm_serve", "serve a model with vLLM for rollouts (vllm_mode='server')"),
 }
 
 

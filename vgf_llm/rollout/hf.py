@@ -1,8 +1,7 @@
 """Rollouts: N completions per prompt from a causal LM, as padded token tensors grouped by prompt.
 
-A backend is any object with ``generate(prompts, num_generations, seed) -> Rollouts`` (and ``sync_weights`` when
-it holds its own copy of the weights, as vLLM does). Prompts are chat-formatted text or message lists (TRL's
-conversational form).
+A backend is any object with ``generate(prompts, num_generations, seed) -> Rollouts`` and ``close()``. Prompts are
+chat-formatted text or message lists (TRL's conversational form).
 """
 
 from __future__ import annotations
@@ -145,9 +144,6 @@ class HFGenerateBackend:
         texts = [[tok.decode(completion[g, n][cmask[g, n].bool()], skip_special_tokens=True)
                   for n in range(num_generations)] for g in range(len(prompts))]
         return Rollouts(prompt_ids, prompt_mask, completion, cmask, texts)
-
-    def sync_weights(self, model=None, **kwargs) -> None:
-        """Nothing to do: ``generate`` runs the live model (the same call on ``VLLMBackend`` pushes the weights)."""
 
     def close(self) -> None:
         """Nothing to release (``VLLMBackend.close`` stops its engine)."""

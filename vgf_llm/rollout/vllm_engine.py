@@ -1,5 +1,6 @@
-"""vLLM engines: is a compatible vLLM installed, the ``vllm.LLM`` settings a CPU build needs, and
-``LocalVLLMEngine`` (the in-process engine of colocate mode, also what ``vgf-llm vllm-serve`` runs).
+"""vLLM engines: is a compatible vLLM installed, the ``vllm.LLM`` settings (sized from the rollout batch, and what
+a CPU build needs), and ``LocalVLLMEngine``, the in-process engine of colocate mode. Server mode needs none of
+this: it talks to vLLM's own ``vllm serve`` (``vllm_client``).
 """
 
 from __future__ import annotations
@@ -10,8 +11,6 @@ import importlib.util
 import json
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -109,11 +108,7 @@ def vllm_available() -> bool:
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# policy weights: LoRA merged, ZeRO-3 gathered, tied head included
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# engines: the in-process vllm.LLM and the HTTP client share one small, JSON-able interface
+# engines: the in-process vllm.LLM and the HTTP client of `vllm serve` share one small, JSON-able interface
 
 
 class RolloutEngine(Protocol):
@@ -121,17 +116,18 @@ class RolloutEngine(Protocol):
 
     ``generate`` takes requests ``{"prompt_token_ids": [...], "sampling": {SamplingParams kwargs}}`` and returns,
     per request, its ``n`` completions ``{"token_ids": [...], "logprobs": [...] | None, "finish_reason": str}``.
-    ``update_weights`` loads a full HF-layout state dict and resets the prefix cache.
+    The engine holds the frozen base model for its whole life: nothing ever changes its weights.
     """
 
-    dtype: str
-
     def generate(self, requests: list[dict]) -> list[list[dict]]: ...
-    def update_weights(self, state_dict: dict[str, torch.Tensor]) -> None: ...
-    def reset_prefix_cache(self) -> None: ...
+    def close(self) -> None: ...
+
+
+class SleepingEngine(RolloutEngine, Protocol):
+    """An in-process engine that can give its memory back to training between generations (sleep mode)."""
+
     def sleep(self, level: int = 1) -> None: ...
     def wake_up(self, tags: list[str] | None = None) -> None: ...
-    def close(self) -> None: ...
 
 
 def _on_cpu_platform() -> bool:
@@ -140,12 +136,40 @@ def _on_cpu_platform() -> bool:
     return current_platform.is_cpu()
 
 
+# vLLM's v1 memory profiler plans for max_num_batched_tokens at once; its high default makes it think memory is short
+# (TRL fixes 4096 for its colocated engine for the same reason)
+MAX_NUM_BATCHED_TOKENS = 4096
+
+
+def batch_sizes(*, batch_size: int | None, num_generations: int | None, max_new_tokens: int,
+                max_prompt_length: int | None = None, max_model_len: int | None = None) -> dict:
+    """The colocated engine's limits, sized from the rollout batch as TRL sizes its ``LLM``.
+
+    ``max_model_len``: the user's value, else ``max_prompt_length + max_new_tokens`` when the prompt length is known,
+    else None (vLLM takes the model's context length). ``max_num_seqs``: the sequences of one ``generate`` call
+    (``batch_size`` prompts x ``num_generations``), so the KV cache is planned for what is actually run.
+    ``max_num_batched_tokens``: 4096, raised to ``max_num_seqs`` and ``max_model_len`` where vLLM needs that (it
+    refuses fewer tokens per step than sequences, and fewer than ``max_model_len`` without chunked prefill).
+    """
+    if max_model_len is None and max_prompt_length is not None:
+        max_model_len = int(max_prompt_length) + int(max_new_tokens)
+    max_num_seqs = int(batch_size) * int(num_generations) if batch_size and num_generations else None
+    tokens = max(MAX_NUM_BATCHED_TOKENS, max_num_seqs or 0, max_model_len or 0)
+    sizes: dict[str, int] = {"max_num_batched_tokens": tokens}
+    if max_model_len is not None:
+        sizes["max_model_len"] = int(max_model_len)
+    if max_num_seqs is not None:
+        sizes["max_num_seqs"] = max_num_seqs
+    return sizes
+
+
 def engine_kwargs(model: str | os.PathLike, *, tokenizer: str | os.PathLike | None = None, dtype: str = "auto",
                   gpu_memory_utilization: float = 0.9, enable_sleep_mode: bool = False,
                   kv_cache_memory_bytes: int | None = None, enforce_eager: bool | None = None,
-                  max_model_len: int | None = None, tensor_parallel_size: int = 1, seed: int = 0,
-                  enable_prefix_caching: bool = True, **extra) -> dict:
-    """``vllm.LLM`` keyword arguments, with the settings a CPU build needs (measured in docs/vllm.md)."""
+                  tensor_parallel_size: int = 1, seed: int = 0, enable_prefix_caching: bool = True,
+                  **extra) -> dict:
+    """``vllm.LLM`` keyword arguments, with the settings a CPU build needs (measured in docs/vllm.md); ``extra``
+    (``max_model_len``, ``max_num_seqs``, ... from ``batch_sizes``) is passed on as is."""
     on_cpu = _on_cpu_platform()
     kwargs: dict[str, Any] = dict(
         model=str(model), tokenizer=str(tokenizer or model), dtype=dtype, seed=seed,
@@ -168,14 +192,12 @@ def engine_kwargs(model: str | os.PathLike, *, tokenizer: str | os.PathLike | No
         # colocate under torchrun/accelerate (as TRL does): each rank runs its own engine in-process on its own GPU
         if tensor_parallel_size != 1:
             raise NotImplementedError("colocate mode with vllm_tensor_parallel_size > 1 across training ranks is not "
-                                      "supported; use vllm_mode='server' (vgf-llm vllm-serve --tensor_parallel_size)")
+                                      "supported; use vllm_mode='server' (`vllm serve MODEL --tensor-parallel-size N`)")
         kwargs["distributed_executor_backend"] = "external_launcher"
         kwargs["seed"] = seed + torch.distributed.get_rank()
     if enable_sleep_mode:
         kwargs["enable_sleep_mode"] = True
-    if max_model_len is not None:
-        kwargs["max_model_len"] = int(max_model_len)
-    kwargs.update(extra)
+    kwargs.update({k: v for k, v in extra.items() if v is not None})
     return kwargs
 
 
@@ -200,16 +222,13 @@ def _completion_dict(c) -> dict:
 
 
 class LocalVLLMEngine:
-    """An in-process ``vllm.LLM`` (colocate mode; also what the server runs)."""
+    """An in-process ``vllm.LLM`` on the frozen base model (colocate mode)."""
 
     def __init__(self, model: str | os.PathLike, **kwargs):
         vllm = require_vllm()
         self.kwargs = engine_kwargs(model, **kwargs)
         self.llm = vllm.LLM(**self.kwargs)
-        self.dtype = str(self.llm.llm_engine.model_config.dtype).removeprefix("torch.")
         self.model = str(model)
-        self._weights_dir = Path(tempfile.mkdtemp(prefix="vgf_llm_vllm_weights_"))
-        self.num_weight_updates = 0
 
     def generate(self, requests: list[dict]) -> list[list[dict]]:
         from vllm import SamplingParams
@@ -219,36 +238,11 @@ class LocalVLLMEngine:
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
         return [[_completion_dict(c) for c in sorted(o.outputs, key=lambda c: c.index)] for o in outputs]
 
-    def load_weights_from_path(self, weights_path: str | os.PathLike) -> None:
-        """Reload every weight from a folder of safetensors files (works single- and multi-process)."""
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(weights_path)})
-        self.reset_prefix_cache()
-        self.num_weight_updates += 1
-
-    def update_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
-        from safetensors.torch import save_file
-
-        folder = self._weights_dir / "current"
-        if folder.exists():
-            shutil.rmtree(folder)
-        folder.mkdir(parents=True)
-        save_file(state_dict, str(folder / "model.safetensors"))
-        self.load_weights_from_path(folder)
-
-    def reset_prefix_cache(self) -> None:
-        self.llm.reset_prefix_cache()
-
     def sleep(self, level: int = 1) -> None:
         self.llm.sleep(level=level)
 
     def wake_up(self, tags: list[str] | None = None) -> None:
         self.llm.wake_up(tags)
-
-    def info(self) -> dict:
-        import vllm
-
-        return {"model": self.model, "dtype": self.dtype, "vllm": vllm.__version__,
-                "num_weight_updates": self.num_weight_updates}
 
     def close(self) -> None:
         llm, self.llm = getattr(self, "llm", None), None
@@ -256,10 +250,3 @@ class LocalVLLMEngine:
             with contextlib.suppress(Exception):
                 llm.llm_engine.engine_core.shutdown()
             del llm
-        shutil.rmtree(getattr(self, "_weights_dir", ""), ignore_errors=True)
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# the backend
-
-
