@@ -8,22 +8,18 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "vgf_llm"
 
 FLOORS = [
-    ["vgf_llm.flow"],
+    ["vgf_llm.flow", "vgf_llm.adapters", "vgf_llm.ridge", "vgf_llm.rollout.config"],
     ["vgf_llm.models", "vgf_llm.tasks", "vgf_llm.rewards", "vgf_llm.hub", "vgf_llm.value", "vgf_llm.distill",
-     "vgf_llm.rollout", "vgf_llm.rollout.hf", "vgf_llm.rollout.vllm_engine", "vgf_llm.rollout.vllm_weights",
-     "vgf_llm.rollout.vllm_client"],
-    ["vgf_llm.value_fit", "vgf_llm.prefix_value", "vgf_llm.evaluation", "vgf_llm.proxy_reward",
-     "vgf_llm.rollout.vllm_backend", "vgf_llm.rollout.vllm_server",
-     "vgf_llm.spaces", "vgf_llm.spaces.base", "vgf_llm.spaces.reference", "vgf_llm.spaces.token_edits",
-     "vgf_llm.spaces.soft_tokens", "vgf_llm.spaces.steering", "vgf_llm.spaces.prefix_steering",
-     "vgf_llm.spaces.logit_tilt"],
-    ["vgf_llm.sampler"],
-    ["vgf_llm.config"],
+     "vgf_llm.rollout", "vgf_llm.rollout.hf", "vgf_llm.rollout.vllm_engine", "vgf_llm.rollout.vllm_client",
+     "vgf_llm.prefix_value"],
+    ["vgf_llm.value_fit", "vgf_llm.evaluation", "vgf_llm.proxy_reward", "vgf_llm.rollout.vllm_backend",
+     "vgf_llm.spaces", "vgf_llm.spaces.base", "vgf_llm.spaces.reference", "vgf_llm.spaces.regenerate",
+     "vgf_llm.spaces.token_edits", "vgf_llm.spaces.prefix_steering"],
+    ["vgf_llm.sampler", "vgf_llm.config"],
     ["vgf_llm.trainer"],
     ["vgf_llm.recipe"],
     ["vgf_llm", "vgf_llm.cli", "vgf_llm.cli.__main__", "vgf_llm.cli.common", "vgf_llm.cli.train",
-     "vgf_llm.cli.generate", "vgf_llm.cli.fit_value", "vgf_llm.cli.models", "vgf_llm.cli.env", "vgf_llm.cli.demo",
-     "vgf_llm.cli.vllm_serve"],
+     "vgf_llm.cli.generate", "vgf_llm.cli.fit_value", "vgf_llm.cli.models", "vgf_llm.cli.env", "vgf_llm.cli.demo"],
 ]
 FLOOR = {module: i for i, names in enumerate(FLOORS) for module in names}
 

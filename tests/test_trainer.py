@@ -12,10 +12,9 @@ import torch
 from vgf_llm.config import VGFConfig
 from vgf_llm.distill import distill_weights
 from vgf_llm.trainer import POLICY, VGFTrainer
-from vgf_llm.value import ValueModel
 
 STEP_METRICS = ["reward", "reward_std", "frac_reward_zero_std", "transport/reward_before", "transport/reward_after",
-                "transport/tokens_changed", "transport/displacement", "value/loss", "value/corr", "kl",
+                "transport/tokens_changed", "transport/displacement", "value/cv_corr", "value/corr", "kl",
                 "completions/mean_length", "loss"]
 
 
@@ -26,8 +25,8 @@ def length_reward(prompts, completions, **kwargs):
 
 def config(tmp_path, **overrides) -> VGFConfig:
     values = dict(output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=2, num_generations=4,
-                  max_completion_length=6, transport_steps=2, transport_step_size=0.5, save_strategy="no",
-                  use_cpu=True, seed=0, learning_rate=1e-2, value_epochs=1, disable_tqdm=True)
+                  max_completion_length=6, transport_steps=1, transport_step_size=1.0, steer_layer=1,
+                  save_strategy="no", use_cpu=True, seed=0, learning_rate=1e-2, disable_tqdm=True)
     values.update(overrides)
     return VGFConfig(**values)
 
@@ -44,79 +43,28 @@ def logged(tr: VGFTrainer) -> dict:
     return out
 
 
-@pytest.mark.parametrize("decoder,budget", [("verified", {}),  # soft tokens: the budget is in logits (margin 6)
-                                            ("soft_topk", dict(transport_steps=8, transport_step_size=1.0)),
-                                            ("reference_gain", {}),  # steer: a hidden-state vector, decoded by the LM
-                                            ("steer", dict(transport_steps=4, transport_step_size=1.0,
-                                                           steer_layer=1)),
-                                            ("steer_prefix", dict(transport_steps=1, transport_step_size=1.0,
-                                                                  steer_layer=1)),
-                                            ("tilt_prefix", dict(transport_steps=1, transport_step_size=20.0,
-                                                                 steer_layer=1, decoder_topk=32)),
-                                            ("tilt_reward", dict(transport_steps=1, transport_step_size=30.0,
-                                                                 decoder_topk=32, scorer="reward_model"))])
-def test_every_sampler_decoder_trains(tiny_lm_dir, standard_prompts, tmp_path, decoder, budget,
-                                      tiny_reward_model_dir):
-    """The trainer takes the sampler's particle spaces by name; each runs inside a training step and edits some
-    particles (steering vectors through the model's own re-generation)."""
-    if budget.get("scorer") == "reward_model":  # tilt_reward reads the reward model itself
-        budget = budget | {"reward_model_path": str(tiny_reward_model_dir)}
-    tr = trainer(tiny_lm_dir, standard_prompts, tmp_path, decoder=decoder, max_steps=1, **budget)
+def test_per_step_steering_fits_its_prefix_value_to_the_true_rewards(tiny_lm_dir, standard_prompts, tmp_path,
+                                                                      monkeypatch):
+    """Each step the trainer makes the explicit fit call with the true rewards of its rollouts; the space refits
+    its prefix value by ridge on its buffer (cross-validated by prompt), and the particles move."""
+    from vgf_llm.spaces import PrefixSteering
+
+    tr = trainer(tiny_lm_dir, standard_prompts, tmp_path, max_steps=3, value_buffer_steps=2)
+    seen = []
+    fit = PrefixSteering.fit
+    monkeypatch.setattr(PrefixSteering, "fit", lambda self, ro, targets, **kw: seen.append(targets.clone())
+                        or fit(self, ro, targets, **kw))
+    rewards = []
+    reward_of = tr.reward_funcs[0]
+    tr.reward_funcs[0] = lambda prompts, completions, **kw: rewards.append(reward_of(prompts, completions)) \
+        or rewards[-1]
     tr.train()
     log = logged(tr)
-    assert math.isfinite(log["train_loss"]) and log["transport/tokens_changed"] > 0
-
-
-def test_the_online_ridge_value_model_solves_its_head_and_never_trains_its_adapter(tiny_lm_dir, standard_prompts,
-                                                                                    tmp_path):
-    """value_fit='ridge': every step re-solves the head on the buffer (its strength cross-validated by prompt) and
-    leaves the value adapter as created, so the steering space's gradient comes from that head."""
-    tr = trainer(tiny_lm_dir, standard_prompts, tmp_path, decoder="steer", transport_steps=2, transport_step_size=1.0,
-                 steer_layer=1, value_fit="ridge", max_steps=2, value_buffer_steps=3)
-    adapter = [p.detach().clone() for p in tr.scorer.adapter_parameters()]
-    head = tr.scorer.head.weight.detach().clone()
-    tr.train()
-    log = logged(tr)
-    assert math.isfinite(log["value/cv_corr"]) and log["value/ridge"] > 0 and "value/loss" not in log
-    assert not torch.equal(tr.scorer.head.weight, head)
-    assert all(torch.equal(a, b) for a, b in zip(adapter, tr.scorer.adapter_parameters(), strict=True))
-    assert log["transport/displacement"] > 0
-    with pytest.raises(ValueError, match="value_fit"):
-        config(tmp_path, value_fit="sgd")
-
-
-def test_per_step_steering_fits_its_prefix_value_to_the_true_rewards_not_the_value_model(tiny_lm_dir,
-                                                                                         standard_prompts, tmp_path,
-                                                                                         monkeypatch):
-    """decoder='steer_prefix': each step the space's prefix value is re-fitted by ridge on the buffer's true
-    rewards (cross-validated by prompt), the value model is never trained, and the particles move. The buffer's
-    prefix states are read once per response and kept: the last fit equals one on states read afresh."""
-    import vgf_llm.trainer as trainer_module
-    from vgf_llm.distill import pad_cat
-    from vgf_llm.prefix_value import fit_prefix_value
-
-    tr = trainer(tiny_lm_dir, standard_prompts, tmp_path, decoder="steer_prefix", transport_steps=1,
-                 transport_step_size=1.0, steer_layer=1, max_steps=3, value_buffer_steps=2)
-    value_head = tr.scorer.head.weight.detach().clone()
-    fitted = []
-    fit = trainer_module.fit_prefix_value_on_states
-    monkeypatch.setattr(trainer_module, "fit_prefix_value_on_states",
-                        lambda *a, **k: fitted.append(a[3].clone()) or fit(*a, **k))
-    tr.train()
-    log = logged(tr)
-    assert [len(t) for t in fitted] == [8, 16, 16]  # the buffer: one step's 2 prompts x 4, then the last two steps'
-    pv = tr.sampler.space.prefix_value
-    assert pv is not None and math.isfinite(log["value/cv_corr"])
-    parts = list(zip(*tr.value_buffer, strict=True))
-    pad = tr.processing_class.pad_token_id
-    fresh = fit_prefix_value(tr.model, 1, pad_cat(list(parts[0]), pad, left=True),
-                             pad_cat(list(parts[1]), 0, left=True), pad_cat(list(parts[2]), pad),
-                             pad_cat(list(parts[3]), 0), torch.cat(parts[4]), torch.arange(16) // 4,
-                             seed=tr.args.seed + 2)
-    assert torch.equal(fitted[-1], torch.cat(parts[4])) and fresh.ridge == pv.ridge
-    torch.testing.assert_close(fresh.weight, pv.weight, rtol=1e-4, atol=1e-6)
+    assert len(seen) == 3 and all(t.shape == (2, 4) for t in seen)
+    originals = [r for r in rewards if len(r) == 8]  # the rollouts' rewards (re-scores of moved ones are fewer)
+    assert all(torch.equal(t.reshape(-1), torch.tensor(r)) for t, r in zip(seen, originals, strict=False))
+    assert len(tr.space.buffer) == 2 and tr.space.value is not None and math.isfinite(log["value/cv_corr"])
     assert -1 <= log["value/corr"] <= 1  # step 2's fresh rollouts, scored by step 1's prefix value
-    assert "value/loss" not in log and torch.equal(tr.scorer.head.weight, value_head)
     assert log["transport/displacement"] > 0 and log["transport/tokens_changed"] > 0
 
 
@@ -174,27 +122,13 @@ def test_conversational_prompts_and_a_reward_model(tiny_lm_dir, tiny_reward_mode
     assert "rewards/length_reward/mean" in log and f"rewards/{tiny_reward_model_dir.name}/mean" in log
 
 
-def test_reward_model_as_scorer(tiny_lm_dir, tiny_reward_model_dir, standard_prompts, tmp_path):
-    tr = trainer(tiny_lm_dir, standard_prompts, tmp_path, max_steps=1, scorer="reward_model",
-                 reward_model_path=str(tiny_reward_model_dir))
-    tr.train()
-    assert "value/loss" not in logged(tr) and math.isfinite(logged(tr)["loss"])
-
-
 def test_budget_zero_distils_best_of_n_without_moving(tiny_lm_dir, standard_prompts, tmp_path):
     tr = trainer(tiny_lm_dir, standard_prompts, tmp_path, max_steps=1, transport_steps=0)
     tr.train()
     log = logged(tr)
     assert log["transport/tokens_changed"] == 0 and log["transport/reward_after"] == log["transport/reward_before"]
-    assert "value/loss" not in log and "timing/value_fit" not in log  # no value model to fit without transport
-
-
-def test_policy_particles(tiny_lm_dir, standard_prompts, tmp_path):
-    tr = trainer(tiny_lm_dir, standard_prompts, tmp_path, particle_source="policy")
-    assert tr.sampler.space.reference.adapter == POLICY  # its particles are moved and decoded by the policy
-    tr.train()
-    assert math.isfinite(logged(tr)["loss"])
-    assert trainer(tiny_lm_dir, standard_prompts, tmp_path / "ref").sampler.space.reference.adapter is None
+    assert "value/cv_corr" not in log and "timing/value_fit" not in log  # no value to fit without transport
+    assert tr.space is None
 
 
 def test_saved_adapter_loads_with_peft_and_reproduces_the_policy(tiny_lm_dir, standard_prompts, tmp_path):
@@ -219,8 +153,8 @@ def test_saved_adapter_loads_with_peft_and_reproduces_the_policy(tiny_lm_dir, st
     assert not torch.allclose(reference, expected, atol=1e-4)  # the adapter does something
 
 
-@pytest.mark.parametrize("space", [{},  # steer_prefix: the resumed run re-reads the restored buffer's prefix states
-                                   dict(decoder="steer_prefix", transport_steps=1, steer_layer=1)])
+@pytest.mark.parametrize("space", [{},  # the resumed run refits the prefix value on the restored buffer
+                                   dict(transport_steps=0)])
 def test_two_plus_two_steps_with_resume_equal_four_steps(tiny_lm_dir, standard_prompts, tmp_path, space):
     import shutil
 
@@ -239,10 +173,8 @@ def test_two_plus_two_steps_with_resume_equal_four_steps(tiny_lm_dir, standard_p
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
-    va = load_file(str(tmp_path / "a" / "out" / "checkpoint-4" / "value_model" / "value_model.safetensors"))
-    vb = load_file(str(tmp_path / "b" / "out" / "checkpoint-4" / "value_model" / "value_model.safetensors"))
-    for k in va:
-        torch.testing.assert_close(va[k], vb[k], rtol=1e-5, atol=1e-6)
+    if straight.space is not None:
+        torch.testing.assert_close(straight.space.value.weight, resumed.space.value.weight)
 
 
 def test_a_save_cut_off_midway_keeps_the_last_good_checkpoint_and_is_never_resumed(
@@ -252,14 +184,16 @@ def test_a_save_cut_off_midway_keeps_the_last_good_checkpoint_and_is_never_resum
     kw = dict(max_steps=4, save_strategy="steps", save_steps=2, save_total_limit=1)
     tr = trainer(tiny_lm_dir, standard_prompts, tmp_path, **kw)
     saves = []
+    save = torch.save
 
-    def save_then_die(path):  # the value model's save of checkpoint-4 is "killed"
-        saves.append(path)
-        if len(saves) == 2:
-            raise KeyboardInterrupt("killed while saving")
-        return ValueModel.save(tr.scorer, path)
+    def save_then_die(obj, path, *args, **kwargs):  # the buffer's save of checkpoint-4 is "killed"
+        if str(path).endswith("vgf_state.pt.partial"):
+            saves.append(path)
+            if len(saves) == 2:
+                raise KeyboardInterrupt("killed while saving")
+        return save(obj, path, *args, **kwargs)
 
-    monkeypatch.setattr(tr.scorer, "save", save_then_die)
+    monkeypatch.setattr(torch, "save", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         tr.train()
     out = tmp_path / "out"
@@ -296,7 +230,7 @@ def test_push_uploads_the_adapter_and_card_only(tiny_lm_dir, standard_prompts, t
     assert repo == "me/vgf-tiny"
     assert files == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
     card = (tmp_path / "card.md").read_text()
-    for needle in ("vgf-llm", "- vgf", "base_model:", "length_reward", "arXiv:2604.14265", "2 steps x step size"):
+    for needle in ("vgf-llm", "- vgf", "base_model:", "length_reward", "arXiv:2604.14265", "1 steps x step size"):
         assert needle in card, needle
 
 
@@ -307,10 +241,9 @@ def test_evaluate_scores_greedy_completions(tiny_lm_dir, standard_prompts, tmp_p
     assert set(metrics) == {"eval_reward"} and metrics["eval_reward"] > 0
 
 
-@pytest.mark.parametrize("weighting", ["softmax", "best", "advantage"])
-def test_distill_weights_sum_to_one_and_skip_missing(weighting):
+def test_distill_weights_sum_to_one_and_skip_missing():
     rewards = torch.tensor([[0.0, 1.0, float("nan"), 0.5], [2.0, 2.0, 1.0, float("nan")]])
-    w = distill_weights(rewards, weighting, temperature=0.1)
+    w = distill_weights(rewards, temperature=0.1)
     torch.testing.assert_close(w.sum(-1), torch.ones(2))
     assert (w[:, 2][0] == 0) and (w[1, 3] == 0)  # None rewards are never targets
     assert int(w[0].argmax()) == 1  # the best response gets the most weight
@@ -349,77 +282,21 @@ def test_nan_rewards(tiny_lm_dir, standard_prompts, tmp_path):
         trainer(tiny_lm_dir, standard_prompts, tmp_path, reward=nan_reward).train()
 
 
-def test_reward_model_scorer_with_another_vocabulary(tiny_lm_dir, other_vocab_reward_model_dir, standard_prompts,
-                                                     tmp_path):
-    with pytest.raises(ValueError, match="vocabulary differs"):
-        trainer(tiny_lm_dir, standard_prompts, tmp_path, scorer="reward_model",
-                reward_model_path=str(other_vocab_reward_model_dir))
-
-
 def test_non_finite_transport_is_skipped_and_logged(tiny_lm_dir, standard_prompts, tmp_path, monkeypatch):
+    import vgf_llm.flow as flow
+
     tr = trainer(tiny_lm_dir, standard_prompts, tmp_path, max_steps=1)
-    grad = tr.sampler.space.grad
+    transport = flow.transport
 
-    def poisoned(particles, u):
-        values, g = grad(particles, u)
-        return values, torch.full_like(g, float("nan"))
+    def poisoned(particles, grad_fn=None, **kwargs):  # every gradient the prefix value gives is NaN
+        return transport(particles, grad_fn=lambda z: (None, torch.full_like(z, float("nan"))), **kwargs)
 
-    monkeypatch.setattr(tr.sampler.space, "grad", poisoned)
+    monkeypatch.setattr("vgf_llm.spaces.prefix_steering.transport", poisoned)
     tr.train()
     log = logged(tr)
-    assert log["transport/nonfinite"] > 0 and log["transport/tokens_changed"] == 0 and math.isfinite(log["loss"])
-
-
-def test_the_true_reward_checks_the_verified_edits_in_training(tiny_lm_dir, standard_prompts, tmp_path):
-    """transport_verifier='reward' (the default): a proposed swap is kept only if the true reward rises, so no
-    particle ends below where it started and the transport raises the step's mean reward; 'scorer' checks with the
-    value model instead (as at test time) and calls the reward only to re-score."""
-    tr = trainer(tiny_lm_dir, standard_prompts, tmp_path / "r", decoder="verified", max_steps=2, transport_steps=2,
-                 transport_step_size=0.5)
-    tr.train()
-    steps = [h for h in tr.state.log_history if "transport/reward_after" in h]
-    assert len(steps) == 2 and all(h["transport/reward_checks"] > 0 for h in steps)
-    assert all(h["transport/reward_after"] >= h["transport/reward_before"] for h in steps)
-    assert any(h["transport/reward_after"] > h["transport/reward_before"] for h in steps)
-    rewards = tr._last_completions["rewards"]  # every particle of the last micro-batch, before and after
-    assert all(a >= b for a, b in zip(rewards["after transport"], rewards["reward"], strict=True))
-    assert sum(a > b for a, b in zip(rewards["after transport"], rewards["reward"], strict=True)) >= 1
-
-    by_scorer = trainer(tiny_lm_dir, standard_prompts, tmp_path / "s", decoder="verified", max_steps=1,
-                        transport_steps=2, transport_step_size=0.5, transport_verifier="scorer")
-    by_scorer.train()
-    assert "transport/reward_checks" not in logged(by_scorer)
-
-
-def test_the_tilted_target_keeps_only_edits_that_pay_for_their_likelihood(tiny_lm_dir, standard_prompts, tmp_path):
-    """transport_target='tilted': a kept edit raises reward + distill_temperature x log mu(y | x), not only the
-    reward, and the distillation counts a transported particle at that value minus its original's likelihood term
-    (its reward + tau x its log-likelihood change), i.e. importance-corrected for having been moved."""
-    tau = 0.05
-    tr = trainer(tiny_lm_dir, standard_prompts, tmp_path, transport_target="tilted", distill_temperature=tau,
-                 transport_steps=2, transport_step_size=0.5)
-    seen = {}
-    original_targets = tr._targets
-
-    def capture(ro, moved, rewards, moved_values, changed, teacher=None):
-        seen.update(ro=ro, moved=moved, rewards=rewards, moved_values=moved_values, changed=changed)
-        return original_targets(ro, moved, rewards, moved_values, changed, teacher)
-
-    tr._targets = capture
-    _one_batch(tr, [dict(r) for r in standard_prompts.select(range(2))])
-    ro, moved, changed = seen["ro"], seen["moved"], seen["changed"].reshape(-1) > 0
-    assert changed.any()
-    p_ids, p_mask, ids, mask = ro.flat()
-    _, _, new_ids, new_mask = moved.flat()
-    rewards = seen["rewards"].reshape(-1)
-    after = torch.tensor(tr._last_completions["rewards"]["after transport"])
-    logmu_before = tr._base_logmu(p_ids, p_mask, ids, mask)
-    logmu_after = tr._base_logmu(p_ids, p_mask, new_ids, new_mask)
-    gain = (after + tau * logmu_after) - (rewards + tau * logmu_before)
-    assert bool((gain[changed] > 0).all())  # every kept edit pays for its likelihood
-    expected = after + tau * (logmu_after - logmu_before)
-    assert torch.allclose(seen["moved_values"].reshape(-1)[changed], expected[changed], atol=1e-4)
-    assert "transport/logmu_change" in tr._metrics
+    # the poisoned gradients are zeroed and counted; only SVGD's repulsion is left to move the states
+    assert log["transport/nonfinite"] > 0 and math.isfinite(log["loss"])
+    assert math.isfinite(log["transport/displacement"]) and math.isfinite(log["transport/reward_after"])
 
 
 def _one_batch(tr: VGFTrainer, rows: list[dict]) -> dict:
@@ -438,138 +315,10 @@ def _adam_steps(tr: VGFTrainer, batch: dict, steps: int, lr: float = 5e-2) -> No
         opt.step()
 
 
-def test_edit_pairs_are_transported_particles_that_raised_the_reward_and_their_originals(
-        tiny_lm_dir, standard_prompts, tmp_path):
-    """With edit_pair_weight > 0 the batch holds, besides the weighted targets, every (transported, original) pair
-    whose edit raised the true reward; the pair rows differ only where the transport edited; off, no pair rows."""
-    rows = [dict(r) for r in standard_prompts.select(range(2))]
-    on = trainer(tiny_lm_dir, standard_prompts, tmp_path / "on", edit_pair_weight=1.0, transport_steps=2,
-                 transport_step_size=0.5)
-    batch = _one_batch(on, rows)
-    pairs = batch["pairs"]
-    ids, mask = batch["input_ids"], batch["attention_mask"]
-    groups = {tuple(ids[r, :batch["completion_start"]].tolist()) for r in pairs[:, 0].tolist()}  # by prompt
-    assert len(pairs) >= 1 and abs(float(batch["pair_weights"].sum()) - len(groups)) < 1e-5  # 1 per group
-    for moved, original in pairs.tolist():
-        differ = (ids[moved] != ids[original]) & mask[moved].bool() & mask[original].bool()
-        assert 1 <= int(differ.sum()) <= on.args.max_edits  # a minimal pair: the edited tokens only
-        rewards = length_reward(None, [on.processing_class.decode(ids[r][mask[r].bool()]) for r in (moved, original)])
-        assert rewards[0] > rewards[1]  # the transported one is the better
-    off = trainer(tiny_lm_dir, standard_prompts, tmp_path / "off", transport_steps=2, transport_step_size=0.5)
-    plain = _one_batch(off, rows)
-    assert len(plain["pairs"]) == 0 and bool((plain["weights"] > 0).all())
-
-
-def test_the_pair_loss_raises_the_transported_particle_over_its_original(tiny_lm_dir, standard_prompts, tmp_path):
-    """A few optimizer steps on the pair loss alone move the policy's log-ratio margins of the pairs from 0 (the
-    policy starts as the base) to positive on average and for most pairs (they share the adapter's parameters, so
-    not every one need rise): the pairs are oriented (better = transported) and the loss reaches the adapter. A
-    swapped orientation would drive the margins negative."""
-    tr = trainer(tiny_lm_dir, standard_prompts, tmp_path, edit_pair_weight=1.0, edit_pair_beta=1.0,
-                 transport_steps=2, transport_step_size=0.5, learning_rate=5e-2)
-    batch = _one_batch(tr, [dict(r) for r in standard_prompts.select(range(2))])
-    assert len(batch["pairs"]) >= 1
-    batch["weights"] = torch.zeros_like(batch["weights"])  # the pair term alone
-
-    ids, mask = batch["input_ids"], batch["attention_mask"]
-    reward = length_reward(None, [tr.processing_class.decode(ids[r][mask[r].bool()]) for r in range(len(ids))])
-    better, worse = zip(*[(a, b) if reward[a] > reward[b] else (b, a) for a, b in batch["pairs"].tolist()],
-                        strict=True)  # by the true reward, not by the batch's own order
-
-    def margins():
-        from vgf_llm.distill import completion_logps
-
-        with torch.no_grad():
-            logps = completion_logps(tr.model, ids, mask, batch["completion_start"])
-        ratio = ((logps - batch["ref_logps"]) * batch["completion_mask"]).sum(-1)
-        return ratio[list(better)] - ratio[list(worse)]
-
-    assert torch.allclose(margins(), torch.zeros(len(batch["pairs"])), atol=1e-4)
-    _adam_steps(tr, batch, 5)
-    after = margins()
-    assert float(after.mean()) > 0.1 and float((after > 0).float().mean()) >= 0.75, after
-    assert "distill/pair_loss" in tr._metrics and "distill/pair_margin" in tr._metrics
-
-
-def test_the_sample_baseline_makes_each_group_zero_sum_and_pushes_the_targets_above_the_samples(
-        tiny_lm_dir, standard_prompts, tmp_path):
-    """distill_baseline: every sampled response of a distilled group becomes a row, each group's weights sum to 0,
-    the group's worst sample weighs -1/N; a few steps on the loss raise the positively weighted rows' log-ratio to
-    the base above the negatively weighted rows'. Off, every weight is positive and each group's sum is 1."""
-    rows = [dict(r) for r in standard_prompts.select(range(2))]
-    tr = trainer(tiny_lm_dir, standard_prompts, tmp_path, distill_baseline=True, learning_rate=5e-2)
-    batch = _one_batch(tr, rows)
-    ids, mask, start, w = batch["input_ids"], batch["attention_mask"], batch["completion_start"], batch["weights"]
-    groups: dict[tuple, list[int]] = {}
-    for r in range(len(ids)):
-        groups.setdefault(tuple(ids[r, :start].tolist()), []).append(r)
-    assert len(groups) == 2
-    n = tr.args.num_generations
-    for members in groups.values():
-        assert abs(float(w[members].sum())) < 1e-5 and len(members) >= n
-        texts = [tr.processing_class.decode(ids[r, start:][batch["completion_mask"][r].bool()]) for r in members]
-        worst = members[min(range(len(members)), key=lambda i: length_reward(None, [texts[i]])[0])]
-        assert float(w[worst]) <= -1 / n + 1e-3
-    off = _one_batch(trainer(tiny_lm_dir, standard_prompts, tmp_path / "off"), rows)
-    assert bool((off["weights"] > 0).all()) and abs(float(off["weights"].sum()) - 2) < 1e-5
-
-    from vgf_llm.distill import completion_logps
-
-    def gap():
-        with torch.no_grad():
-            ratio = ((completion_logps(tr.model, ids, mask, start) - batch["ref_logps"]) * batch["completion_mask"])
-        ratio = ratio.sum(-1)
-        return float(ratio[w > 0].mean() - ratio[w < 0].mean())
-
-    assert abs(gap()) < 1e-4  # the policy starts as the base
-    _adam_steps(tr, batch, 3)
-    assert gap() > 0.5
-
-
-def test_distilling_the_steered_distributions_teaches_the_transports_tilt_at_every_token(
-        tiny_lm_dir, standard_prompts, tmp_path):
-    """distill_target='distribution' (steer_prefix): every transported particle is a row (changed or not) whose
-    targets are the distributions the steered model drew it from, every original the base's own distributions; the
-    loss at the start (policy = base) is the weighted KL of those targets from the base, the logged teacher KL is the
-    transported rows' per-sequence KL from the base, and a few steps on the loss bring the policy towards them."""
-    from vgf_llm.distill import completion_logits, token_kl
-    from vgf_llm.value import active_adapter
-
-    rows = [dict(r) for r in standard_prompts.select(range(2))]
-    tr = trainer(tiny_lm_dir, standard_prompts, tmp_path, decoder="steer_prefix", transport_steps=1,
-                 transport_step_size=4.0, steer_layer=1, distill_target="distribution", distill_temperature=100.0)
-    batch = _one_batch(tr, rows)
-    ids, mask, start = batch["input_ids"], batch["attention_mask"], batch["completion_start"]
-    cm, teacher = batch["completion_mask"], batch["teacher_logps"]
-    assert teacher.shape[:2] == cm.shape
-    assert torch.allclose(teacher.float().exp().sum(-1)[cm.bool()], torch.ones(1), atol=2e-2)
-    with torch.no_grad(), active_adapter(tr.model, None):
-        base = torch.log_softmax(completion_logits(tr.model, ids, mask, start).float(), -1)
-    per_row = (token_kl(teacher, base) * cm).sum(-1)
-    n = tr.args.num_generations
-    assert len(cm) == 2 * 2 * n  # near-uniform weights: each group's originals, then its transported particles
-    steered = torch.arange(len(cm)) % (2 * n) >= n
-    assert float(per_row[steered].min()) > 10 * float(per_row[~steered].abs().max())  # originals: the base itself
-    torch.testing.assert_close(tr._metrics["distill/teacher_kl"][-1], float(per_row[steered].mean()), rtol=1e-3,
-                               atol=1e-3)
-    expected = float((batch["weights"] * per_row / cm.sum(-1)).sum() / 2)
-    with torch.no_grad():
-        start_loss = float(tr.compute_loss(tr.model, batch))
-    assert abs(start_loss - expected) < 1e-3 * max(1.0, expected) and start_loss > 0
-    _adam_steps(tr, batch, 10, lr=2e-3)  # a small loss: Adam's step does not shrink with it
-    with torch.no_grad():
-        assert float(tr.compute_loss(tr.model, batch)) < 0.75 * start_loss
-    with pytest.raises(ValueError, match="steer_prefix"):
-        config(tmp_path, distill_target="distribution")  # the default decoder draws no distributions to distil
-
-
-@pytest.mark.parametrize("bad", [dict(num_generations=1), dict(particle_source="nope"), dict(scorer="reward_model"),
-                                 dict(transport_verifier="gold"), dict(max_unrewarded_batches=-1),
-                                 dict(max_completion_length=0),
-                                 dict(transport_alpha=0.0), dict(distill_weighting="mean"),
-                                 dict(edit_pair_weight=-1.0), dict(edit_pair_beta=0.0),
-                                 dict(transport_target="kl"), dict(distill_target="logits"),
-                                 dict(transport_target="tilted", transport_verifier="scorer")])
+@pytest.mark.parametrize("bad", [dict(num_generations=1), dict(max_unrewarded_batches=-1), dict(max_completion_length=0),
+                                 dict(transport_steps=-1), dict(transport_step_size=-1.0), dict(value_buffer_steps=0),
+                                 dict(distill_temperature=0.0), dict(vllm_mode="remote"),
+                                 dict(temperature=0.0)])
 def test_config_rejects_bad_values(tmp_path, bad):
     with pytest.raises(ValueError):
         config(tmp_path, **bad)
@@ -591,24 +340,6 @@ def test_completion_logps_match_a_full_forward(tiny_lm):
         logits = tiny_lm(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, 5:-1]
         expected = torch.log_softmax(logits.float(), -1).gather(-1, ids[:, 6:, None]).squeeze(-1)
         torch.testing.assert_close(completion_logps(tiny_lm, ids, mask, 6), expected)
-
-
-def test_policy_rollouts_on_a_vllm_backend_sync_the_policy_after_every_step(tiny_lm_dir, standard_prompts, tmp_path,
-                                                                            tokenizer):
-    from test_vllm import fake_backend  # the engine contract with seeded tokens; the real engine: tests/test_vllm.py
-
-    backend = fake_backend(tokenizer, max_new_tokens=6)
-    tr = VGFTrainer(str(tiny_lm_dir), length_reward, args=config(tmp_path, particle_source="policy", max_steps=2),
-                    train_dataset=standard_prompts, rollout_backend=backend)
-    tr.train()
-    sent = backend.engine.updates
-    assert len(sent) == 3  # at the start, then after each of the 2 optimizer steps
-    assert not any("lora" in k for k in sent[-1])  # merged weights, not adapters
-    lora_b = [p for n, p in tr.model.named_parameters() if f"lora_B.{POLICY}." in n]
-    assert any(p.abs().sum() > 0 for p in lora_b)
-    first, last = sent[0], sent[-1]
-    assert any(not torch.equal(first[k], last[k]) for k in first)  # the trained policy reached the engine
-    assert "lm_head.weight" in last  # tied embeddings: the output head is sent too
 
 
 def test_async_trl_reward_functions_work_unchanged(tiny_lm_dir, standard_prompts, tmp_path):

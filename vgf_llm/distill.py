@@ -1,14 +1,17 @@
-"""The distillation step's arithmetic: target weights within a prompt group from true rewards, the policy's
-per-token log-probabilities of the targets, and padding helpers for batches of ragged rollouts."""
+"""The distillation step's arithmetic: target weights within a prompt group from true rewards, the per-token
+log-probabilities of the targets (in row chunks, so memory never holds rows x tokens x vocabulary at once), and
+padding helpers for batches of ragged rollouts."""
 
 from __future__ import annotations
 
 import math
 
 import torch
+from torch.utils.checkpoint import checkpoint
 from trl.trainer.utils import selective_log_softmax
 
 MIN_TARGET_WEIGHT = 1e-3  # targets below this weight within their group are dropped (and the rest renormalised)
+LOGPS_CHUNK_ROWS = 4  # rows per vocabulary projection: at Qwen's 151,936 tokens x 512 positions, ~1.2 GB in fp32
 
 
 def pad_cat(tensors: list[torch.Tensor], value, left: bool = False) -> torch.Tensor:
@@ -25,43 +28,42 @@ def group_std(rewards: torch.Tensor) -> torch.Tensor:
                         for i in range(rewards.shape[0])]).nan_to_num(0)
 
 
-def distill_weights(rewards: torch.Tensor, how: str, temperature: float) -> torch.Tensor:
-    """[G, K] target weights from true rewards (NaN = not a target), each group summing to 1 (or 0 if empty)."""
+def distill_weights(rewards: torch.Tensor, temperature: float) -> torch.Tensor:
+    """[G, K] softmax(rewards / temperature) within each group (NaN = not a target, weight 0), each group summing
+    to 1 (or 0 if empty)."""
     finite = torch.isfinite(rewards)
     r = torch.where(finite, rewards, torch.full_like(rewards, -math.inf))
-    if how == "softmax":
-        w = torch.softmax(r / temperature, dim=-1)
-    elif how == "best":
-        w = torch.nn.functional.one_hot(r.argmax(-1), rewards.shape[-1]).to(rewards.dtype)
-    else:  # advantage: the part of the reward above the group mean
-        mean = torch.where(finite, rewards, 0).sum(-1, keepdim=True) / finite.sum(-1, keepdim=True).clamp_min(1)
-        w = torch.where(finite, (rewards - mean).clamp_min(0), 0)
-        w = w / w.sum(-1, keepdim=True).clamp_min(1e-12)
+    w = torch.softmax(r / temperature, dim=-1)
     return torch.nan_to_num(torch.where(finite, w, 0), nan=0.0)
 
 
-def completion_logits(model, input_ids, attention_mask, completion_start: int) -> torch.Tensor:
-    """[B, T, V] the logits that predict each token of ``input_ids[:, completion_start:]`` (prompts left-padded).
-    Only the completion's logits are computed (``logits_to_keep``): the vocabulary projection dominates small
-    models."""
-    positions = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
-    width = input_ids.shape[1] - completion_start
-    return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                 logits_to_keep=width + 1).logits[:, :-1]
+def _chunk_logps(head, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    return selective_log_softmax(head(hidden).float(), ids)  # TRL's: row by row, less memory
 
 
-def token_logps(logits: torch.Tensor, input_ids, completion_start: int) -> torch.Tensor:
-    """[B, T] log-probabilities of the completion tokens under ``completion_logits``' output."""
-    return selective_log_softmax(logits.float(), input_ids[:, completion_start:])  # TRL's: row by row, less memory
+def completion_logps(model, input_ids, attention_mask, completion_start: int,
+                     chunk_rows: int = LOGPS_CHUNK_ROWS) -> torch.Tensor:
+    """[B, T] log-probabilities of the tokens ``input_ids[:, completion_start:]`` (prompts left-padded).
 
-
-def completion_logps(model, input_ids, attention_mask, completion_start: int) -> torch.Tensor:
-    """Per-token log-probabilities of ``input_ids[:, completion_start:]`` (prompts left-padded)."""
-    return token_logps(completion_logits(model, input_ids, attention_mask, completion_start), input_ids,
-                       completion_start)
-
-
-def token_kl(teacher_logps: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
-    """[B, T] KL(teacher || student) of two [B, T, V] next-token log-distributions, position by position."""
-    teacher = teacher_logps.float()
-    return (teacher.exp() * (teacher - student.float())).sum(-1)
+    The model runs once (through its wrapper, so DDP and DeepSpeed see an ordinary forward) with the vocabulary
+    projection cut to one position; the decoder's final states are taken from a hook and projected
+    ``chunk_rows`` rows at a time. With gradients on, each chunk is recomputed in backward (activation
+    checkpointing), so no [B, T, V] logits tensor ever exists, in forward or backward: the same values and
+    gradients as one full projection, at memory that does not grow with rows x vocabulary."""
+    inner = getattr(model, "module", model)  # DDP / DeepSpeed engines keep the model in .module
+    decoder, head = inner.get_decoder(), inner.get_output_embeddings()
+    captured = {}
+    handle = decoder.register_forward_hook(lambda _m, _i, out: captured.__setitem__("h", out[0]))
+    try:
+        positions = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+        model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, logits_to_keep=1)
+    finally:
+        handle.remove()
+    hidden = captured["h"][:, completion_start - 1:-1]  # the states that predict each completion token
+    targets = input_ids[:, completion_start:]
+    grad = torch.is_grad_enabled() and hidden.requires_grad
+    return torch.cat([
+        checkpoint(_chunk_logps, head, hidden[s:s + chunk_rows], targets[s:s + chunk_rows], use_reentrant=False)
+        if grad else _chunk_logps(head, hidden[s:s + chunk_rows], targets[s:s + chunk_rows])
+        for s in range(0, input_ids.shape[0], chunk_rows)
+    ])

@@ -10,9 +10,9 @@ import math
 
 import torch
 
+from vgf_llm.adapters import active_adapter
 from vgf_llm.rewards import reward_texts
 from vgf_llm.rollout.hf import HFGenerateBackend
-from vgf_llm.value import active_adapter
 
 
 @torch.no_grad()

@@ -1,7 +1,7 @@
 """The Hub: a model card for a VGF-trained adapter, and an upload of the adapter and card only.
 
 Not TRL's ``generate_model_card`` on purpose: its template has no place for what a VGF adapter needs said (the
-reward functions, the transport budget, the particle space and scorer) and its quick start loads the repository as
+reward functions and the transport budget) and its quick start loads the repository as
 a full model, while this card shows ``PeftModel.from_pretrained`` on the base it names; the Hub metadata (tags,
 ``base_model``, datasets, ``library_name: peft``) is the same ``ModelCardData`` TRL fills.
 """
@@ -30,19 +30,20 @@ def model_card(*, base_model: str, reward_names: list[str], config, dataset_name
 
     data = ModelCardData(library_name="peft", base_model=base_model, tags=["vgf-llm", "vgf", "lora", "peft"],
                          datasets=[dataset_name] if dataset_name else None, pipeline_tag="text-generation")
-    budget = (f"{config.transport_steps} steps x step size {config.transport_step_size} "
-              f"(alpha {config.transport_alpha}, adam, "
-              f"radius {config.transport_radius}, repulsion {config.repulsion})")
+    budget = (f"per-step steering at layer {config.steer_layer or 'half depth'}, {config.transport_steps} steps x "
+              f"step size {config.transport_step_size} per token (adam), prefix value refitted on "
+              f"{config.value_buffer_steps} steps of rollouts" if config.transport_steps > 0
+              else "0 (best-of-N distillation)")
     body = f"""
 # {repo_id or "VGF adapter"}
 
 A LoRA adapter for [{base_model}](https://huggingface.co/{base_model}) trained with
 [vgf-llm](https://github.com/vgf-llm/vgf-llm) (Value Gradient Flow): rollouts of the
-{config.particle_source} model are moved along a value gradient under a transport budget, decoded, re-scored with
-the true reward and distilled into this adapter.
+frozen base model are moved along a value gradient under a transport budget, decoded, re-scored with the true
+reward and distilled into this adapter.
 
 - Reward functions: {", ".join(reward_names)}
-- Transport budget: {budget}; decoder `{config.decoder}`; scorer `{config.scorer}`
+- Transport budget: {budget}
 - Particles per prompt: {config.num_generations}; max completion length {config.max_completion_length}
 - Training: {config.max_steps if config.max_steps > 0 else config.num_train_epochs} \
 {"steps" if config.max_steps > 0 else "epochs"}, learning rate {config.learning_rate}

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from vgf_llm.value import active_adapter, first_layers
-from vgf_llm.value_fit import RIDGE_STRENGTHS, ridge_cv, ridge_solve
+from vgf_llm.adapters import active_adapter, first_layers
+from vgf_llm.ridge import RIDGE_STRENGTHS, ridge_cv, ridge_solve
 
 
 @dataclass
@@ -64,33 +64,18 @@ def prefix_states(model, layer: int, prompt_ids, prompt_mask, ids, mask, *, batc
 
 def response_means(values: torch.Tensor, rows: torch.Tensor, n: int) -> torch.Tensor:
     """[n] the mean of per-prefix ``values`` over each response's prefixes (``rows``: the response of each; NaN
-    for an empty response): how the trainer checks a prefix value on fresh rollouts it was not fitted on."""
+    for an empty response): how a prefix value is checked on fresh rollouts it was not fitted on."""
     total = torch.zeros(n).index_add_(0, rows, values.float().cpu())
     return total / torch.bincount(rows, minlength=n).float()
 
 
-@torch.no_grad()
-def fit_prefix_value(model, layer: int, prompt_ids, prompt_mask, ids, mask, targets: torch.Tensor,
-                     groups: torch.Tensor, *, lambdas=RIDGE_STRENGTHS, folds: int = 4, seed: int = 0,
-                     batch_size: int = 16) -> PrefixValue | None:
-    """Ridge of each response's final ``targets`` [B] (NaN: skipped) on the states of all its prefixes at
-    ``layer``, strength chosen by out-of-fold correlation over folds of whole ``groups`` (prompts; responses of a
-    single prompt are their own groups). None with fewer than 4 finite targets."""
-    keep = torch.isfinite(torch.as_tensor(targets).double()) & (mask.sum(-1) > 0)
-    if int(keep.sum()) < 4:
-        return None
-    idx = keep.nonzero().squeeze(1)
-    states, rows = prefix_states(model, layer, prompt_ids[idx], prompt_mask[idx], ids[idx], mask[idx],
-                                 batch_size=batch_size)
-    return fit_prefix_value_on_states(layer, states, idx[rows], targets, groups, lambdas=lambdas, folds=folds,
-                                      seed=seed)
-
-
-def fit_prefix_value_on_states(layer: int, states: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor,
-                               groups: torch.Tensor, *, lambdas=RIDGE_STRENGTHS, folds: int = 4,
-                               seed: int = 0) -> PrefixValue | None:
-    """``fit_prefix_value`` on prefix states already read (``prefix_states``' output; ``rows`` index ``targets``
-    and ``groups``), so a caller that keeps a buffer reads each response's states once, not at every refit."""
+def fit_prefix_value(layer: int, states: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor,
+                     groups: torch.Tensor, *, lambdas=RIDGE_STRENGTHS, folds: int = 4,
+                     seed: int = 0) -> PrefixValue | None:
+    """Ridge of each response's final ``targets`` (NaN: skipped) on the states of all its prefixes (``states``,
+    ``rows``: ``prefix_states``' output, read once per response by whoever keeps a buffer), strength chosen by
+    out-of-fold correlation over folds of whole ``groups`` (prompts; responses of a single prompt are their own
+    groups). None with fewer than 4 responses with a finite target."""
     y = torch.as_tensor(targets).double()
     groups = torch.as_tensor(groups)
     sel = torch.isfinite(y[rows])

@@ -1,14 +1,15 @@
 """``VGFTrainer``: distil transported particles into a LoRA policy, on top of ``transformers.Trainer``.
 
 The Trainer supplies the loop, gradient accumulation, DDP/DeepSpeed, checkpoints, logging and the Hub; this file
-adds one training step (``_prepare_inputs`` builds the targets, ``compute_loss`` distils them):
+adds one training step (``step_targets`` builds the targets, ``compute_loss`` distils them):
 
-    rollouts (reference = base with adapters off, or the policy) -> true rewards -> value-model update on a buffer of
-    recent rollouts -> transport (``VGFSampler.move``) -> decode -> re-score with the true reward -> weighted
-    cross-entropy within each prompt group into the policy adapter.
+    rollouts from the frozen base (adapters off) -> true rewards -> refit the prefix value on a buffer of recent
+    rollouts -> per-step steering transport (``spaces.PrefixSteering``) -> re-score with the true reward ->
+    weighted cross-entropy within each prompt group into the policy adapter.
 
-One base model carries two adapters: ``default`` (the policy, what is saved and pushed) and ``value`` (the value
-model's trunk). The base weights never change and there is no second copy of the model.
+Rollouts always come from the frozen base, so a rollout engine with its own copy of the weights (vLLM) never needs
+a weight sync, and there is no second copy of the model: the base carries the policy adapter (``default``, what is
+saved and pushed) and nothing else. ``transport_steps: 0`` is best-of-N distillation (no value fit, no transport).
 
 (Over 400 lines on purpose: these are overrides of one ``Trainer`` subclass, the step, logging, checkpoints,
 ZeRO-3 gathers and the Hub, which only make sense together; the distillation arithmetic is in ``distill.py``.)
@@ -18,38 +19,26 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import time
-from collections import defaultdict, deque
+from collections import defaultdict
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from accelerate.utils import gather_object
-from transformers import PreTrainedModel, Trainer, TrainerCallback
+from transformers import PreTrainedModel, Trainer
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.trainer_utils import enable_full_determinism, rotate_checkpoints, set_seed
 
+from vgf_llm.adapters import active_adapter
 from vgf_llm.config import VGFConfig
-from vgf_llm.distill import (
-    MIN_TARGET_WEIGHT,
-    completion_logits,
-    completion_logps,
-    distill_weights,
-    group_std,
-    pad_cat,
-    token_kl,
-    token_logps,
-)
+from vgf_llm.distill import MIN_TARGET_WEIGHT, completion_logps, distill_weights, group_std, pad_cat
 from vgf_llm.evaluation import policy_rewards
-from vgf_llm.prefix_value import fit_prefix_value_on_states, prefix_states, response_means
 from vgf_llm.rewards import RewardFunctionError, resolve_reward_funcs, reward_func_name, reward_texts_and_parts
 from vgf_llm.rollout.hf import Rollouts, tokens_changed
 from vgf_llm.rollout.vllm_backend import make_rollout_backend
-from vgf_llm.sampler import VGFSampler
-from vgf_llm.value import RewardModelScorer, ValueModel, ValueModelConfig, active_adapter, pearson
-from vgf_llm.value_fit import refit_head
+from vgf_llm.spaces import PrefixSteering
 
 logger = logging.getLogger(__name__)
 POLICY = "default"  # PEFT's name for a single adapter, so the saved folder loads with PeftModel.from_pretrained
@@ -87,24 +76,6 @@ def check_prompt_dataset(dataset, name: str) -> None:
         raise ValueError(f"the {name} is empty")
 
 
-class SyncPolicyWeights(TrainerCallback):
-    """With rollouts from the policy on an engine holding its own weights (vLLM), push the policy (LoRA merged) at
-    the start of training (a resumed adapter) and after every optimizer step. Reference rollouts need no sync."""
-
-    def __init__(self, trainer: VGFTrainer):
-        self.trainer = trainer
-
-    def _sync(self):  # under ZeRO-3 the backend gathers module by module itself (policy_state_dict)
-        self.trainer.backend.sync_weights(self.trainer.accelerator.unwrap_model(self.trainer.model),
-                                          adapter_names=[POLICY])
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self._sync()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self._sync()
-
-
 class VGFTrainer(Trainer):
     """Fine-tune a LoRA policy with Value Gradient Flow; the surface follows TRL's ``GRPOTrainer``.
 
@@ -115,7 +86,7 @@ class VGFTrainer(Trainer):
     args: ``VGFConfig``. train_dataset / eval_dataset: prompt-only datasets with a ``prompt`` column (a string or
         chat messages); every other column is passed to the reward functions by name.
     rollout_backend: replaces the backend chosen by ``use_vllm``: any object with ``generate(prompts, n, seed) ->
-        Rollouts`` (and ``sync_weights(model, adapter_names=...)`` when rollouts come from the policy).
+        Rollouts``.
     """
 
     def __init__(self, model, reward_funcs, args: VGFConfig | None = None, train_dataset=None, eval_dataset=None,
@@ -126,7 +97,7 @@ class VGFTrainer(Trainer):
         if args is None:
             name = model if isinstance(model, str) else model.config._name_or_path
             args = VGFConfig(output_dir=f"{Path(str(name)).name}-VGF")
-        # seed before the policy adapter and the value model are created (Trainer.__init__ seeds only later), so one
+        # seed before the policy adapter is created (Trainer.__init__ seeds only later), so one
         # seed gives one adapter, through the CLI as through the API
         enable_full_determinism(args.seed) if args.full_determinism else set_seed(args.seed)
         if is_deepspeed_zero3_enabled():  # zero.Init (at load) sizes the shards from DeepSpeed's process group
@@ -157,25 +128,19 @@ class VGFTrainer(Trainer):
         if args.reward_weights is not None and len(args.reward_weights) != len(self.reward_funcs):
             raise ValueError(f"{len(args.reward_weights)} reward_weights for {len(self.reward_funcs)} reward functions")
 
-        self.scorer = self._scorer(model, args, processing_class)
         peft_config = peft_config or default_lora_config()
         peft_config.base_model_name_or_path = self.base_model_name
         model.add_adapter(peft_config, adapter_name=POLICY)
         model.enable_adapters()
-        model.set_adapter(POLICY)  # trainable: the policy adapter only (the value adapter trains in its own fit)
+        model.set_adapter(POLICY)  # trainable: the policy adapter only
 
         super().__init__(model=model, args=args, data_collator=lambda rows: rows, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class, callbacks=callbacks)
         self.backend = rollout_backend or self._rollout_backend()
-        if args.particle_source == "policy" and hasattr(self.backend, "sync_weights"):
-            self.add_callback(SyncPolicyWeights(self))
-        self.sampler = VGFSampler(model, processing_class, self.scorer, args, backend=self.backend, progress=False)
-        if args.particle_source == "policy" and hasattr(self.sampler.space, "reference"):
-            self.sampler.space.reference.adapter = POLICY  # a moved particle is re-created under the model that drew it
-        if args.distill_target == "distribution":  # the steered distributions are the targets: keep them
-            self.sampler.space.keep_logps = True
-        self.value_buffer: deque = deque(maxlen=max(1, args.value_buffer_steps))
-        self._prefix_states: deque = deque(maxlen=self.value_buffer.maxlen)  # steer_prefix: each entry's states
+        # the transport (None at budget 0: best-of-N distillation reads no value and moves nothing)
+        self.space = PrefixSteering(model, processing_class, steer_layer=args.steer_layer,
+                                    temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                                    buffer_steps=args.value_buffer_steps) if args.transport_steps > 0 else None
         self._metrics: dict[str, list[float]] = defaultdict(list)
         self._phase_seconds: dict[str, float] = {}
         self._micro_batches = 0
@@ -185,19 +150,6 @@ class VGFTrainer(Trainer):
         self._micro_step = (-1, 0)  # (global step, micro-batch index): seeds rollouts reproducibly across resumes
 
     # -- construction -------------------------------------------------------------------------------------------
-    @staticmethod
-    def _scorer(model, args: VGFConfig, tokenizer):
-        if args.scorer == "reward_model":
-            from vgf_llm.models import load_tokenizer
-            from vgf_llm.rewards import RewardModelReward
-
-            rm = RewardModelReward(args.reward_model_path)
-            return RewardModelScorer(rm.model, load_tokenizer(args.reward_model_path), tokenizer)
-        if args.value_model_path:
-            return ValueModel.load(model, args.value_model_path)
-        return ValueModel(model, ValueModelConfig(num_layers=args.value_num_layers, lora_r=args.value_lora_r,
-                                                  lora_alpha=2 * args.value_lora_r))
-
     def _rollout_backend(self):
         a = self.args
         vllm = dict(vllm_mode=a.vllm_mode, gpu_memory_utilization=a.vllm_gpu_memory_utilization,
@@ -217,25 +169,20 @@ class VGFTrainer(Trainer):
         return ((self.args.seed * 1_000_003 + self.state.global_step) * 101 + micro) * 1009 + \
             self.accelerator.process_index
 
-    def _rewards(self, rows: list[dict], texts: list[str], ro: Rollouts, idx: list[int] | None = None, *,
-                 log: bool = True) -> torch.Tensor:
+    def _rewards(self, rows: list[dict], texts: list[str], ro: Rollouts, idx: list[int] | None = None) -> torch.Tensor:
         """True rewards (NaN where every function returned None) of ``texts`` (the completions of ``ro``, or those at
         flat positions ``idx``), called as TRL's GRPOTrainer calls reward functions: the dataset columns,
-        ``completion_ids``, ``trainer_state``, and ``log_extra`` / ``log_metric`` for the functions' own logs
-        (``log=False``: a check of candidate edits, kept out of the logs)."""
+        ``completion_ids``, ``trainer_state``, and ``log_extra`` / ``log_metric`` for the functions' own logs."""
         _, _, ids, mask = ro.flat()
         rows_of = range(len(ids)) if idx is None else idx
         completion_ids = [ids[i][mask[i].bool()].tolist() for i in rows_of]
         try:
             total, per_func = reward_texts_and_parts(
                 self.reward_funcs, self.args.reward_weights, rows, texts, completion_ids=completion_ids,
-                trainer_state=self.state, log_extra=self._log_extra if log else lambda column, values: None,
-                log_metric=(lambda name, value: self._metrics[name].append(float(value))) if log else
-                lambda name, value: None)
+                trainer_state=self.state, log_extra=self._log_extra,
+                log_metric=lambda name, value: self._metrics[name].append(float(value)))
         except (RewardFunctionError, TypeError, ValueError) as err:
             raise type(err)(f"at step {self.state.global_step}: {err}") from err
-        if not log:
-            return total
         for name, col in zip(self.reward_names, per_func.T, strict=True):
             if torch.isfinite(col).any():
                 self._metrics[f"rewards/{name}/mean"].append(float(col.nanmean()))
@@ -247,7 +194,7 @@ class VGFTrainer(Trainer):
 
     def _log_extra(self, column: str, values: list) -> None:
         """A reward function's extra column for the completions printed with ``log_completions`` (TRL's log_extra)."""
-        self._extra_columns.setdefault(column, list(values))  # the rollouts' call, not the re-scoring of edits
+        self._extra_columns.setdefault(column, list(values))  # the rollouts' call, not the re-scoring
 
     @contextmanager
     def _timed(self, phase: str):
@@ -279,85 +226,52 @@ class VGFTrainer(Trainer):
             with deepspeed.zero.GatheredParameters(list(self.model.parameters())):
                 yield self.model
 
-    @property
-    def _value_adapter_sharded(self) -> bool:
-        return is_deepspeed_zero3_enabled() and isinstance(self.scorer, ValueModel)
-
-    @contextmanager
-    def _value_adapter_whole(self, writes: bool):
-        """The value adapter's weights gathered under ZeRO-3 (``writes``: rank 0's copy goes back to the shards)."""
-        if not self._value_adapter_sharded:
-            yield
-            return
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(self.scorer.adapter_parameters(), modifier_rank=0 if writes else None):
-            yield
-
     def _prepare_inputs(self, rows: list[dict]) -> dict:
         if not isinstance(rows, list):  # evaluation paths of the parent class
             return super()._prepare_inputs(rows)
-        value_state = None
         with self.gathered_model():
-            targets = self._step_targets(rows)
-            if self._value_adapter_sharded and self.args.transport_steps > 0:  # budget 0 fits no value model
-                value_state = [p.detach().clone() for p in self.scorer.adapter_parameters()]
-        if value_state is not None:  # a read-only gather drops in-place updates: write the fitted adapter back
-            with self._value_adapter_whole(writes=True):
-                for p, v in zip(self.scorer.adapter_parameters(), value_state, strict=True):
-                    p.data.copy_(v)
-        return targets
+            return self.step_targets(rows)
 
-    def _step_targets(self, rows: list[dict]) -> dict:
-        """Rollouts -> rewards -> value fit -> transport -> decode -> re-score -> the distillation batch."""
+    def step_targets(self, rows: list[dict]) -> dict:
+        """One step's distillation batch for prompt rows ``rows`` (what ``compute_loss`` takes): rollouts -> true
+        rewards -> prefix-value fit -> transport -> re-score -> weighted targets. Public so benchmarks can run the
+        step without an optimizer update."""
         args, tok, model = self.args, self.processing_class, self.model
         seed = self._next_seed()
         self._micro_batches += 1
         prompts = [r["prompt"] for r in rows]
         g, n = len(rows), args.num_generations
         model.eval()
-        with self._timed("rollout"), active_adapter(model, None if args.particle_source == "reference" else POLICY):
+        with self._timed("rollout"), active_adapter(model, None):
             ro = self.backend.generate(prompts, n, seed)
         flat_rows = [r for r in rows for _ in range(n)]
         with self._timed("reward"):
             rewards = self._rewards(flat_rows, [t for group in ro.texts for t in group], ro).view(g, n)
         self._check_rewarded(rewards)
-        if args.transport_steps > 0:  # budget 0 (best-of-N distillation) never reads the value model
+        new_ids, new_mask, disp = ro.completion_ids, ro.completion_mask, torch.zeros(g, n)
+        if self.space is not None:
             with self._timed("value_fit"):
-                self._update_value_model(ro, rewards)
-        with self._timed("transport"):
-            if args.transport_steps > 0:
-                verify = self._reward_verifier(flat_rows, ro) if args.transport_verifier == "reward" else None
-                new_ids, new_mask, disp = self.sampler.move(ro, verify=verify)
-                checked = getattr(self.sampler.space, "last_stats", {}).get("evaluated")
-                if verify is not None and checked is not None:  # reward calls the transport spent on checks
-                    self._metrics["transport/reward_checks"].append(float(checked))
-                self._metrics["transport/nonfinite"].append(float(self.sampler.last_trace.nonfinite.sum()))
-            else:
-                new_ids, new_mask, disp = ro.completion_ids, ro.completion_mask, torch.zeros(g, n)
-            moved = Rollouts(ro.prompt_ids, ro.prompt_mask, new_ids, new_mask,
-                             [[tok.decode(new_ids[i, j][new_mask[i, j].bool()], skip_special_tokens=True)
-                               for j in range(n)] for i in range(g)])
-            changed = tokens_changed(ro.completion_ids, ro.completion_mask, new_ids, new_mask)
+                stats = self.space.fit(*self._gathered(ro, rewards), seed=args.seed + self.state.global_step)
+            for key in ("corr", "cv_corr", "ridge"):
+                if key in stats:
+                    self._metrics[f"value/{key}"].append(stats[key])
+            if self.space.value is not None:  # too few rewarded rollouts so far: this batch is not moved
+                with self._timed("transport"):
+                    m = self.space.move(ro, args.budget)
+                new_ids, new_mask, disp = m.ids, m.mask, m.displacement
+                self._metrics["transport/nonfinite"].append(float(m.trace.nonfinite.sum()))
+        moved = Rollouts(ro.prompt_ids, ro.prompt_mask, new_ids, new_mask,
+                         [[tok.decode(new_ids[i, j][new_mask[i, j].bool()], skip_special_tokens=True)
+                           for j in range(n)] for i in range(g)])
+        changed = tokens_changed(ro.completion_ids, ro.completion_mask, new_ids, new_mask)
         moved_rewards = rewards.clone()
-        moved_values = moved_rewards  # what the distillation weighs a transported particle by (updated in place)
         idx = changed.reshape(-1).nonzero().squeeze(1).tolist()
         if idx:
             with self._timed("reward"):
                 texts = [moved.texts[i // n][i % n] for i in idx]
                 moved_rewards.view(-1)[idx] = self._rewards([flat_rows[i] for i in idx], texts, moved, idx)
-            with self._timed("transport"):  # what the edits cost in likelihood under the base
-                p_ids, p_mask, ids0, mask0 = ro.flat()
-                ids1, mask1 = new_ids.reshape(g * n, -1)[idx], new_mask.reshape(g * n, -1)[idx]
-                logmu_change = (self._base_logmu(p_ids[idx], p_mask[idx], ids1, mask1)
-                                - self._base_logmu(p_ids[idx], p_mask[idx], ids0[idx], mask0[idx]))
-            self._metrics["transport/logmu_change"].append(float(logmu_change.mean()))
-            if args.transport_target == "tilted":  # importance-corrected: the particle was moved, not sampled
-                moved_values = moved_rewards.clone()  # from here on a tensor of its own
-                moved_values.view(-1)[idx] += args.distill_temperature * logmu_change
         with self._timed("distill"):  # the reference's log-probabilities of the targets (for the KL)
-            teacher = self.sampler.space.last_logps if args.distill_target == "distribution" else None
-            targets = self._targets(ro, moved, rewards, moved_values, changed, teacher)
+            targets = self._targets(ro, moved, rewards, moved_rewards, changed)
         model.train()
         self._log_step(prompts, ro, moved, rewards, moved_rewards, changed, disp)
         return targets
@@ -373,120 +287,21 @@ class VGFTrainer(Trainer):
                 f"learn from: check the reward functions ({', '.join(self.reward_names)}) and the dataset columns "
                 "they need, or raise max_unrewarded_batches")
 
-    def _reward_verifier(self, flat_rows: list[dict], ro: Rollouts):
-        """The true reward as the ``verified`` decoder's check: a swap is kept only if it raises the reward itself
-        (the trainer re-scores moved particles with it anyway; at test time the scorer checks instead). With
-        ``transport_target='tilted'`` it must raise reward + distill_temperature x log mu(y | x) instead."""
-        tok, tilted = self.processing_class, self.args.transport_target == "tilted"
-        p_ids, p_mask, _, _ = ro.flat()
-
-        def verify(rows: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-            candidates = Rollouts(ro.prompt_ids[:0], ro.prompt_mask[:0], ids[:, None], mask[:, None], [])
-            texts = [tok.decode(i[m.bool()], skip_special_tokens=True) for i, m in zip(ids, mask, strict=True)]
-            value = self._rewards([flat_rows[r] for r in rows.tolist()], texts, candidates, log=False)
-            if tilted:
-                value = value + self.args.distill_temperature * self._base_logmu(p_ids[rows], p_mask[rows], ids, mask)
-            return value
-
-        return verify
-
-    @torch.no_grad()
-    def _base_logmu(self, prompt_ids, prompt_mask, ids, mask, batch_size: int = 32) -> torch.Tensor:
-        """[A] log mu(y | x): the base model's (adapters off) log-likelihood of each completion ``ids``/``mask``."""
-        device, out = self.accelerator.device, []
-        with active_adapter(self.model, None):
-            for s in range(0, len(ids), batch_size):
-                sl = slice(s, s + batch_size)
-                logps = completion_logps(self.model, torch.cat([prompt_ids[sl], ids[sl]], 1).to(device),
-                                         torch.cat([prompt_mask[sl], mask[sl]], 1).to(device), prompt_ids.shape[1])
-                out.append((logps * mask[sl].to(logps)).sum(-1).float().cpu())
-        return torch.cat(out) if out else torch.zeros(0)
-
-    def _update_value_model(self, ro: Rollouts, rewards: torch.Tensor) -> None:
-        """Fit what the transport reads on a buffer of recent rollouts and their true rewards: the value model, or
-        the particle space's own prefix value (``steer_prefix``, whose moves never read the value model)."""
-        p_ids, p_mask, c_ids, c_mask = ro.flat()
-        r = rewards.reshape(-1)
-        if hasattr(self.sampler.space, "fit_prefix"):
-            self._refit_prefix_value(self.sampler.space, self._gather((p_ids, p_mask, c_ids, c_mask, r)))
-            return
-        if not isinstance(self.scorer, ValueModel):
-            return
-        ok = torch.isfinite(r)
-        if ok.sum() > 2 and r[ok].std() > 0:  # the value model's scores of samples it was never fitted on
-            pred = self.scorer.score_ids(p_ids, p_mask, c_ids, c_mask)
-            ok &= torch.isfinite(pred)
-            self._metrics["value/corr"].append(pearson(pred[ok], r[ok]))
-        self.value_buffer.append(self._gather((p_ids, p_mask, c_ids, c_mask, r)))
-        parts = list(zip(*self.value_buffer, strict=True))
-        pad = self.processing_class.pad_token_id
-        data = (pad_cat(list(parts[0]), pad, left=True), pad_cat(list(parts[1]), 0, left=True),
-                pad_cat(list(parts[2]), pad), pad_cat(list(parts[3]), 0), torch.cat(parts[4]))
-        if torch.isfinite(data[4]).sum() < 4:
-            return
-        groups = torch.arange(len(data[4])) // self.args.num_generations  # rows come in blocks of one prompt's
-        if self.args.value_fit == "ridge":
-            stats = refit_head(self.scorer, *data[:4], data[4], groups, seed=self.args.seed + self.state.global_step)
-            if stats is not None:
-                self._metrics["value/cv_corr"].append(stats["cv_corr"])
-                self._metrics["value/ridge"].append(stats["ridge"])
-            return
-        stats = self.scorer.fit(*data, epochs=self.args.value_epochs, lr=self.args.value_learning_rate,
-                                batch_size=self.args.value_batch_size, val_fraction=0.0,
-                                seed=self.args.seed + self.state.global_step, progress=False)
-        self._metrics["value/loss"].append(stats["train_loss_last"])
-
-    def _refit_prefix_value(self, space, entry: tuple) -> None:
-        """``steer_prefix``: score the new rollouts ``entry`` with the current prefix value (``value/corr``: each
-        response's mean prefix value), add them to the buffer and re-fit the prefix value by ridge on it. The
-        reference's prefix states never change, so each response's are read once and kept beside the buffer."""
-        layer, r = space.steer_layer, entry[4]
-
-        def read(e):  # (float32 states [P, d], response row of each) of one buffer entry
-            states, rows = prefix_states(self.model, layer, *e[:4])
-            return states.float(), rows
-
-        states, rows = read(entry)
-        if space.prefix_value is not None:
-            pred = response_means(space.prefix_value(states), rows, len(r))
-            ok = torch.isfinite(r) & torch.isfinite(pred)
-            if ok.sum() > 2 and r[ok].std() > 0:
-                self._metrics["value/corr"].append(pearson(pred[ok], r[ok]))
-        if len(self._prefix_states) != len(self.value_buffer):  # resumed from a checkpoint: read its buffer once
-            self._prefix_states.clear()
-            self._prefix_states.extend(read(e) for e in self.value_buffer)
-        self.value_buffer.append(entry)
-        self._prefix_states.append((states, rows))
-        sizes = torch.tensor([len(e[4]) for e in self.value_buffer])
-        offsets = (sizes.cumsum(0) - sizes).tolist()  # each entry's first row in the concatenated buffer
-        targets = torch.cat([e[4] for e in self.value_buffer])
-        fitted = fit_prefix_value_on_states(
-            layer, torch.cat([s for s, _ in self._prefix_states]),
-            torch.cat([rw + o for (_, rw), o in zip(self._prefix_states, offsets, strict=True)]), targets,
-            torch.arange(len(targets)) // self.args.num_generations, seed=self.args.seed + self.state.global_step)
-        if fitted is not None:
-            space.prefix_value = fitted
-            self._metrics["value/cv_corr"].append(fitted.cv_corr)
-            self._metrics["value/ridge"].append(fitted.ridge)
-
-    def _gather(self, tensors: tuple) -> tuple:
-        """Every process fits the value model on every process's rollouts, so the copies stay identical."""
+    def _gathered(self, ro: Rollouts, rewards: torch.Tensor) -> tuple[Rollouts, torch.Tensor]:
+        """Every process's rollouts and rewards, so that every process fits the same prefix value."""
         if self.accelerator.num_processes == 1:
-            return tensors
+            return ro, rewards
         acc, pad = self.accelerator, self.processing_class.pad_token_id
-        p_ids, p_mask, c_ids, c_mask, r = tensors
-        return (acc.gather(acc.pad_across_processes(p_ids, dim=1, pad_index=pad, pad_first=True)),
-                acc.gather(acc.pad_across_processes(p_mask, dim=1, pad_index=0, pad_first=True)),
-                acc.gather(acc.pad_across_processes(c_ids, dim=1, pad_index=pad)),
-                acc.gather(acc.pad_across_processes(c_mask, dim=1, pad_index=0)), acc.gather(r))
+        return Rollouts(acc.gather(acc.pad_across_processes(ro.prompt_ids, dim=1, pad_index=pad, pad_first=True)),
+                        acc.gather(acc.pad_across_processes(ro.prompt_mask, dim=1, pad_index=0, pad_first=True)),
+                        acc.gather(acc.pad_across_processes(ro.completion_ids, dim=2, pad_index=pad)),
+                        acc.gather(acc.pad_across_processes(ro.completion_mask, dim=2, pad_index=0)),
+                        []), acc.gather(rewards)
 
-    def _targets(self, ro, moved, rewards, moved_values, changed, teacher=None) -> dict:
-        """The distillation batch: kept (prompt, response) sequences with their weights (``moved_values``: what a
-        transported particle counts as, its true reward or, tilted, that plus its likelihood change), the minimal
-        pairs (a transported particle whose edits raised that value, and its original), and the reference's
-        log-probabilities of every row (for the pair loss and the logged KL). ``teacher`` [G, N, T, V]: the
-        distributions the transported particles were decoded from (``distill_target='distribution'``); each row
-        then carries its target distributions, the teacher's or, for an original, the base's."""
+    def _targets(self, ro, moved, rewards, moved_rewards, changed) -> dict:
+        """The distillation batch: the kept (prompt, response) sequences among the originals and the transported
+        particles, weighed by softmax(true reward / distill_temperature) within each prompt group, and the
+        reference's log-probabilities of every row (for the logged KL)."""
         args, pad = self.args, self.processing_class.pad_token_id
         g, n, _ = ro.shape
         # candidates [G, 2N, T]: the N originals, then the N transported particles (n + j was moved from j)
@@ -494,88 +309,43 @@ class VGFTrainer(Trainer):
         masks = pad_cat([ro.completion_mask.reshape(g * n, -1), moved.completion_mask.reshape(g * n, -1)], 0)
         ids = ids.view(2, g, n, -1).transpose(0, 1).reshape(g, 2 * n, -1)
         masks = masks.view(2, g, n, -1).transpose(0, 1).reshape(g, 2 * n, -1)
-        edited = changed > 0  # an unchanged transported particle is its original: it is counted once
-        if teacher is not None:  # ... unless its distributions are the target: they were steered all the same
-            edited = moved.completion_mask.sum(-1) > 0
-        moved_pool = torch.where(edited, moved_values, math.nan)
-        kept_originals = rewards if args.distill_pool == "union" else torch.where(edited, math.nan, rewards)
-        pool = torch.cat([kept_originals, moved_pool], 1)
+        # an unchanged transported particle is its original: it is counted once
+        pool = torch.cat([rewards, torch.where(changed > 0, moved_rewards, torch.nan)], 1)
         skip = (group_std(pool) == 0) if args.skip_zero_std_groups else torch.zeros(g, dtype=torch.bool)
-        weights = distill_weights(pool, args.distill_weighting, args.distill_temperature)
+        weights = distill_weights(pool, args.distill_temperature)
         weights[skip] = 0
         weights[weights < MIN_TARGET_WEIGHT] = 0  # negligible targets cost a forward and backward each
         weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-12)
-        if args.distill_baseline:  # minus the mean of the group's original samples (distilled groups only)
-            sampled = torch.isfinite(rewards) & (weights.sum(-1, keepdim=True) > 0)
-            weights[:, :n] -= sampled / sampled.sum(-1, keepdim=True).clamp_min(1)
         self._metrics["frac_groups_skipped"].append(float(skip.float().mean()))
-        improved = edited & (moved_values > rewards) if args.edit_pair_weight > 0 else torch.zeros_like(edited)
-        keep = weights != 0
-        keep[:, :n] |= improved
-        keep[:, n:] |= improved
-        rows = keep.nonzero()
+        rows = (weights != 0).nonzero()
         if rows.shape[0] == 0:  # nothing to distil: one zero-weight row, so every process still runs the forward
             rows = torch.zeros(1, 2, dtype=torch.long)  # and backward its DDP/DeepSpeed collectives expect
-        row_of = torch.full((g, 2 * n), -1, dtype=torch.long)
-        row_of[rows[:, 0], rows[:, 1]] = torch.arange(rows.shape[0])
-        pg, pj = improved.nonzero(as_tuple=True)
-        pairs = torch.stack([row_of[pg, n + pj], row_of[pg, pj]], 1)  # (transported, original) rows
-        pair_weights = 1.0 / improved.sum(-1).clamp_min(1)[pg].float()  # each group's pairs weigh 1 in all
-        self._metrics["distill/pairs"].append(float(len(pairs)))
         completion_ids, completion_mask = ids[rows[:, 0], rows[:, 1]], masks[rows[:, 0], rows[:, 1]]
-        input_ids = torch.cat([ro.prompt_ids[rows[:, 0]], completion_ids], 1)
-        attention_mask = torch.cat([ro.prompt_mask[rows[:, 0]], completion_mask], 1)
         device = self.accelerator.device
-        batch = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device),
+        batch = {"input_ids": torch.cat([ro.prompt_ids[rows[:, 0]], completion_ids], 1).to(device),
+                 "attention_mask": torch.cat([ro.prompt_mask[rows[:, 0]], completion_mask], 1).to(device),
                  "completion_mask": completion_mask.to(device), "weights": weights[rows[:, 0], rows[:, 1]].to(device),
-                 "pairs": pairs.to(device), "pair_weights": pair_weights.to(device),
                  "completion_start": ro.prompt_ids.shape[1], "num_groups": g}
         with torch.no_grad(), active_adapter(self.model, None):
-            logits = completion_logits(self.model, batch["input_ids"], batch["attention_mask"],
-                                       batch["completion_start"]).float()
-        batch["ref_logps"] = token_logps(logits, batch["input_ids"], batch["completion_start"])
-        if teacher is not None:
-            base = torch.log_softmax(logits / args.temperature, -1).cpu()
-            from_moved = rows[:, 1] >= n
-            targets = base.to(teacher.dtype)
-            targets[from_moved] = teacher[rows[from_moved, 0], rows[from_moved, 1] - n]
-            if from_moved.any():  # how far from the base the distributions taught are, per sequence
-                kl = token_kl(targets[from_moved], base[from_moved]) * completion_mask[from_moved]
-                self._metrics["distill/teacher_kl"].append(float(kl.sum(-1).mean()))
-            batch["teacher_logps"] = targets.to(device)
+            batch["ref_logps"] = completion_logps(self.model, batch["input_ids"], batch["attention_mask"],
+                                                  batch["completion_start"])
         return batch
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """Weighted cross-entropy of the kept targets (weights sum to 1 per group, 0 with ``distill_baseline``),
-        plus ``edit_pair_weight`` times the minimal-pair loss -log sigmoid(beta * (log-ratio to the base of the
-        transported particle - that of its original)), both averaged over the groups."""
+        """Weighted cross-entropy of the kept targets (weights sum to 1 per group), averaged over the groups."""
         with self._timed("distill"), active_adapter(self.accelerator.unwrap_model(model), POLICY):
-            logits = completion_logits(model, inputs["input_ids"], inputs["attention_mask"],
-                                       inputs["completion_start"]).float()
-        logps = token_logps(logits, inputs["input_ids"], inputs["completion_start"])
+            logps = completion_logps(model, inputs["input_ids"], inputs["attention_mask"],
+                                     inputs["completion_start"])
         mask = inputs["completion_mask"].to(logps.dtype)
-        if "teacher_logps" in inputs:  # KL from each row's target distributions, token by token
-            per_token = token_kl(inputs["teacher_logps"], torch.log_softmax(logits / self.args.temperature, -1))
-        else:
-            per_token = -logps
-        nll = (per_token * mask).sum(-1) / mask.sum(-1).clamp_min(1)
+        nll = -(logps * mask).sum(-1) / mask.sum(-1).clamp_min(1)
         weights = inputs["weights"]
         loss = (weights * nll).sum() / inputs["num_groups"]
-        pairs = inputs["pairs"]
-        if len(pairs):
-            ratio = ((logps - inputs["ref_logps"]) * mask).sum(-1)
-            margin = self.args.edit_pair_beta * (ratio[pairs[:, 0]] - ratio[pairs[:, 1]])
-            pair_loss = -(inputs["pair_weights"] * torch.nn.functional.logsigmoid(margin)).sum() / inputs["num_groups"]
-            loss = loss + self.args.edit_pair_weight * pair_loss
-            self._metrics["distill/pair_loss"].append(float(pair_loss.detach()))
-            self._metrics["distill/pair_margin"].append(float(margin.detach().mean()))
         if (weights > 0).any():
-            target = mask * (weights > 0)[:, None].to(mask.dtype)  # the distillation targets, not pair-only rows
+            target = mask * (weights > 0)[:, None].to(mask.dtype)
             log_ratio = inputs["ref_logps"] - logps.detach()
             k3 = (torch.exp(log_ratio) - log_ratio - 1) * target  # TRL's per-token KL estimator
             self._metrics["kl"].append(float(k3.sum() / target.sum().clamp_min(1)))
-            positive = weights.clamp_min(0)
-            self._metrics["distill/nll"].append(float((nll.detach() * positive).sum() / positive.sum()))
+            self._metrics["distill/nll"].append(float((nll.detach() * weights).sum() / weights.sum()))
         return (loss, None) if return_outputs else loss
 
     def _log_step(self, prompts, ro, moved, rewards, moved_rewards, changed, disp) -> None:
@@ -658,9 +428,9 @@ class VGFTrainer(Trainer):
             torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
 
     def _save_checkpoint(self, model, trial) -> None:
-        """The Trainer's checkpoint plus the value model (adapter + head) and its rollout buffer, then a marker
-        file written last: a checkpoint without it was cut off while saving and is never resumed from. Old
-        checkpoints are rotated out only after the new one is complete, so a kill mid-save keeps the last good one."""
+        """The Trainer's checkpoint plus the prefix value's rollout buffer, then a marker file written last: a
+        checkpoint without it was cut off while saving and is never resumed from. Old checkpoints are rotated out
+        only after the new one is complete, so a kill mid-save keeps the last good one."""
         limit, self.args.save_total_limit = self.args.save_total_limit, None
         try:
             super()._save_checkpoint(model, trial)
@@ -668,13 +438,9 @@ class VGFTrainer(Trainer):
             self.args.save_total_limit = limit
         run_dir = Path(self._get_output_dir(trial=trial))
         folder = run_dir / f"checkpoint-{self.state.global_step}"
-        if isinstance(self.scorer, ValueModel):
-            with self._value_adapter_whole(writes=False):  # under ZeRO-3 a collective: every process takes part
-                if self.args.should_save:
-                    self.scorer.save(folder / "value_model")
         if self.args.should_save:
             partial = folder / "vgf_state.pt.partial"
-            torch.save({"value_buffer": list(self.value_buffer)}, partial)
+            torch.save({"value_buffer": list(self.space.buffer) if self.space is not None else []}, partial)
             os.replace(partial, folder / "vgf_state.pt")
             (folder / CHECKPOINT_COMPLETE).write_text(f"{self.state.global_step}\n")
             if limit:
@@ -687,10 +453,9 @@ class VGFTrainer(Trainer):
             raise ValueError(f"{folder} is incomplete (no {CHECKPOINT_COMPLETE}: it was cut off while saving); resume "
                              "from an earlier checkpoint, or with resume_from_checkpoint=true for the last complete "
                              "one")
-        if isinstance(self.scorer, ValueModel):
-            self.scorer.load_weights(folder / "value_model")
-        self.value_buffer.clear()
-        self.value_buffer.extend(torch.load(folder / "vgf_state.pt", weights_only=False)["value_buffer"])
+        if self.space is not None:  # the prefix value is refitted on the saved buffer, as it was at the save
+            buffer = torch.load(folder / "vgf_state.pt", weights_only=False)["value_buffer"]
+            self.space.restore(buffer, seed=self.args.seed + self.state.global_step)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         """The policy adapter back into ``default`` (the parent only knows PeftModel-wrapped adapters)."""

@@ -1,6 +1,6 @@
 """``vgf-llm generate``: N particles per prompt from the reference, VGF transport, decode, re-score, select; one
-JSON line per prompt. Options: ``PromptArguments``, the scorer and output below, and ``SamplerConfig`` (the same
-names and defaults as ``VGFConfig``)."""
+JSON line per prompt. Options: ``PromptArguments``, the scorer and output below, and ``SamplerConfig`` (the
+test-time defaults: per-step steering, the winner of the test-time benchmark)."""
 
 from __future__ import annotations
 

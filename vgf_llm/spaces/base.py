@@ -1,65 +1,78 @@
-"""What every particle space shares: the ``Particles`` a space lifts rollouts into, the interface a space
-implements, and the scorer's value gradient taken through the space's map to embedding rows."""
+"""What every particle space shares: the budget a move may spend, what a move returns, and the interface."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 
+from vgf_llm.flow import TransportTrace
 from vgf_llm.rollout.hf import Rollouts
 
 
+@dataclass(frozen=True)
+class Budget:
+    """How far particles may move: ``steps`` Adam steps of ``step_size`` (0 steps = best-of-N), the target's
+    temperature ``alpha``, an optional cap on each row's displacement and SVGD's repulsion term."""
+
+    steps: int
+    step_size: float
+    alpha: float = 1.0
+    radius: float | None = None
+    repulsion: bool = True
+
+    def __post_init__(self):
+        bad = [f"{name}={value}" for name, value, ok in (
+            ("transport_steps", self.steps, self.steps >= 0), ("transport_step_size", self.step_size,
+                                                               self.step_size >= 0),
+            ("transport_alpha", self.alpha, self.alpha > 0)) if not ok]
+        if bad:
+            raise ValueError(f"{', '.join(bad)}: transport_steps and transport_step_size must be >= 0 and "
+                             "transport_alpha > 0")
+
+    def flow_kwargs(self) -> dict:
+        """``flow.transport``'s keyword arguments (the authors' Adam step rule)."""
+        return dict(steps=self.steps, step_size=self.step_size, alpha=self.alpha, step_rule="adam",
+                    radius=self.radius, repulsion=self.repulsion)
+
+
 @dataclass
-class Particles:
-    """N particles per prompt, lifted from ``rollouts``.
+class Moved:
+    """The particles after a move: token ids [G, N, T] and completion mask, each particle's displacement [G, N]
+    (in the space's own units), every transport the move ran (``trace``, steps concatenated) and space-specific
+    figures for the logs (``stats``)."""
 
-    start [G, N, ...]: where the flow starts (``flow.transport`` moves a tensor of this shape);
-    mask [G, N, ...] over the start's leading dims: 1 where a particle (or a response position) may move;
-    state: whatever the space's ``decode`` needs besides the moved tensor (e.g. candidate tokens);
-    verify: what a checking decoder (``verified``) asks whether an edit is better: ``verify(rows, ids, mask)`` -> [A]
-    values of token sequences ids/mask [A, T] for flat rollout rows ``rows`` [A] (index into ``rollouts.flat()``).
-    None: the scorer's value. The trainer passes its true reward here, which it computes for moved particles anyway.
-    """
-
-    rollouts: Rollouts
-    start: torch.Tensor
+    ids: torch.Tensor
     mask: torch.Tensor
-    state: dict = field(default_factory=dict)
-    verify: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    displacement: torch.Tensor
+    trace: TransportTrace
+    stats: dict = field(default_factory=dict)
+
+
+def empty_trace(g: int, n: int) -> TransportTrace:
+    empty = torch.empty(0, g, n)
+    return TransportTrace(empty, empty, empty, torch.empty(0, g), torch.empty(0, g, n, dtype=torch.bool),
+                          torch.empty(0, g, dtype=torch.bool))
+
+
+def concat_traces(traces: list[TransportTrace], g: int, n: int) -> TransportTrace:
+    """One trace of several transports, steps after steps."""
+    if not traces:
+        return empty_trace(g, n)
+    return TransportTrace(*[torch.cat([getattr(tr, f) for tr in traces]) for f in (
+        "values", "displacement", "max_row_shift", "bandwidth", "nonfinite", "bandwidth_fallback")])
 
 
 class ParticleSpace(Protocol):
-    """Where VGF's particles live. ``repulsion``: whether SVGD's kernel between two particles means anything here
-    (it does not when particles index different candidate sets).
+    """Where VGF's particles live, how the value reaches them and how they become tokens again.
 
-    A space whose particles only exist while the model generates (``moves_while_decoding = True``, e.g.
-    ``steer_prefix``) implements ``move_and_decode(particles, budget) -> (ids, mask, displacement, trace)`` instead
-    of ``grad`` and ``decode``: the sampler hands it the budget (``flow.transport``'s keyword arguments) and it runs
-    the transport at every generated token."""
+    ``fit`` is the explicit call that fits what ``move`` reads, on rollouts and their final targets (true rewards,
+    or a scorer's values); a space that reads its scorer directly fits nothing and returns {}. ``move`` transports
+    the rollouts' particles with ``budget`` and decodes them."""
 
-    repulsion: bool
+    name: str
 
-    def lift(self, rollouts: Rollouts) -> Particles: ...
+    def fit(self, rollouts: Rollouts, targets: torch.Tensor, *, seed: int = 0) -> dict: ...
 
-    def grad(self, particles: Particles, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Values [G, N] of the particles ``u`` and their gradient with respect to ``u``."""
-
-    def decode(self, particles: Particles, moved: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token ids [G, N, T'] and completion mask of the moved particles."""
-
-
-def value_and_grad(scorer, rollouts: Rollouts, u: torch.Tensor,
-                   to_rows: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The scorer's values [G, N] of particles ``u`` and d values / d u; ``to_rows`` maps particles to the scorer's
-    embedding rows [G, N, T, d] (differentiably) when they are not rows themselves."""
-    g, n, t = rollouts.shape
-    p_ids, p_mask, _, c_mask = rollouts.flat()
-    leaf = u.detach().requires_grad_(True)
-    with torch.enable_grad():
-        rows = to_rows(leaf) if to_rows is not None else leaf
-        values = scorer.score_embeds(p_ids, p_mask, rows.reshape(g * n, t, -1), c_mask)
-        (grad,) = torch.autograd.grad(values.sum(), leaf)
-    return values.detach().reshape(g, n), grad
+    def move(self, rollouts: Rollouts, budget: Budget) -> Moved: ...

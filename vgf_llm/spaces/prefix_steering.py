@@ -1,86 +1,120 @@
-"""Per-step steering: the particles are the model's own hidden states while it generates, moved at every step.
+"""Per-step steering (``steer_prefix``): the particles are the model's own hidden states while it generates.
 
 At each generation step the N particles of a prompt are the N hidden states that predict their next tokens (the
 output of decoder layer ``steer_layer`` at the newest position). ``flow.transport`` moves them, SVGD across the N
 particles, along the gradient of a prefix value (``vgf_llm.prefix_value``: a linear head on that same layer,
 fitted by ridge to final rewards), and the model decodes the next token from the moved state; the following states
 are computed from the tokens actually decoded (RE-Control / controlled decoding with a prefix value, with VGF's
-transport budget and repulsion). As in ``steering``, each particle keeps the Gumbel noise of its reference sample,
-so a zero budget regenerates the reference token for token and budget 0 is best-of-N.
+transport budget and repulsion). Each particle keeps the Gumbel noise of its reference sample
+(``spaces.regenerate``), so a zero budget regenerates the reference token for token and budget 0 is best-of-N.
 
 The head reads the moved layer, so its gradient is its weight vector: no backward pass at all. States move in
 standardised units (each hidden unit divided by its spread in the fit), so ``transport_step_size`` is "about this
 many standard deviations per unit per Adam step", at every generated token.
 
-The prefix value is fitted to true rewards by whoever has them (``fit_prefix``: the trainer on its rollout buffer,
-benchmarks on labelled rollouts); without one, ``lift`` fits it to the scorer's values of the batch being moved.
+``fit`` keeps the last ``buffer_steps`` batches of rollouts with their targets and refits the prefix value on all
+of them (the trainer: true rewards of its recent rollouts; the sampler: the scorer's values of the batch at hand).
 """
 
 from __future__ import annotations
 
+from collections import deque
 from contextlib import contextmanager
 
 import torch
 
-from vgf_llm.flow import TransportTrace, transport
-from vgf_llm.prefix_value import PrefixValue, fit_prefix_value
-from vgf_llm.rollout.hf import Rollouts
-from vgf_llm.spaces.base import Particles
-from vgf_llm.spaces.steering import RegeneratingSpace, regenerate, regenerated, stack_record
+from vgf_llm.flow import transport
+from vgf_llm.prefix_value import PrefixValue, fit_prefix_value, prefix_states, response_means
+from vgf_llm.ridge import pearson
+from vgf_llm.rollout.hf import Rollouts, eos_token_ids
+from vgf_llm.spaces.base import Budget, Moved, concat_traces
+from vgf_llm.spaces.reference import ReferenceTokens
+from vgf_llm.spaces.regenerate import check_plain_sampling, posterior_noise, regenerate, regenerated
 
 
-class PrefixSteering(RegeneratingSpace):
+class PrefixSteering:
     name = "steer_prefix"
-    repulsion = True
 
-    def __init__(self, model, tokenizer, scorer, *, steer_layer: int | None = None, temperature: float = 1.0,
-                 top_p: float = 1.0, top_k: int = 0, seed: int = 0):
-        super().__init__(model, tokenizer, scorer, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+    def __init__(self, model, tokenizer, *, steer_layer: int | None = None, temperature: float = 1.0,
+                 top_p: float = 1.0, top_k: int = 0, seed: int = 0, buffer_steps: int = 1):
+        check_plain_sampling(self.name, temperature, top_k, top_p)
         depth = model.config.num_hidden_layers
         self.steer_layer = steer_layer if steer_layer is not None else max(1, depth // 2)
         if not 1 <= self.steer_layer <= depth:
             raise ValueError(f"steer_layer must be in 1..{depth}, got {self.steer_layer}")
-        self.prefix_value: PrefixValue | None = None
+        if buffer_steps < 1:
+            raise ValueError(f"value_buffer_steps must be >= 1, got {buffer_steps}")
+        self.model, self.tokenizer = model, tokenizer
+        self.temperature, self.seed = temperature, seed
+        self.eos = eos_token_ids(model, tokenizer)
+        self.reference = ReferenceTokens(model, model.get_input_embeddings().weight)
+        self.value: PrefixValue | None = None
+        # (rollouts, targets [G, N]) of recent fits, and beside them each entry's prefix states, read once
+        self.buffer: deque[tuple[Rollouts, torch.Tensor]] = deque(maxlen=buffer_steps)
+        self._states: deque[tuple[torch.Tensor, torch.Tensor]] = deque(maxlen=buffer_steps)
 
-    @classmethod
-    def from_config(cls, model, tokenizer, scorer, config):
-        return cls(model, tokenizer, scorer, steer_layer=config.steer_layer, temperature=config.temperature,
-                   top_p=config.top_p, top_k=config.top_k)
+    # -- fit: the prefix value on the buffer --------------------------------------------------------------------
+    def _read_states(self, rollouts: Rollouts) -> tuple[torch.Tensor, torch.Tensor]:
+        return prefix_states(self.model, self.steer_layer, *rollouts.flat())
 
-    def fit_prefix(self, prompt_ids, prompt_mask, ids, mask, targets, groups, seed: int = 0) -> PrefixValue | None:
-        """Fit the prefix value on flat rollouts and their final ``targets`` (true rewards), folds of ``groups``."""
-        fitted = fit_prefix_value(self.model, self.steer_layer, prompt_ids, prompt_mask, ids, mask, targets, groups,
-                                  seed=seed)
-        if fitted is not None:
-            self.prefix_value = fitted
-        return fitted
-
-    @torch.no_grad()
-    def lift(self, rollouts: Rollouts) -> Particles:
+    def fit(self, rollouts: Rollouts, targets: torch.Tensor, *, seed: int = 0) -> dict:
+        """Add ``rollouts`` and their final ``targets`` [G, N] to the buffer and refit the prefix value by ridge on
+        every prefix of the buffer (strength cross-validated over folds of whole prompts). Returns the previous
+        value's correlation with these targets (``corr``: it never saw them), and the new fit's out-of-fold ``cv_corr``
+        and ``ridge`` (absent when too few finite targets: the previous value is kept)."""
         g, n, _ = rollouts.shape
-        if self.prefix_value is None:  # nobody gave rewards: distil the scorer's values of this batch
-            p_ids, p_mask, ids, mask = rollouts.flat()
-            values = self.scorer.score_ids(p_ids, p_mask, ids, mask).float().cpu()
-            if self.fit_prefix(p_ids, p_mask, ids, mask, values, torch.arange(g).repeat_interleave(n)) is None:
-                raise ValueError(f"decoder={self.name!r} could not fit a prefix value on this batch (too few "
-                                 "prompts or responses): give it more prompts per batch, or fit one with fit_prefix")
-        return super().lift(rollouts)
+        states, rows = self._read_states(rollouts)
+        stats = {}
+        r = targets.reshape(-1).float()
+        if self.value is not None:
+            pred = response_means(self.value(states), rows, g * n)
+            ok = torch.isfinite(r) & torch.isfinite(pred)
+            if ok.sum() > 2 and r[ok].std() > 0:
+                stats["corr"] = pearson(pred[ok], r[ok])
+        self.buffer.append((rollouts, targets.reshape(g, n).float()))
+        self._states.append((states, rows))
+        sizes = torch.tensor([ro.shape[0] * ro.shape[1] for ro, _ in self.buffer])
+        offsets = (sizes.cumsum(0) - sizes).tolist()  # each entry's first row in the concatenated buffer
+        all_targets = torch.cat([t.reshape(-1) for _, t in self.buffer])
+        groups = torch.arange(len(all_targets)) // n  # one group per prompt (every entry holds n per prompt)
+        fitted = fit_prefix_value(
+            self.steer_layer, torch.cat([s for s, _ in self._states]),
+            torch.cat([rw + o for (_, rw), o in zip(self._states, offsets, strict=True)]), all_targets, groups,
+            seed=seed)
+        if fitted is not None:
+            self.value = fitted
+            stats |= {"cv_corr": fitted.cv_corr, "ridge": fitted.ridge}
+        return stats
 
-    def move_and_decode(self, particles: Particles, budget: dict):
-        """Regenerate every movable particle, moving its state at ``steer_layer`` at every step with
-        ``flow.transport(**budget)``. Returns (ids [G, N, T], mask, displacement [G, N] in standardised units,
-        averaged over the steps it was moved at, and the concatenated ``TransportTrace``)."""
-        ro = particles.rollouts
-        g, n, t = ro.shape
-        p_ids, p_mask, ids, cmask = ro.flat()
-        pv = self.prefix_value
+    def restore(self, buffer: list[tuple[Rollouts, torch.Tensor]], *, seed: int = 0) -> None:
+        """Refill the buffer from a checkpoint (``list(space.buffer)``) and refit on it."""
+        self.buffer.clear()
+        self._states.clear()
+        for rollouts, targets in buffer[:-1]:
+            self.buffer.append((rollouts, targets))
+            self._states.append(self._read_states(rollouts))
+        if buffer:
+            self.fit(*buffer[-1], seed=seed)
+
+    # -- move: regenerate, moving the state at every step ---------------------------------------------------------
+    def move(self, rollouts: Rollouts, budget: Budget) -> Moved:
+        """Regenerate every non-empty particle, moving its state at ``steer_layer`` at every step with
+        ``flow.transport``. Displacement: in standardised units, averaged over the steps it was moved at."""
+        pv = self.value
+        if pv is None:
+            raise ValueError(f"decoder={self.name!r} has no prefix value yet: call fit(rollouts, targets) first (the "
+                             "sampler fits it to the scorer's values of each batch, the trainer to true rewards)")
+        g, n, t = rollouts.shape
+        p_ids, p_mask, ids, cmask = rollouts.flat()
+        noise = posterior_noise(self.reference, rollouts, self.temperature, self.seed)
         device = self.model.device
         weight_z = (pv.weight * pv.std).to(device)  # d V / d z for z = (h - mean) / std
         mean, std = pv.mean.to(device), pv.std.to(device)
         value_at_mean = pv.bias + float(pv.mean @ pv.weight)  # V = weight_z . z + value_at_mean
-        movable = particles.mask.reshape(-1).bool()
+        movable = (cmask.sum(-1) > 0)
         alive = movable.clone()
         traces, disp_sum, moved_steps = [], torch.zeros(g * n), torch.zeros(g * n)
+        flow_kwargs = budget.flow_kwargs()
 
         def grad_fn(z):  # called at every generated token: nothing to recompute
             return z @ weight_z + value_at_mean, weight_z.expand_as(z)
@@ -88,10 +122,10 @@ class PrefixSteering(RegeneratingSpace):
         def move(hidden):  # [B, S, d] -> the same with its newest position moved
             z = ((hidden[:, -1].float() - mean) / std).reshape(g, n, -1)
             live = alive.reshape(g, n).float().to(device)
-            moved, trace = transport(z, grad_fn=grad_fn, mask=live, **budget)
+            moved, trace = transport(z, grad_fn=grad_fn, mask=live, **flow_kwargs)
             traces.append(trace)
             if trace.displacement.shape[0]:
-                disp_sum.add_(trace.displacement[-1].reshape(-1))
+                disp_sum.add_(trace.displacement[-1].reshape(-1).cpu())
             moved_steps.add_(live.reshape(-1).cpu())
             hidden = hidden.clone()
             hidden[:, -1] = (moved.reshape(g * n, -1) * std + mean).to(hidden.dtype)
@@ -113,22 +147,9 @@ class PrefixSteering(RegeneratingSpace):
             finally:
                 handle.remove()
 
-        record = [] if self.keep_logps else None
-        out = regenerate(self.model, self.tokenizer.pad_token_id, self.eos, p_ids, p_mask, particles.state["noise"],
-                         self.temperature, steering, record, adapter=self.reference.adapter)
+        out = regenerate(self.model, self.tokenizer.pad_token_id, self.eos, p_ids, p_mask, noise, self.temperature,
+                         steering)
         new_ids, new_mask = regenerated(out, ids, cmask, movable, self.eos, self.tokenizer.pad_token_id)
         disp = (disp_sum / moved_steps.clamp_min(1)).reshape(g, n)
-        self.last_stats = {"moved_positions": float(moved_steps.sum()), "prefix_cv_corr": pv.cv_corr}
-        if record is not None:
-            self.last_logps = stack_record(record, t).reshape(g, n, t, -1)
-        return new_ids.reshape(g, n, t), new_mask.reshape(g, n, t), disp, concat_traces(traces, g, n)
-
-
-def concat_traces(traces: list[TransportTrace], g: int, n: int) -> TransportTrace:
-    """One trace of every per-step transport, steps after steps."""
-    if not traces:
-        empty = torch.empty(0, g, n)
-        return TransportTrace(empty, empty, empty, torch.empty(0, g), torch.empty(0, g, n, dtype=torch.bool),
-                              torch.empty(0, g, dtype=torch.bool))
-    return TransportTrace(*[torch.cat([getattr(tr, f) for tr in traces]) for f in (
-        "values", "displacement", "max_row_shift", "bandwidth", "nonfinite", "bandwidth_fallback")])
+        return Moved(new_ids.reshape(g, n, t), new_mask.reshape(g, n, t), disp, concat_traces(traces, g, n),
+                     {"moved_positions": float(moved_steps.sum()), "prefix_cv_corr": pv.cv_corr})

@@ -1,11 +1,11 @@
 """The reference model's view of a response, shared by the particle spaces: which tokens a particle may decode
-to, the embedding table as it is now, and the reference's top-k next tokens at every position of a response."""
+to, the embedding table as it is now, and the reference's next-token logits at every position of a response."""
 
 from __future__ import annotations
 
 import torch
 
-from vgf_llm.value import active_adapter
+from vgf_llm.adapters import active_adapter
 
 
 def special_token_ids(tokenizer) -> set[int]:
@@ -28,20 +28,16 @@ def full_shape(param: torch.Tensor) -> torch.Size:
 
 
 class ReferenceTokens:
-    """The reference (``model`` under ``adapter``; by default with adapters off) proposing tokens for the particle
-    spaces.
+    """The reference (``model`` with adapters off) proposing tokens for the particle spaces.
 
     ``embedding_weight`` is the scorer's embedding table (the particles' coordinates); ``exclude_ids`` are never
-    proposed; ``k`` candidates per position. ``adapter``: the adapter the particles were sampled under (None: the
-    base; the trainer sets the policy's when ``particle_source='policy'``, so a space that re-creates a sample
-    re-creates it under the model that drew it).
+    proposed; ``k`` candidates per position.
     """
 
     def __init__(self, model, embedding_weight: torch.Tensor, *, exclude_ids=(), k: int = 8):
         if k < 2:
             raise ValueError(f"decoder_topk must be >= 2 (the original token and at least one other), got {k}")
         self.model, self.k, self._source = model, k, embedding_weight
-        self.adapter: str | None = None
         vocab = full_shape(embedding_weight)[0]
         self.allowed = torch.ones(vocab, dtype=torch.bool)
         self.allowed[[i for i in exclude_ids if 0 <= i < vocab]] = False
@@ -65,7 +61,7 @@ class ReferenceTokens:
         device = self.model.device
         full_ids = torch.cat([prompt_ids, ids], 1).to(device)
         full_mask = torch.cat([prompt_mask, torch.ones_like(ids)], 1).to(device)
-        with active_adapter(self.model, self.adapter):
+        with active_adapter(self.model, None):
             # only the T + 1 last positions go through the LM head (the prompt's logits are never needed)
             logits = self.model(input_ids=full_ids, attention_mask=full_mask,
                                 position_ids=(full_mask.cumsum(-1) - 1).clamp_min(0),
@@ -75,15 +71,3 @@ class ReferenceTokens:
     def topk(self, ids, prompt_ids, prompt_mask) -> torch.Tensor:
         """[B, T, k] the reference's k most likely allowed tokens at every position (the original may be among them)."""
         return self.logits(ids, prompt_ids, prompt_mask).topk(min(self.k, int(self.allowed.sum())), -1).indices
-
-    def candidates(self, ids, prompt_ids, prompt_mask, batch_size: int = 32) -> torch.Tensor:
-        """[B, T, k] candidates with the original token in slot 0 and the reference's top k - 1 *other* tokens after
-        it (``batch_size`` sequences per reference pass)."""
-        out = []
-        for s in range(0, ids.shape[0], batch_size):
-            chunk = ids[s:s + batch_size]
-            logits = self.logits(chunk, prompt_ids[s:s + batch_size], prompt_mask[s:s + batch_size])
-            logits.scatter_(-1, chunk[:, :, None], -float("inf"))  # the original goes to slot 0, never twice
-            others = logits.topk(min(self.k, int(self.allowed.sum())) - 1, -1).indices
-            out.append(torch.cat([chunk[:, :, None], others], -1))
-        return torch.cat(out)

@@ -1,25 +1,31 @@
-"""Embedding-row particles decoded by token edits among the reference's top-k.
+"""Embedding-row particles decoded by checked token edits among the reference's top-k (``verified``).
 
 A particle is the [T, d] matrix of input-embedding rows of one response (the scorer's table). The value gradient
 moves rows off the token manifold, where a moved row usually stays nearest to its own token and the value model
 can be fooled (docs/benchmarks.md), so decoding never projects a row to its nearest token. Instead the move
 *proposes* swaps: every reference top-k candidate c at position t gets the first-order value gain of the swap along
-the move, <u_t - e_t, e_c - e_t> / ||e_c - e_t|| (HotFlip/GCG-style), and
-
-- ``GainEdits`` ("reference_gain") makes the ``max_edits`` best positive swaps of each response;
-- ``VerifiedEdits`` ("verified", the test-time winner) checks the ``verify_candidates`` best swaps of each
-  response with real scorer passes on real tokens and keeps the best only if the value rises; up to ``max_edits``
-  rounds, only on the ``verify_top`` originals of each prompt with the highest value. A decoded response therefore
-  never scores lower than its original under the scorer.
+the move, <u_t - e_t, e_c - e_t> / ||e_c - e_t|| (HotFlip/GCG-style). Each round the ``candidates`` best swaps of
+each response are checked with real passes of the ``verifier`` on real tokens, and the best is kept only if the
+verified value rises; up to ``max_edits`` rounds, only on the ``top`` originals of each prompt with the highest
+value. A decoded response therefore never scores lower than its original under the verifier.
 """
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 
+from vgf_llm.flow import transport
 from vgf_llm.rollout.hf import Rollouts
-from vgf_llm.spaces.base import Particles, value_and_grad
+from vgf_llm.spaces.base import Budget, Moved
 from vgf_llm.spaces.reference import ReferenceTokens, movable_mask, special_token_ids
+
+
+class Verifier(Protocol):
+    """What checks a proposed edit: values [B] of real token sequences (a scorer, or any model with this call)."""
+
+    def score_ids(self, prompt_ids, prompt_mask, response_ids, response_mask) -> torch.Tensor: ...
 
 
 def swap_gains(table: torch.Tensor, cand: torch.Tensor, current: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -30,97 +36,72 @@ def swap_gains(table: torch.Tensor, cand: torch.Tensor, current: torch.Tensor, t
     return (diff * (target - e_cur)[:, :, None]).sum(-1) / diff.norm(dim=-1).clamp_min(1e-6)
 
 
-class EmbeddingRows:
-    """Lift and gradient of embedding-row particles; subclasses decode."""
+def value_and_grad(scorer, rollouts: Rollouts, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scorer's values [G, N] of embedding-row particles ``u`` [G, N, T, d] and d values / d u."""
+    g, n, t = rollouts.shape
+    p_ids, p_mask, _, c_mask = rollouts.flat()
+    leaf = u.detach().requires_grad_(True)
+    with torch.enable_grad():
+        values = scorer.score_embeds(p_ids, p_mask, leaf.reshape(g * n, t, -1), c_mask)
+        (grad,) = torch.autograd.grad(values.sum(), leaf)
+    return values.detach().reshape(g, n).cpu(), grad
 
-    repulsion = True
 
-    def __init__(self, model, scorer, *, exclude_ids=(), topk: int = 8, max_edits: int = 5):
-        if max_edits < 1:
-            raise ValueError(f"max_edits must be >= 1, got {max_edits}")
-        self.scorer, self.max_edits, self.exclude_ids = scorer, max_edits, set(exclude_ids)
-        self.reference = ReferenceTokens(model, scorer.embedding_weight, exclude_ids=exclude_ids, k=topk)
+class VerifiedEdits:
+    """Greedy coordinate ascent on the verifier's value, proposed by the transport along the scorer's gradient and
+    checked on real tokens. ``verifier``: what checks (default: the scorer itself); it is fixed at construction."""
 
-    def lift(self, rollouts: Rollouts) -> Particles:
+    name = "verified"
+
+    def __init__(self, model, tokenizer, scorer, *, verifier: Verifier | None = None, topk: int = 8,
+                 max_edits: int = 5, candidates: int = 4, top: int | None = 1, margin: float = 0.0):
+        bad = {k: v for k, v in (("max_edits", max_edits), ("verify_candidates", candidates),
+                                 ("verify_top", 1 if top is None else top)) if v < 1}
+        if bad:
+            raise ValueError(f"{', '.join(f'{k}={v}' for k, v in bad.items())}: must be >= 1")
+        self.scorer, self.verifier = scorer, verifier if verifier is not None else scorer
+        self.exclude_ids = special_token_ids(tokenizer)
+        self.reference = ReferenceTokens(model, scorer.embedding_weight, exclude_ids=self.exclude_ids, k=topk)
+        self.max_edits, self.candidates, self.top, self.margin = max_edits, candidates, top, margin
+
+    def fit(self, rollouts: Rollouts, targets: torch.Tensor, *, seed: int = 0) -> dict:
+        """Nothing to fit: the move reads the scorer and the verifier directly."""
+        return {}
+
+    def _value(self, p_ids, p_mask, ids, mask) -> torch.Tensor:
+        return self.verifier.score_ids(p_ids, p_mask, ids, mask).float().cpu()
+
+    def lift(self, rollouts: Rollouts) -> tuple[torch.Tensor, torch.Tensor]:
+        """(start [G, N, T, d]: the responses' embedding rows on the scorer's device, movable mask [G, N, T])."""
         ids = rollouts.completion_ids
-        start = self.scorer.embedding_weight.detach()[ids.to(self.scorer.embedding_weight.device)].float().cpu()
-        return Particles(rollouts, start, movable_mask(ids, rollouts.completion_mask, self.exclude_ids))
+        weight = self.scorer.embedding_weight
+        start = weight.detach()[ids.to(weight.device)].float()
+        return start, movable_mask(ids, rollouts.completion_mask, self.exclude_ids).to(start.device)
 
-    def grad(self, particles: Particles, u: torch.Tensor):
-        return value_and_grad(self.scorer, particles.rollouts, u)
-
-
-class GainEdits(EmbeddingRows):
-    """The ``max_edits`` reference top-k swaps per response with the largest positive first-order gain along the
-    move. Candidates come from one reference pass over the original response: exact for a single edit."""
-
-    @classmethod
-    def from_config(cls, model, tokenizer, scorer, config):
-        return cls(model, scorer, exclude_ids=special_token_ids(tokenizer), topk=config.decoder_topk,
-                   max_edits=config.max_edits)
+    def move(self, rollouts: Rollouts, budget: Budget) -> Moved:
+        """The transport of embedding rows along the scorer's gradient, then the checked edits it proposes."""
+        start, mask = self.lift(rollouts)
+        moved, trace = transport(start, grad_fn=lambda u: value_and_grad(self.scorer, rollouts, u), mask=mask,
+                                 **budget.flow_kwargs())
+        new_ids, stats = self.decode(rollouts, moved)
+        disp = trace.displacement[-1].cpu() if trace.displacement.shape[0] else torch.zeros(rollouts.shape[:2])
+        return Moved(new_ids, rollouts.completion_mask, disp, trace, stats)
 
     @torch.no_grad()
-    def decode(self, particles: Particles, moved: torch.Tensor):
-        ro = particles.rollouts
-        g, n, t = ro.shape
-        p_ids, p_mask, ids, c_mask = ro.flat()
-        cand = self.reference.topk(ids, p_ids, p_mask)
-        target = moved.reshape(g * n, t, -1).float()
-        gain = swap_gains(self.reference.table, cand, ids, target)
-        ok = particles.mask.reshape(g * n, t).bool()[:, :, None] & (cand != ids[:, :, None])
-        best_gain, best_c = gain.masked_fill(~ok, -float("inf")).max(-1)  # [B, T]
-        top = best_gain.topk(min(self.max_edits, t), -1)
-        new = ids.clone()
-        for i, j in (top.values > 0).nonzero().tolist():
-            pos = top.indices[i, j]
-            new[i, pos] = cand[i, pos, best_c[i, pos]]
-        return new.reshape(g, n, t), ro.completion_mask
-
-
-class VerifiedEdits(EmbeddingRows):
-    """Greedy coordinate ascent on the scorer's value, proposed by the transport and checked on real tokens.
-
-    Each round, every reference top-k swap is ranked by its gain towards the moved row, the ``candidates`` best
-    swaps of each response are scored exactly (one batched no-grad pass) and the best is kept only if it raises the
-    value by more than ``margin``; a response stops at its first round without an improving swap. The reference's
-    top-k is recomputed on the current tokens every round. ``top``: only the ``top`` responses of each prompt with
-    the highest original value are edited (None: all) when the scorer checks; when ``Particles.verify`` (the
-    trainer's true reward) checks, every response is edited and a swap is kept only if it raises that reward.
-    """
-
-    def __init__(self, model, scorer, *, exclude_ids=(), topk: int = 8, max_edits: int = 5, candidates: int = 4,
-                 top: int | None = 1, margin: float = 0.0):
-        super().__init__(model, scorer, exclude_ids=exclude_ids, topk=topk, max_edits=max_edits)
-        if candidates < 1 or (top is not None and top < 1):
-            raise ValueError(f"verify_candidates and verify_top must be >= 1, got {candidates}, {top}")
-        self.candidates, self.top, self.margin = candidates, top, margin
-        self.last_stats: dict = {}
-
-    @classmethod
-    def from_config(cls, model, tokenizer, scorer, config):
-        return cls(model, scorer, exclude_ids=special_token_ids(tokenizer), topk=config.decoder_topk,
-                   max_edits=config.max_edits,
-                   candidates=config.verify_candidates, top=config.verify_top)
-
-    def _value(self, particles: Particles, rows, p_ids, p_mask, ids, mask) -> torch.Tensor:
-        """Exact values of token sequences for flat rows ``rows``: the particles' verifier, else the scorer."""
-        if particles.verify is not None:
-            return particles.verify(rows, ids, mask).float().cpu().nan_to_num(-float("inf"))
-        return self.scorer.score_ids(p_ids[rows], p_mask[rows], ids, mask).float().cpu()
-
-    @torch.no_grad()
-    def decode(self, particles: Particles, moved: torch.Tensor):
-        ro = particles.rollouts
+    def decode(self, ro: Rollouts, moved: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """Token ids [G, N, T] after the checked edits that ``moved`` rows propose, and their figures."""
+        start, movable = (x.cpu() for x in self.lift(ro))
+        moved = moved.detach().cpu()
         g, n, t = ro.shape
         b = g * n
         p_ids, p_mask, ids, mask = ro.flat()
         cur = ids.clone()
-        mov = particles.mask.reshape(b, t).bool()
-        target = moved.reshape(b, t, -1).float().cpu()
+        mov = movable.reshape(b, t).bool()
+        target = moved.reshape(b, t, -1).float()
         table = self.reference.table
-        value = self._value(particles, torch.arange(b), p_ids, p_mask, cur, mask)
-        active = (moved != particles.start).reshape(b, t, -1).any(-1).any(-1).cpu() & mov.any(-1)
-        if self.top is not None and self.top < n and particles.verify is None:  # a true-reward check takes all
+        value = self._value(p_ids, p_mask, cur, mask)
+        active = (moved != start).reshape(b, t, -1).any(-1).any(-1) & mov.any(-1)
+        if self.top is not None and self.top < n:
             ranks = value.view(g, n).argsort(-1, descending=True).argsort(-1).reshape(b)
             active &= ranks < self.top
         start_value, evaluated, rounds = value.clone(), 0, 0
@@ -141,7 +122,7 @@ class VerifiedEdits(EmbeddingRows):
             pos, tok = which // cand.shape[-1], cand.reshape(len(idx), -1)[a, which]
             seqs = cur[idx[a]].clone()
             seqs[torch.arange(len(a)), pos] = tok
-            vals = self._value(particles, idx[a], p_ids, p_mask, seqs, mask[idx[a]])
+            vals = self._value(p_ids[idx[a]], p_mask[idx[a]], seqs, mask[idx[a]])
             evaluated += len(a)
             best = torch.full((len(idx),), -float("inf"))
             best.scatter_reduce_(0, a, vals, reduce="amax")
@@ -151,6 +132,6 @@ class VerifiedEdits(EmbeddingRows):
                 cur[idx[j]] = seqs[pick]
                 value[idx[j]] = best[j]
             active[idx[~improved]] = False
-        self.last_stats = dict(value_before=start_value.view(g, n), value_after=value.view(g, n),
-                               evaluated=evaluated, rounds=rounds)
-        return cur.reshape(g, n, t), ro.completion_mask
+        stats = dict(value_before=start_value.view(g, n), value_after=value.view(g, n), evaluated=evaluated,
+                     rounds=rounds)
+        return cur.reshape(g, n, t), stats
