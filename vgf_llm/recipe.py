@@ -63,6 +63,8 @@ def load_datasets(recipe: RecipeArguments, seed: int):
         n, held = len(train), recipe.eval_size
         if n == 0:
             raise ValueError(f"{recipe.dataset_name} has no rows")
+        if not held:  # eval_size 0: nothing held out, every row trains
+            return _first(train, recipe.train_size), train.select([]), "no rows (eval_size 0)"
         if held and n <= held:
             raise ValueError(f"{recipe.dataset_name} has {n} rows: too few to hold out eval_size={held} rows and "
                              "train on the rest (add rows, lower eval_size, or give a dataset with a "
@@ -103,7 +105,16 @@ def _local_splits(name: str, train_split: str, test_split: str):
             raise ValueError(f"{name}: give a .json/.jsonl/.parquet/.csv file or a save_to_disk folder")
         if path.stat().st_size == 0:
             raise ValueError(f"{name} is empty")
-        return datasets.load_dataset(kind, data_files=str(path), split="train"), None
+        if path.suffix == ".jsonl":  # the reader of generate's --prompts: a bad line is named as file:line
+            from vgf_llm.prompt_files import read_prompts_jsonl
+
+            return _table(read_prompts_jsonl(path), name), None
+        try:
+            return datasets.load_dataset(kind, data_files=str(path), split="train"), None
+        except Exception as err:  # datasets' ~60-line chain: its first line and the cause's
+            cause = err.__cause__ or err
+            raise ValueError(f"{name} does not read as a {kind} table: {type(cause).__name__}: "
+                             f"{str(cause).strip().splitlines()[0] if str(cause).strip() else ''}") from err
     try:
         data = datasets.load_dataset(name)
     except Exception as err:  # offline: the Hub is unreachable
@@ -112,6 +123,19 @@ def _local_splits(name: str, train_split: str, test_split: str):
             "Download it where there is network (datasets.load_dataset(...).save_to_disk(DIR)) and set "
             "dataset_name to DIR.") from err
     return data[train_split], data[test_split] if test_split in data else None
+
+
+def _table(rows: list[dict], name: str):
+    """A Dataset of JSON rows; rows whose columns cannot share one type (a prompt that is text in one row and
+    messages in another) are refused in one line."""
+    import datasets
+    import pyarrow
+
+    try:
+        return datasets.Dataset.from_list(rows)
+    except (pyarrow.ArrowException, TypeError, ValueError) as err:
+        raise ValueError(f"{name}: the rows do not form one table ({str(err).splitlines()[0]}): give every row's "
+                         "fields the same form (e.g. every prompt a string, or every prompt chat messages)") from None
 
 
 def reward_functions(recipe: RecipeArguments) -> list:
@@ -285,15 +309,22 @@ def run(recipe: RecipeArguments, args: VGFConfig, model_args) -> dict:
 
 
 def _run(recipe: RecipeArguments, args: VGFConfig, model_args) -> dict:
+    from vgf_llm.checks import check_prompts, check_prompts_fit, prompts_of
     from vgf_llm.trainer import POLICY, VGFTrainer
 
     train_data, eval_data, held_out = load_datasets(recipe, args.seed)
+    trained_on = f"the training rows of {recipe.dataset_name}" if recipe.dataset_name else \
+        f"the train split of task {recipe.task}"
+    check_prompts(prompts_of(train_data), trained_on)  # before the model loads: bad rows named with their source
+    check_prompts(prompts_of(eval_data), held_out)
     args.model_init_kwargs = {**model_init_kwargs(model_args), **(args.model_init_kwargs or {})}
     evaluating = str(getattr(args.eval_strategy, "value", args.eval_strategy)) != "no"
     trainer = VGFTrainer(model_args.model_name_or_path, reward_functions(recipe), args=args,
                          train_dataset=train_data, eval_dataset=eval_data if evaluating else None,
                          peft_config=peft_config_from(model_args))
     rows = [dict(r) for r in eval_data]
+    for prompts, where in ((prompts_of(train_data), trained_on), (prompts_of(eval_data), held_out)):
+        check_prompts_fit(prompts, where, trainer.processing_class, trainer.model)  # before the base comparison
     summary: dict = {"model": model_args.model_name_or_path, "held_out_prompts": len(rows), "held_out": held_out,
                      "world_size": args.world_size, "prompts_per_step": args.prompts_per_step,
                      "dtype": str(trainer.model.dtype).removeprefix("torch.")}

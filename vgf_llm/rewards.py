@@ -392,7 +392,12 @@ def _check_output(name: str, output, n: int) -> list[float]:
             continue
         if isinstance(value, bool) or not isinstance(value, Real):
             raise TypeError(f"Reward function {name!r} returned {value!r} at index {i}; expected a float or None.")
-        if not math.isfinite(value):
+        if math.isinf(value):
+            raise ValueError(
+                f"Reward function {name!r} returned {value} at index {i}; rewards must be finite: bound or clip it "
+                f"(e.g. a log of 0 is -inf; use a large finite penalty instead)."
+            )
+        if math.isnan(value):
             raise ValueError(
                 f"Reward function {name!r} returned {value} at index {i}; return None (not NaN) for samples the "
                 f"reward does not apply to."

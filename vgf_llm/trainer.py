@@ -46,14 +46,20 @@ CHECKPOINT_COMPLETE = "vgf_checkpoint_complete"  # written last into a checkpoin
 
 
 def last_complete_checkpoint(output_dir: str) -> str:
-    """The newest checkpoint of ``output_dir`` that was saved to the end (incomplete ones are skipped, with a
-    warning: they were cut off while saving)."""
+    """The newest checkpoint of ``output_dir`` that was saved to the end and reads back (incomplete or damaged
+    ones are skipped, with a warning naming why, and kept on disk)."""
+    from vgf_llm.checks import damaged_file
+
     folders = sorted(Path(output_dir).glob("checkpoint-*"), key=lambda f: int(f.name.split("-")[-1])
                      if f.name.split("-")[-1].isdigit() else -1, reverse=True) if Path(output_dir).is_dir() else []
     for folder in folders:
-        if (folder / CHECKPOINT_COMPLETE).is_file():
+        if not (folder / CHECKPOINT_COMPLETE).is_file():
+            logger.warning("skipping %s: incomplete (cut off while saving)", folder)
+            continue
+        damage = damaged_file(folder)
+        if damage is None:
             return str(folder)
-        logger.warning("skipping %s: incomplete (cut off while saving)", folder)
+        logger.warning("skipping %s: %s; resuming from the checkpoint before it (nothing is deleted)", folder, damage)
     raise ValueError(f"no complete checkpoint to resume from in {output_dir}")
 
 
@@ -66,6 +72,8 @@ def default_lora_config():
 
 
 def check_prompt_dataset(dataset, name: str) -> None:
+    from vgf_llm.checks import check_prompts, prompts_of
+
     if dataset is None:
         return
     columns = getattr(dataset, "column_names", None)
@@ -74,6 +82,7 @@ def check_prompt_dataset(dataset, name: str) -> None:
                          f"prompt-only datasets); it has {columns}")
     if len(dataset) == 0:
         raise ValueError(f"the {name} is empty")
+    check_prompts(prompts_of(dataset), f"the {name}")
 
 
 class VGFTrainer(Trainer):
@@ -277,9 +286,35 @@ class VGFTrainer(Trainer):
         return targets
 
     def _check_rewarded(self, rewards: torch.Tensor) -> None:
-        """Stop, instead of training on nothing, once ``max_unrewarded_batches`` micro-batches in a row had no
-        reward at all (every function returned None for every rollout)."""
-        self._unrewarded_batches = 0 if torch.isfinite(rewards).any() else self._unrewarded_batches + 1
+        """Stop, instead of training on nothing, once ``max_unrewarded_batches`` micro-batches in a row had nothing
+        to learn from: no reward at all (every function returned None for every rollout), or, as long as the run
+        has never seen two different rewards, one reward for everything (a constant reward, or identical samples).
+        Ties after a varied reward (all right, all wrong) are ordinary and pass. Counted over all processes, so
+        every process stops at the same step."""
+        inf, finite = float("inf"), rewards[torch.isfinite(rewards)].float()
+        span = torch.tensor([[finite.min(), finite.max(), len(finite)] if len(finite) else [inf, -inf, 0]])
+        if self.accelerator.num_processes > 1:
+            span = self.accelerator.gather(span.to(self.accelerator.device)).cpu()
+        low, high, count = float(span[:, 0].min()), float(span[:, 1].max()), int(span[:, 2].sum())
+        if not hasattr(self, "_reward_span"):  # (min, max, number) of the run's rewards; a resumed run's logs count
+            logged = [e for e in self.state.log_history if "reward" in e]
+            varied = len({e["reward"] for e in logged}) > 1 or any(e.get("reward_std", 0) > 0 for e in logged)
+            self._reward_span = (-inf, inf, 2) if varied else (inf, -inf, 0)
+        seen = self._reward_span
+        self._reward_span = (min(seen[0], low), max(seen[1], high), seen[2] + count)
+        unrewarded = count == 0
+        same = not unrewarded and self._reward_span[2] > 1 and self._reward_span[0] == self._reward_span[1]
+        if same:
+            logger.warning("step %d: every completion so far got the same reward (%g): nothing to learn from yet "
+                           "(a constant reward function, or completions that are all alike?)",
+                           self.state.global_step, low)
+        self._unrewarded_batches = self._unrewarded_batches + 1 if unrewarded or same else 0
+        if self._unrewarded_batches > self.args.max_unrewarded_batches and same:
+            raise ValueError(
+                f"at step {self.state.global_step}: every completion got the same reward ({low:g}) in "
+                f"{self._unrewarded_batches} micro-batches in a row and never another one, so there is nothing to "
+                f"learn from: check that the reward functions ({', '.join(self.reward_names)}) tell completions "
+                "apart and that sampling varies (temperature > 0), or raise max_unrewarded_batches")
         if self._unrewarded_batches > self.args.max_unrewarded_batches:
             raise ValueError(
                 f"at step {self.state.global_step}: no reward function scored any completion in "
@@ -448,11 +483,17 @@ class VGFTrainer(Trainer):
                                    best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
 
     def _load_vgf_state(self, checkpoint: str) -> None:
+        from vgf_llm.checks import damaged_file
+
         folder = Path(checkpoint)
         if not (folder / CHECKPOINT_COMPLETE).is_file():
             raise ValueError(f"{folder} is incomplete (no {CHECKPOINT_COMPLETE}: it was cut off while saving); resume "
                              "from an earlier checkpoint, or with resume_from_checkpoint=true for the last complete "
                              "one")
+        damage = damaged_file(folder)
+        if damage:
+            raise ValueError(f"cannot resume from {folder}: {damage}; resume from an earlier checkpoint, or with "
+                             "resume_from_checkpoint=true for the last one that reads back")
         if self.space is not None:  # the prefix value is refitted on the saved buffer, as it was at the save
             buffer = torch.load(folder / "vgf_state.pt", weights_only=False)["value_buffer"]
             self.space.restore(buffer, seed=self.args.seed + self.state.global_step)
@@ -472,6 +513,12 @@ class VGFTrainer(Trainer):
             raise ValueError(f"the checkpoint's adapter does not fit this model: {result.unexpected_keys[:3]}")
 
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
+        from vgf_llm.checks import check_prompts_fit, prompts_of
+
+        for name, data in (("train_dataset", self.train_dataset), ("eval_dataset", self.eval_dataset)):
+            if data is not None:  # a prompt past the context would crawl through generation: refuse it now
+                check_prompts_fit(prompts_of(data), f"the {name}", self.processing_class, self.model,
+                                  self.args.max_completion_length)
         if resume_from_checkpoint:
             if resume_from_checkpoint is True:
                 resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)

@@ -35,8 +35,19 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+def yaml_message(err) -> str:
+    """A YAML syntax error of a ``--config`` file as ``file:line:column: what``, without PyYAML's quoted excerpt."""
+    mark = getattr(err, "problem_mark", None)
+    if mark is None:
+        return f"the --config file is not valid YAML: {err}"
+    return (f"{mark.name}:{mark.line + 1}:{mark.column + 1}: not valid YAML ({err.problem}); fix the --config "
+            "file there")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run ``vgf-llm argv`` (default: sys.argv[1:]); bad inputs raise SystemExit(2)."""
+    import yaml
+
     from vgf_llm.models import ModelNotAvailableError
 
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -50,8 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(COMMANDS[name][0])
     try:
         return module.run(rest) or 0
-    except (CLIError, ModelNotAvailableError, FileNotFoundError, ValueError, TypeError) as err:
+    except (CLIError, ModelNotAvailableError, FileNotFoundError, ValueError, TypeError, yaml.YAMLError) as err:
         if os.environ.get("VGF_LLM_DEBUG", "") not in ("", "0"):
             raise
-        print(f"vgf-llm {name}: error: {err}", file=sys.stderr)
+        message = yaml_message(err) if isinstance(err, yaml.YAMLError) else err
+        print(f"vgf-llm {name}: error: {message}", file=sys.stderr)
         raise SystemExit(2) from err

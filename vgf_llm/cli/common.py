@@ -3,12 +3,10 @@ strict JSON output."""
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from vgf_llm.cli import CLIError
+from vgf_llm.prompt_files import read_prompts_jsonl
 
 
 @dataclass
@@ -72,56 +70,19 @@ class PromptArguments:
                            "functions")
         return resolve_reward_funcs(names)
 
+    def check_fit(self, rows: list[dict], model, tokenizer, max_completion_length: int, split: str) -> None:
+        """Refuse a prompt longer than the model's context before any sampling (and warn when prompt plus
+        completion may go past it), naming the prompts file or task and the row."""
+        from vgf_llm.checks import check_prompts_fit
+
+        where = self.prompts or f"the {split} prompts of task {self.task}"
+        check_prompts_fit([r["prompt"] for r in rows], where, tokenizer, model, max_completion_length)
+
     def load_model(self):
         """(model in eval mode, tokenizer)."""
         from vgf_llm.models import load_model, load_tokenizer
 
         return load_model(self.model_name_or_path, device=self.device).eval(), load_tokenizer(self.model_name_or_path)
-
-
-def _check_prompt(prompt, where: str) -> None:
-    if isinstance(prompt, str):
-        if not prompt.strip():
-            raise CLIError(f"{where}: the prompt is empty")
-        return
-    if (
-        isinstance(prompt, list)
-        and prompt
-        and all(isinstance(m, dict) and isinstance(m.get("role"), str) and "content" in m for m in prompt)
-    ):
-        return
-    raise CLIError(f'{where}: "prompt" must be a non-empty string or a list of {{"role", "content"}} messages')
-
-
-def read_prompts_jsonl(path: str | os.PathLike) -> list[dict]:
-    """Rows of a prompts file; every row has a valid "prompt" and the same fields as the first row."""
-    path = Path(path)
-    if not path.is_file():
-        raise CLIError(f"prompts file not found: {path}")
-    rows, keys = [], None
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                row = json.loads(line.rstrip("\r\n"))
-            except json.JSONDecodeError as err:
-                raise CLIError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from err
-            if not isinstance(row, dict) or "prompt" not in row:
-                raise CLIError(f'{where}: expected a JSON object with a "prompt" field')
-            _check_prompt(row["prompt"], where)
-            if keys is None:
-                keys = set(row)
-            elif set(row) != keys:
-                raise CLIError(
-                    f"{where}: fields {sorted(row)} differ from the first row's {sorted(keys)} "
-                    "(every row must have the same fields, as dataset columns do)"
-                )
-            rows.append(row)
-    if not rows:
-        raise CLIError(f"prompts file has no rows: {path}")
-    return rows
 
 
 def parse(dataclasses: tuple, argv: list[str], prog: str, description: str):

@@ -49,6 +49,7 @@ def run(argv: list[str]) -> int:
         raise CLIError("fit-value needs a true reward: give --reward_funcs (or use --task)")
     rows = args.rows("train", TASK_PROMPTS)
     model, tokenizer = args.load_model()
+    args.check_fit(rows, model, tokenizer, args.max_completion_length, "train")
     torch.manual_seed(args.seed)
     vm, stats, _, _ = fit_value_model(
         model, tokenizer, funcs, rows, ridge_layers=args.ridge_layers, num_generations=args.num_generations,

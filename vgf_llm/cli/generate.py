@@ -71,6 +71,7 @@ def run(argv: list[str]) -> int:
     funcs = args.reward_functions()
     rows = args.rows(args.split, TASK_PROMPTS)
     model, tokenizer = args.load_model()
+    args.check_fit(rows, model, tokenizer, config.max_completion_length, args.split)
     torch.manual_seed(args.seed)
     sampler = VGFSampler(model, tokenizer, build_scorer(args, model, tokenizer), config)
     results = sampler.sample([r["prompt"] for r in rows], seed=args.seed)

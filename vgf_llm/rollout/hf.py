@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from vgf_llm.checks import MESSAGES_FORM, check_prompt_lengths, context_length, prompt_problem
+
 
 @dataclass
 class Rollouts:
@@ -54,7 +56,7 @@ def format_prompt(prompt, tokenizer) -> str:
         return prompt
     if isinstance(prompt, list) and all(isinstance(m, dict) and "role" in m for m in prompt):
         return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-    raise TypeError(f"a prompt must be a string or a list of {{'role', 'content'}} messages, got {type(prompt)}")
+    raise TypeError(prompt_problem(prompt) or f"a prompt must be {MESSAGES_FORM}")
 
 
 def encode_prompts(prompts: list, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,6 +123,7 @@ class HFGenerateBackend:
         """``batch_size`` prompts (each with ``num_generations`` samples) per ``generate`` call."""
         tok, model = self.tokenizer, self.model
         prompt_ids, prompt_mask = encode_prompts(prompts, tok)
+        check_prompt_lengths(prompt_mask.sum(1).tolist(), "the prompts", context_length(model))
         eos = eos_token_ids(model, tok)
         chunks = []
         starts = range(0, len(prompts), self.batch_size)
