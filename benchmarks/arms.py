@@ -1,10 +1,14 @@
-"""Shared set-up of the training arms compared by ``benchmarks/train.py`` and ``benchmarks/speed.py``.
+"""Shared set-up of the training arms compared by ``benchmarks/frontier.py`` and ``benchmarks/speed.py``.
 
-Three arms on the same base model, task, seeds, LoRA adapter and number of generated completions per optimizer step:
+The arms, on the same base model, task, seeds, LoRA adapter and number of generated completions per optimizer step:
 
-- ``vgf``: ``VGFTrainer`` (value model fitted online, transport, decode, re-score, distil);
+- ``vgf_steer_prefix``: ``VGFTrainer`` with its defaults (per-step steering along a prefix value refitted on the
+  true rewards of recent rollouts), the name the frontier's runs have always given this arm;
 - ``bon``: the same trainer with ``transport_steps=0`` (best-of-N distillation, the ablation that isolates transport);
-- ``grpo``: TRL's ``GRPOTrainer`` with the same LoRA config.
+- ``grpo`` / ``grpo_kl``: TRL's ``GRPOTrainer`` with the same LoRA config, without / with a KL penalty.
+
+A VGF arm followed by ``:<step size>`` (e.g. ``vgf_steer_prefix:0.4``) is a point of a budget sweep: the arm with
+another ``transport_step_size``.
 
 Batch semantics differ between the two libraries: VGF's ``per_device_train_batch_size`` counts prompts (each with
 ``num_generations`` completions), TRL's GRPO counts completions. ``ArmSettings`` holds prompts per step and
@@ -14,18 +18,23 @@ completions per prompt and translates.
 from __future__ import annotations
 
 import json
+import math
 import os
 import resource
+import statistics
 import sys
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-ARMS = ("vgf", "bon", "grpo")
-ARM_LABELS = {"vgf": "VGF (transport)", "bon": "VGF budget 0 (best-of-N distil)", "grpo": "TRL GRPO + LoRA"}
+# arm -> the trainer that runs it
+ARMS = {"vgf_steer_prefix": "vgf", "bon": "bon", "grpo": "grpo", "grpo_kl": "grpo"}
+ARM_LABELS = {"vgf_steer_prefix": "VGF, per-step steering, prefix value", "bon": "VGF budget 0 (best-of-N distil)",
+              "grpo": "TRL GRPO (beta 0)", "grpo_kl": "TRL GRPO (beta > 0)"}
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+PROXY_REWARD_MODEL = "smollm2-135m-helpful-rm"
 
 
 def set_threads(n: int) -> None:
@@ -64,54 +73,37 @@ class ArmSettings:
     lora_alpha: int = 32
     temperature: float = 1.0
     seed: int = 0
-    # VGF only (recipes/quickstart.yaml's values; VGFConfig's own defaults differ, so every one is passed)
-    transport_steps: int = 2
-    transport_step_size: float = 0.05
-    transport_alpha: float = 1.0
-    decoder: str = "reference_gain"
-    decoder_topk: int = 8
-    max_edits: int = 3
-    # decoder="verified" only: what the trainer used before these were VGFConfig fields (every original edited,
-    # 8 checked swaps per round), not VGFConfig's test-time defaults (verify_top=1, verify_candidates=4)
-    verify_top: int | None = None
-    verify_candidates: int = 8
-    value_num_layers: int | None = 4
-    value_epochs: int = 1
-    value_buffer_steps: int = 2
-    # TRL GRPO only
-    grpo_beta: float = 0.0
-    extra: dict = field(default_factory=dict)
+    reward_model: str = PROXY_REWARD_MODEL  # the training reward on the helpful task
+    # VGF only: VGFConfig's defaults (the frontier's run 3), passed explicitly so the results record them
+    transport_steps: int = 1
+    transport_step_size: float = 0.2
+    steer_layer: int | None = None  # None: half the model's depth
+    value_buffer_steps: int = 8
+    # TRL GRPO only: the KL coefficient of the grpo_kl arm
+    grpo_beta: float = 0.04
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
 def add_shared_arguments(p, d: ArmSettings) -> None:
-    """The options ``speed.py`` and ``train.py`` share, with ``ArmSettings``' defaults."""
-    from vgf_llm.spaces import DECODERS
-
+    """The options ``speed.py`` and ``frontier.py`` share, with ``ArmSettings``' defaults."""
     p.add_argument("--model", default=d.model)
     p.add_argument("--task", default=d.task)
     p.add_argument("--prompts", type=int, default=d.prompts, help="Prompts per optimizer step.")
     p.add_argument("--generations", type=int, default=d.generations, help="Completions per prompt.")
     p.add_argument("--max_completion_length", type=int, default=d.max_completion_length)
     p.add_argument("--lora_r", type=int, default=d.lora_r)
-    p.add_argument("--transport_steps", type=int, default=d.transport_steps)
-    p.add_argument("--transport_step_size", type=float, default=d.transport_step_size)
-    p.add_argument("--decoder", default=d.decoder, choices=DECODERS)
-    p.add_argument("--value_num_layers", type=int, default=d.value_num_layers)
-    p.add_argument("--arms", default=",".join(ARMS), help="Comma list of vgf, bon, grpo.")
+    p.add_argument("--transport_steps", type=int, default=d.transport_steps,
+                   help="VGF arms: Adam steps per generated token.")
+    p.add_argument("--transport_step_size", type=float, default=d.transport_step_size,
+                   help="VGF arms: step per generated token, in standard deviations per hidden unit.")
+    p.add_argument("--steer_layer", type=int, default=d.steer_layer,
+                   help="VGF arms: the steered layer (default: half the model's depth).")
+    p.add_argument("--grpo_beta", type=float, default=d.grpo_beta, help="The KL coefficient of the grpo_kl arm.")
+    p.add_argument("--arms", default="vgf_steer_prefix,bon,grpo",
+                   help=f"Comma list of {', '.join(ARMS)} (a VGF arm may carry ':<step size>').")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process.")
-
-
-def add_probe_arguments(p, out_dir: Path) -> None:
-    """The options the helpful-task probes (``transport_kl.py``, ``kl_ceiling.py``) share: the frontier's length,
-    model and proxy reward model, so a probe measures what the frontier trains on."""
-    p.add_argument("--max_completion_length", type=int, default=24)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--model", default=ArmSettings.model)
-    p.add_argument("--reward_model", default=PROXY_REWARD_MODEL)
-    p.add_argument("--out_dir", default=str(out_dir))
 
 
 def settings_from(a, **more) -> ArmSettings:
@@ -119,15 +111,51 @@ def settings_from(a, **more) -> ArmSettings:
     return ArmSettings(model=a.model, task=a.task, prompts=a.prompts, generations=a.generations,
                        max_completion_length=a.max_completion_length, lora_r=a.lora_r, lora_alpha=2 * a.lora_r,
                        transport_steps=a.transport_steps, transport_step_size=a.transport_step_size,
-                       decoder=a.decoder, value_num_layers=a.value_num_layers, **more)
+                       steer_layer=a.steer_layer, grpo_beta=a.grpo_beta, **more)
+
+
+def split_arm(arm: str) -> tuple[str, float | None]:
+    """``'vgf_steer_prefix:0.1'`` -> ``('vgf_steer_prefix', 0.1)``: a point of a budget sweep is its arm with another
+    ``transport_step_size``."""
+    name, _, step = arm.partition(":")
+    return name, (float(step) if step else None)
+
+
+def kind(arm: str) -> str:
+    """The trainer that runs ``arm``: ``vgf``, ``bon`` or ``grpo``."""
+    return ARMS[split_arm(arm)[0]]
+
+
+def arm_label(arm: str) -> str:
+    name, step = split_arm(arm)
+    return ARM_LABELS[name] + ("" if step is None else f", step {step:g}")
 
 
 def chosen_arms(p, text: str) -> list[str]:
+    """The arms of ``--arms``, checked before any training (``p.error`` names what is wrong)."""
     chosen = [x.strip() for x in text.split(",") if x.strip()]
-    unknown = set(chosen) - set(ARMS)
+    try:
+        parsed = [split_arm(arm) for arm in chosen]
+    except ValueError as err:
+        p.error(f"--arms: an arm's budget is a number after ':' (e.g. vgf_steer_prefix:0.1): {err}")
+    unknown = sorted({arm for arm, (name, _) in zip(chosen, parsed, strict=True) if name not in ARMS})
     if unknown:
-        p.error(f"unknown arms {sorted(unknown)}; choose from {ARMS}")
+        p.error(f"unknown arms {unknown}; choose from {list(ARMS)} (a VGF arm may carry ':<step size>')")
+    if any(step is not None and (ARMS[name] != "vgf" or step <= 0) for name, step in parsed):
+        p.error(f"--arms: only VGF arms take a budget, and it must be > 0: {chosen}")
     return chosen
+
+
+def mean(values) -> float:
+    """Mean of the finite values (NaN if none)."""
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    return statistics.fmean(values) if values else float("nan")
+
+
+def std(values) -> float:
+    """Sample standard deviation of the finite values (0 for fewer than two)."""
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    return statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def use_cpu() -> bool:
@@ -159,55 +187,59 @@ def base_model(s: ArmSettings):
     return model, load_tokenizer(s.model)
 
 
-PROXY_REWARD_MODEL = "smollm2-135m-helpful-rm"
-
-
 def training_reward(s: ArmSettings):
     """The reward every arm trains on: the proxy reward model on the ``helpful`` task (its gold reward is kept for
     evaluation), the task's checker otherwise."""
     from vgf_llm.rewards import RewardModelReward, reasoning_gym_reward
 
     if s.task == "helpful":
-        return RewardModelReward(s.extra.get("reward_model_path", PROXY_REWARD_MODEL))
+        return RewardModelReward(s.reward_model)
     return reasoning_gym_reward
 
 
-def vgf_trainer(s: ArmSettings, arm: str, output_dir: str, dataset=None, steps: int | None = None, callbacks=None):
-    """``arm`` is ``vgf`` (transport) or ``bon`` (transport_steps=0)."""
-    from vgf_llm import VGFConfig, VGFTrainer
+def vgf_config(s: ArmSettings, arm: str, output_dir: str):
+    """The ``VGFConfig`` of a VGF arm: ``bon`` is ``transport_steps=0``, ``<arm>:<step>`` another step size."""
+    from vgf_llm import VGFConfig
 
-    model, tok = base_model(s)
-    args = VGFConfig(
-        output_dir=output_dir, max_steps=steps or s.steps, per_device_train_batch_size=s.prompts,
+    step = split_arm(arm)[1]
+    return VGFConfig(
+        output_dir=output_dir, max_steps=s.steps, per_device_train_batch_size=s.prompts,
         num_generations=s.generations, generation_batch_size=s.prompts * s.generations,
         max_completion_length=s.max_completion_length,
         temperature=s.temperature, learning_rate=s.learning_rate, lr_scheduler_type="constant",
-        transport_steps=s.transport_steps if arm == "vgf" else 0, transport_step_size=s.transport_step_size,
-        transport_alpha=s.transport_alpha, decoder=s.decoder, decoder_topk=s.decoder_topk, max_edits=s.max_edits,
-        verify_top=s.verify_top, verify_candidates=s.verify_candidates,
-        value_num_layers=s.value_num_layers, value_epochs=s.value_epochs,
+        transport_steps=0 if kind(arm) == "bon" else s.transport_steps,
+        transport_step_size=s.transport_step_size if step is None else step, steer_layer=s.steer_layer,
         value_buffer_steps=s.value_buffer_steps,
-        logging_steps=1, save_strategy="no", report_to="none", use_cpu=use_cpu(), seed=s.seed,
-        disable_tqdm=True, **s.extra)
-    return VGFTrainer(model, training_reward(s), args=args, train_dataset=dataset or train_dataset(s),
-                      processing_class=tok, peft_config=lora_config(s), callbacks=callbacks)
+        logging_steps=1, save_strategy="no", report_to="none", use_cpu=use_cpu(), seed=s.seed, disable_tqdm=True)
 
 
-def grpo_trainer(s: ArmSettings, output_dir: str, dataset=None, steps: int | None = None, callbacks=None):
-    """TRL's GRPO with the same LoRA, prompts and completions per step. TRL's GRPOConfig defaults bf16 and gradient
-    checkpointing on; both are turned off here, as in the VGF arms (float32, no checkpointing)."""
-    from trl import GRPOConfig, GRPOTrainer
+def grpo_config(s: ArmSettings, arm: str, output_dir: str):
+    """TRL's GRPO with the same LoRA, prompts and completions per step (``grpo_kl``: ``beta=s.grpo_beta``). TRL's
+    GRPOConfig defaults bf16 and gradient checkpointing on; both are turned off here, as in the VGF arms (float32,
+    no checkpointing)."""
+    from trl import GRPOConfig
 
-    model, tok = base_model(s)
-    args = GRPOConfig(
-        output_dir=output_dir, max_steps=steps or s.steps, per_device_train_batch_size=s.prompts * s.generations,
+    return GRPOConfig(
+        output_dir=output_dir, max_steps=s.steps, per_device_train_batch_size=s.prompts * s.generations,
         num_generations=s.generations, gradient_accumulation_steps=1, max_completion_length=s.max_completion_length,
-        temperature=s.temperature, learning_rate=s.learning_rate, lr_scheduler_type="constant", beta=s.grpo_beta,
-        bf16=False, gradient_checkpointing=False, logging_steps=1, save_strategy="no", report_to="none",
-        use_cpu=use_cpu(), seed=s.seed, disable_tqdm=True)
-    return GRPOTrainer(model=model, reward_funcs=training_reward(s), args=args,
-                       train_dataset=dataset or train_dataset(s), processing_class=tok, peft_config=lora_config(s),
-                       callbacks=callbacks)
+        temperature=s.temperature, learning_rate=s.learning_rate, lr_scheduler_type="constant",
+        beta=s.grpo_beta if arm == "grpo_kl" else 0.0, bf16=False, gradient_checkpointing=False, logging_steps=1,
+        save_strategy="no", report_to="none", use_cpu=use_cpu(), seed=s.seed, disable_tqdm=True)
+
+
+def trainer(s: ArmSettings, arm: str, output_dir: str, callbacks=None):
+    """The trainer of ``arm`` (``VGFTrainer`` or TRL's ``GRPOTrainer``): ``s.steps`` steps, one epoch of prompts."""
+    model, tok = base_model(s)
+    common = dict(train_dataset=train_dataset(s), processing_class=tok, peft_config=lora_config(s),
+                  callbacks=callbacks)
+    if kind(arm) == "grpo":
+        from trl import GRPOTrainer
+
+        return GRPOTrainer(model=model, reward_funcs=training_reward(s), args=grpo_config(s, arm, output_dir),
+                           **common)
+    from vgf_llm import VGFTrainer
+
+    return VGFTrainer(model, training_reward(s), args=vgf_config(s, arm, output_dir), **common)
 
 
 class MethodTimer:

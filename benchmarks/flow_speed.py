@@ -2,8 +2,9 @@
 
 The scorer is excluded: ``grad_fn`` returns a fixed, precomputed gradient, so the time is the transport core
 alone. The naive reference does the same maths with Python loops over groups and particle pairs; the benchmark
-checks both give the same particles before timing. For scale, DESIGN.md reports one *scorer* step (SmolLM2-135M
-forward + backward, 8 particles x 20 tokens) at ~0.5 s on 2 CPU cores; the last column compares against that.
+checks both give the same particles before timing. For scale, one *scorer* step (SmolLM2-135M forward + backward,
+8 particles x 20 tokens) took ~0.5 s on 2 CPU cores when the transport was designed; the last column compares
+against that.
 
     python benchmarks/flow_speed.py            # full table, writes benchmarks/results/flow_speed.json + docs
     python benchmarks/flow_speed.py --quick    # tiny smoke run, writes nothing
@@ -27,7 +28,7 @@ from vgf_llm.flow import transport
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADING = "## Transport core speed (benchmarks/flow_speed.py)"
-SCORER_STEP_MS = 500.0  # DESIGN.md: one SmolLM2 transport step (8 x 20 tokens, 16 layers) on 2 cores
+SCORER_STEP_MS = 500.0  # one SmolLM2 scorer step (8 x 20 tokens, 16 layers) on 2 cores, measured at design time
 STEP_SIZE, ALPHA = 0.1, 1.0
 
 
@@ -102,7 +103,7 @@ def markdown(rows: list[dict], command: str) -> str:
         "One transport step (pairwise kernel, median bandwidth, SVGD direction with repulsion, update, trace) with "
         "the scorer excluded (fixed gradient). Naive = Python loops over groups and particle pairs, same maths "
         f"(checked equal). Median of repeats. Last column: vectorised time as a share of one ~{SCORER_STEP_MS:.0f} ms "
-        "SmolLM2 scorer step (DESIGN.md, 8 particles x 20 tokens, 2 cores), whose cost grows with tokens. "
+        "SmolLM2 scorer step (8 particles x 20 tokens, 2 cores), whose cost grows with tokens. "
         "The loop does N^2 vector operations, the vectorised step a fixed number of passes over the particles plus "
         "three N x N x (T*d) matmuls, so the ratio grows with N.",
         "",

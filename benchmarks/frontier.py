@@ -5,22 +5,23 @@ Tasks:
 
 - ``helpful`` (default): the offline gold/proxy reward-model task (Gao et al. 2022's protocol). Every arm trains on
   the proxy reward model ``smollm2-135m-helpful-rm`` (build it once: ``vgf-llm models prepare
-  smollm2-135m-helpful-rm``); VGF also takes its gradient (``scorer: reward_model``). Held-out prompts are scored
-  by the *gold* reward (``vgf_llm.rewards.gold_helpful``), which no arm ever sees, and by the proxy;
+  smollm2-135m-helpful-rm``). Held-out prompts are scored by the *gold* reward (``vgf_llm.rewards.gold_helpful``),
+  which no arm ever sees, and by the proxy;
 - ``chain_sum`` / ``basic_arithmetic``: reasoning-gym's checker is both the training and the evaluation reward.
 
-Every arm starts from the same base, trains on the same prompts with the same seed, LoRA and number of generated
-completions per step (see ``arms.py``), and saves its adapter at each ``--checkpoints`` step. Each checkpoint is
-scored on ``--eval_prompts`` held-out prompts: the gold reward (accuracy) of ``--samples`` temperature-1 samples
-of the policy and of its greedy answer, and the exact sequence-level KL(policy || base) along those samples
-(``train.kl_to_base``). The base's own test-time best-of-N (selected by the training reward, analytic KL
+Every arm (``arms.py``: ``vgf_steer_prefix``, ``bon``, ``grpo``, ``grpo_kl``, and budget-sweep points such as
+``vgf_steer_prefix:0.4``) starts from the same base, trains on the same prompts with the same seed, LoRA and number
+of generated completions per step, and saves its adapter at each ``--checkpoints`` step. Each checkpoint is scored
+on ``--eval_prompts`` held-out prompts: the gold reward (accuracy) of ``--samples`` temperature-1 samples of the
+policy and of its greedy answer, and the exact sequence-level KL(policy || base) along those samples
+(``kl_to_base``). The base's own test-time best-of-N (selected by the training reward, analytic KL
 ``log N - (N-1)/N``) is scored on the same prompts as reference points.
 
 Writes ``<out_dir>/<name>.json`` (after every run, so an interrupted run keeps what finished), ``<name>.md`` and
 ``<name>.png`` (gold reward vs KL: one curve per arm through its checkpoints, mean over seeds, bars = seed std).
 
     python benchmarks/frontier.py                                   # helpful task, 3 seeds (hours on 2 CPU cores)
-    python benchmarks/frontier.py --task chain_sum --seeds 0,1,2
+    python benchmarks/frontier.py --task basic_arithmetic --seeds 0,1,2
     python benchmarks/frontier.py --tiny --model PATH --reward_model PATH   # smoke run on tiny models
 """
 
@@ -39,68 +40,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import arms  # noqa: E402
-import train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
-
-# arm -> trainer kind; vgf_pairs adds the minimal-pair loss (--edit_pair_weight), vgf_tilted moves particles towards
-# the KL-regularised target (transport_target='tilted'), vgf_steer moves steering vectors the model decodes itself
-# (decoder='steer', --steer_step_size), vgf_steer_ridge does so with the online ridge value model cut at 16 blocks
-# (value_fit='ridge', the test-time setting of run 6), vgf_steer_prefix moves the hidden state at every generated
-# token along a prefix value refitted on the buffer's true rewards (decoder='steer_prefix', --prefix_layer,
-# --prefix_step_size), an arm ending in _baseline subtracts the group's sampled responses' mean cross-entropy from
-# the distillation loss (distill_baseline), vgf_steer_prefix_distribution distils the steered next-token
-# distributions instead of the sampled tokens (distill_target='distribution'), vgf_tilt_prefix tilts the top-k
-# next-token logits at every token by eta x their prefix value (decoder='tilt_prefix', eta = --tilt_eta; with
-# _distribution: the tilted distributions distilled), vgf_tilt_reward tilts them by the proxy reward model's score of
-# each candidate continuation (decoder='tilt_reward', eta = --tilt_reward_eta), an arm ending in _policy draws its
-# samples from the policy being trained (particle_source='policy', on-policy as GRPO's rollouts), grpo_kl is GRPO
-# with a KL penalty (--grpo_beta). A VGF arm followed by
-# ':<step size>' (e.g. vgf_steer_prefix:0.1) is a point of a budget sweep: the arm with another transport_step_size.
-ARMS = {"vgf": "vgf", "vgf_pairs": "vgf", "vgf_tilted": "vgf", "vgf_tilted_baseline": "vgf", "vgf_steer": "vgf",
-        "vgf_steer_ridge": "vgf", "vgf_steer_prefix": "vgf", "vgf_steer_prefix_baseline": "vgf",
-        "vgf_steer_prefix_distribution": "vgf", "vgf_tilt_prefix": "vgf", "vgf_tilt_prefix_distribution": "vgf",
-        "vgf_tilt_reward": "vgf", "vgf_tilt_reward_distribution": "vgf", "bon": "bon",
-        "bon_baseline": "bon", "bon_policy": "bon", "vgf_steer_prefix_policy": "vgf", "grpo": "grpo",
-        "grpo_kl": "grpo"}
-LABELS = {"vgf": "VGF (transport)", "vgf_pairs": "VGF + edit pairs", "vgf_tilted": "VGF, tilted target",
-          "vgf_steer": "VGF, steering vectors", "vgf_steer_ridge": "VGF, steering vectors, ridge value",
-          "vgf_steer_prefix": "VGF, per-step steering, prefix value",
-          "vgf_tilted_baseline": "VGF, tilted target, sample baseline",
-          "vgf_steer_prefix_baseline": "VGF, per-step steering, prefix value, sample baseline",
-          "vgf_steer_prefix_distribution": "VGF, per-step steering, distributions distilled",
-          "vgf_tilt_prefix": "VGF, per-token logit tilt, prefix value",
-          "vgf_tilt_prefix_distribution": "VGF, per-token logit tilt, distributions distilled",
-          "vgf_tilt_reward": "VGF, per-token logit tilt, reward model",
-          "vgf_tilt_reward_distribution": "VGF, per-token logit tilt, reward model, distributions distilled",
-          "bon_baseline": "best-of-N distil, sample baseline",
-          "bon_policy": "best-of-N distil, on-policy samples",
-          "vgf_steer_prefix_policy": "VGF, per-step steering, on-policy particles",
-          "bon": "VGF budget 0 (best-of-N distil)", "grpo": "TRL GRPO (beta 0)", "grpo_kl": "TRL GRPO (beta > 0)"}
-COLORS = {"vgf": "tab:blue", "vgf_pairs": "tab:purple", "vgf_tilted": "tab:cyan", "vgf_steer": "tab:red",
-          "vgf_steer_ridge": "tab:brown", "vgf_steer_prefix": "tab:pink", "bon": "tab:orange", "grpo": "tab:green",
-          "grpo_kl": "tab:olive", "vgf_tilted_baseline": "navy", "vgf_steer_prefix_baseline": "purple",
-          "bon_baseline": "tab:gray", "vgf_steer_prefix_distribution": "black",
-          "vgf_tilt_prefix": "gold", "vgf_tilt_prefix_distribution": "darkgoldenrod",
-          "vgf_tilt_reward": "crimson", "vgf_tilt_reward_distribution": "darkred", "bon_policy": "sienna",
-          "vgf_steer_prefix_policy": "magenta"}
-
-
-def split_arm(arm: str) -> tuple[str, float | None]:
-    """``'vgf_steer_prefix:0.1'`` -> ``('vgf_steer_prefix', 0.1)``: a point of a budget sweep is its arm with another
-    ``transport_step_size`` (per generated token for steer_prefix, per Adam step for the other VGF arms)."""
-    name, _, step = arm.partition(":")
-    return name, (float(step) if step else None)
-
-
-def arm_label(arm: str) -> str:
-    name, step = split_arm(arm)
-    return LABELS[name] + ("" if step is None else f", step {step:g}")
+COLORS = {"vgf_steer_prefix": "tab:pink", "bon": "tab:orange", "grpo": "tab:green", "grpo_kl": "tab:olive"}
 
 
 def arm_style(arm: str) -> dict:
     """Plot style: the arm's colour; the points of a budget sweep dashed, with square markers."""
-    name, step = split_arm(arm)
+    name, step = arms.split_arm(arm)
     return {"color": COLORS[name], "marker": "o"} | ({} if step is None else {"marker": "s", "ls": "--"})
 
 
@@ -113,46 +60,6 @@ def eval_rewards(s: arms.ArmSettings) -> dict:
     return {"gold": [reasoning_gym_reward]}
 
 
-def arm_settings(s: arms.ArmSettings, arm: str, grpo_beta: float, pairs: dict,
-                 steer_step_size: float = 0.2, prefix: tuple[int, float] = (15, 0.05),
-                 tilt_eta: tuple[float, float] = (0.3, 1.0)) -> arms.ArmSettings:
-    """The shared settings with what ``arm`` changes (``pairs``: the vgf_pairs arm's ``edit_pair_*`` fields). Every
-    VGF arm names its pair loss and transport target, so a change of VGFConfig's defaults changes no arm."""
-    arm, step = split_arm(arm)
-    if arm in ("grpo", "grpo_kl"):
-        return replace(s, grpo_beta=grpo_beta if arm == "grpo_kl" else 0.0)
-    suffix = ({"distill_baseline": True} if arm.endswith("_baseline")
-              else {"particle_source": "policy"} if arm.endswith("_policy")  # samples from the policy, as GRPO's
-              else {})
-    if ARMS[arm] == "bon":
-        return replace(s, extra=s.extra | suffix)
-    vgf = {"edit_pair_weight": 0.0, "transport_target": "reward"} | suffix
-    vgf |= pairs if arm == "vgf_pairs" else {"transport_target": "tilted"} if arm.startswith("vgf_tilted") else {}
-    if arm in ("vgf_steer", "vgf_steer_ridge"):  # the budget lives in hidden-state space: Adam steps x step size
-        # per coordinate; the gradient comes from the online value model, which reads the policy's own hidden states
-        # (a separate reward model cannot), so the reward model stays the training reward only
-        vgf |= {"scorer": "value"}
-        s = replace(s, decoder="steer", transport_step_size=steer_step_size)
-        if arm == "vgf_steer_ridge":  # a ridge head is cheap to refit, so it gets a longer buffer
-            s = replace(s, value_num_layers=16, value_buffer_steps=8)
-            vgf |= {"value_fit": "ridge"}
-    if arm.startswith(("vgf_steer_prefix", "vgf_tilt_prefix")):  # the prefix value: the space's own ridge head on
-        # layer prefix[0], refitted each step on 8 steps of rollouts with their true rewards
-        s = replace(s, transport_steps=1, value_buffer_steps=8)
-        vgf |= {"steer_layer": prefix[0]}
-    if arm.startswith("vgf_steer_prefix"):  # Adam step per token, in standard deviations per unit
-        s = replace(s, decoder="steer_prefix", transport_step_size=prefix[1])
-    if arm.startswith("vgf_tilt_prefix"):  # eta in nats per unit of prefix value, over the top 8 tokens
-        s = replace(s, decoder="tilt_prefix", transport_step_size=tilt_eta[0], decoder_topk=8)
-    if arm.startswith("vgf_tilt_reward"):  # eta in nats per unit of the proxy's score, over the top 8 tokens
-        s = replace(s, decoder="tilt_reward", transport_steps=1, transport_step_size=tilt_eta[1], decoder_topk=8)
-    if arm.endswith("_distribution"):
-        vgf |= {"distill_target": "distribution"}
-    if step is not None:
-        s = replace(s, transport_step_size=step)
-    return replace(s, extra=s.extra | vgf)
-
-
 def track_transport_gold(trainer, gold_funcs) -> list[dict]:
     """Scores every micro-batch's particles before and after transport with the gold reward (never trained on), so
     the table can say whether the transport's edits, checked by the proxy, also raise the gold reward. Returns the
@@ -160,7 +67,7 @@ def track_transport_gold(trainer, gold_funcs) -> list[dict]:
     from vgf_llm.rewards import reward_texts
 
     steps: list[dict] = []
-    original = trainer._step_targets
+    original = trainer.step_targets
 
     def step_targets(rows):
         out = original(rows)
@@ -172,7 +79,7 @@ def track_transport_gold(trainer, gold_funcs) -> list[dict]:
         steps.append({"gold_before": float(before.nanmean()), "gold_after": float(after.nanmean())})
         return out
 
-    trainer._step_targets = step_targets
+    trainer.step_targets = step_targets
     return steps
 
 
@@ -190,12 +97,9 @@ def train_with_checkpoints(s: arms.ArmSettings, arm: str, folder: str, checkpoin
 
     with tempfile.TemporaryDirectory() as out:
         start = time.perf_counter()
-        steps = max(checkpoints)
-        kind = ARMS[split_arm(arm)[0]]
-        trainer = (arms.grpo_trainer(s, out, steps=steps, callbacks=[SaveAt()]) if kind == "grpo"
-                   else arms.vgf_trainer(s, kind, out, steps=steps, callbacks=[SaveAt()]))
-        gold = eval_rewards(s)["gold"]
-        transport_gold = track_transport_gold(trainer, gold) if kind == "vgf" and s.task == "helpful" else []
+        trainer = arms.trainer(s, arm, out, callbacks=[SaveAt()])
+        vgf = arms.kind(arm) == "vgf"
+        transport_gold = track_transport_gold(trainer, eval_rewards(s)["gold"]) if vgf and s.task == "helpful" else []
         built = time.perf_counter()
         trainer.train()
         trained = time.perf_counter()
@@ -205,15 +109,66 @@ def train_with_checkpoints(s: arms.ArmSettings, arm: str, folder: str, checkpoin
     return {"arm": arm, "seed": s.seed, "train_seconds": trained - built, "wall_seconds": trained - start,
             "seconds_per_step": (trained - built) / max(1, len(logs)), "steps": len(logs),
             "completions_generated": len(logs) * s.prompts * s.generations,
-            "train_reward_mean": train._mean(h["reward"] for h in logs),
-            "transport_reward_before": train._mean(before) if before else None,
-            "transport_reward_after": train._mean(after) if after else None,
+            "train_reward_mean": arms.mean(h["reward"] for h in logs),
+            "transport_reward_before": arms.mean(before) if before else None,
+            "transport_reward_after": arms.mean(after) if after else None,
             "transport_raised_steps": sum(a > b for a, b in zip(after, before, strict=True)) if before else None,
-            "transport_gold_before": train._mean(t["gold_before"] for t in transport_gold) if transport_gold else None,
-            "transport_gold_after": train._mean(t["gold_after"] for t in transport_gold) if transport_gold else None,
+            "transport_gold_before": arms.mean(t["gold_before"] for t in transport_gold) if transport_gold else None,
+            "transport_gold_after": arms.mean(t["gold_after"] for t in transport_gold) if transport_gold else None,
             "transport_gold_raised_steps": sum(t["gold_after"] > t["gold_before"] for t in transport_gold)
             if transport_gold else None,
             "log_history": trainer.state.log_history}
+
+
+def kl_to_base(model, tok, rows, adapter: str | None, samples: int, max_new_tokens: int, seed: int,
+               reward_sets: dict, batch_size: int = 8) -> dict:
+    """Sampled completions of the policy (adapter ``adapter``) on ``rows``; their rewards under every set of
+    ``reward_sets`` (``{name: reward_funcs}``, reported as ``sampled_<name>``) and the exact per-position
+    KL(policy || base) along them."""
+    import torch
+
+    from vgf_llm.adapters import active_adapter
+    from vgf_llm.rewards import reward_texts
+    from vgf_llm.rollout.hf import HFGenerateBackend
+
+    backend = HFGenerateBackend(model, tok, max_new_tokens=max_new_tokens, temperature=1.0, batch_size=batch_size)
+    model.eval()
+    kl_tokens, kl_sums, token_counts = [], [], []
+    rewards: dict[str, list[float]] = {name: [] for name in reward_sets}
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        prompts = [r["prompt"] for r in chunk]
+        with torch.no_grad(), active_adapter(model, adapter):
+            ro = backend.generate(prompts, samples, seed=seed + start)
+        n = ro.shape[1]
+        p_ids, p_mask, c_ids, c_mask = ro.flat()
+        input_ids = torch.cat([p_ids, c_ids], 1)
+        mask = torch.cat([p_mask, c_mask], 1)
+        positions = (mask.long().cumsum(-1) - 1).clamp_min(0)
+        p = ro.prompt_ids.shape[1]
+        dev = model.device
+        kwargs = {"input_ids": input_ids.to(dev), "attention_mask": mask.to(dev), "position_ids": positions.to(dev)}
+        with torch.no_grad():
+            with active_adapter(model, adapter):
+                lp = torch.log_softmax(model(**kwargs).logits[:, p - 1:-1].float(), -1)
+            with active_adapter(model, None):
+                lb = torch.log_softmax(model(**kwargs).logits[:, p - 1:-1].float(), -1)
+        per_pos = (lp.exp() * (lp - lb)).sum(-1).cpu()  # [B, T] exact KL of the next-token distributions
+        cmask = c_mask.float()
+        per_seq = (per_pos * cmask).sum(-1)
+        kl_sums += per_seq.tolist()
+        token_counts += cmask.sum(-1).tolist()
+        kl_tokens.append(float((per_pos * cmask).sum()))
+        flat_rows = [r for r in chunk for _ in range(n)]
+        texts = [x for group in ro.texts for x in group]
+        for name, funcs in reward_sets.items():
+            rewards[name] += reward_texts(funcs, None, flat_rows, texts).tolist()
+    out = {"kl_per_token": sum(kl_tokens) / max(1.0, sum(token_counts)), "kl_per_sequence": arms.mean(kl_sums),
+           "kl_per_sequence_sem": arms.std(kl_sums) / math.sqrt(max(1, len(kl_sums))),
+           "sampled_n": len(kl_sums), "mean_sampled_length": arms.mean(token_counts)}
+    for name, values in rewards.items():
+        out[f"sampled_{name}"] = arms.mean(values)
+    return out
 
 
 def score_checkpoints(s: arms.ArmSettings, adapters: dict[str, str], eval_prompts: int, samples: int,
@@ -242,8 +197,8 @@ def score_checkpoints(s: arms.ArmSettings, adapters: dict[str, str], eval_prompt
             model.load_adapter(folder, adapter_name=name)
         gold, texts = policy_rewards(model, tok, rows, sets["gold"], adapter=name,
                                      max_new_tokens=s.max_completion_length, batch_size=16, progress=False)
-        res = {"greedy_gold": train._mean(gold), "examples": texts[:3]}
-        res.update(train.kl_to_base(model, tok, rows, name, samples, s.max_completion_length, 7, sets,
+        res = {"greedy_gold": arms.mean(gold), "examples": texts[:3]}
+        res.update(kl_to_base(model, tok, rows, name, samples, s.max_completion_length, 7, sets,
                                     batch_size=16))
         res["eval_seconds"] = time.perf_counter() - start
         out["scores"][key] = res
@@ -289,7 +244,7 @@ def summarise(results: dict) -> dict:
             for key in ("sampled_gold", "greedy_gold", "sampled_proxy", "kl_per_sequence", "kl_per_token"):
                 values = [sc.get(key) for sc in scores if sc.get(key) is not None]
                 if values:
-                    row[key], row[key + "_std"] = train._mean(values), train._std(values)
+                    row[key], row[key + "_std"] = arms.mean(values), arms.std(values)
             summary[arm][step] = row
     return summary
 
@@ -317,7 +272,7 @@ def matched_kl(results: dict, levels: list[float]) -> dict:
             values = [v for r in runs if (v := gold_at_kl([(0.0, base)] + [
                 (sc["kl_per_sequence"], sc["sampled_gold"]) for sc in r.get("checkpoints", {}).values()], kl))
                 is not None]
-            out[arm][kl] = (train._mean(values), train._std(values), len(values)) if values else None
+            out[arm][kl] = (arms.mean(values), arms.std(values), len(values)) if values else None
     bon = results.get("best_of_n", {})
     if bon:
         curve = [(0.0, base)] + [(b["kl_per_sequence"], b["gold"]) for b in bon.values()]
@@ -335,7 +290,7 @@ def matched_markdown(results: dict) -> str:
              "its checkpoints) interpolated linearly at the level, mean ± std over the seeds that reach it "
              "(n = seeds; '-': not reached, no extrapolation).", "", head, "|" + "---|" * (len(levels) + 1)]
     for arm, row in table.items():
-        label = "base best-of-N (test time)" if arm == "best_of_n" else arm_label(arm)
+        label = "base best-of-N (test time)" if arm == "best_of_n" else arms.arm_label(arm)
         cells = ["-" if v is None else (f"{v[0]:.3f}" if arm == "best_of_n" else f"{v[0]:.3f} ± {v[1]:.3f} (n={v[2]})")
                  for v in row.values()]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
@@ -368,20 +323,20 @@ def markdown(results: dict) -> str:
         after = [r["transport_reward_after"] for r in runs if r.get("transport_reward_after") is not None]
         raised = sum(r["transport_raised_steps"] for r in runs if r.get("transport_raised_steps") is not None)
         total = sum(r["steps"] for r in runs if r.get("transport_raised_steps") is not None)
-        transport = f"{train._mean(before):.3f} -> {train._mean(after):.3f} ({raised}/{total})" if before else "-"
+        transport = f"{arms.mean(before):.3f} -> {arms.mean(after):.3f} ({raised}/{total})" if before else "-"
         gold_before = [r["transport_gold_before"] for r in runs if r.get("transport_gold_before") is not None]
         if gold_before:
             gold_after = [r["transport_gold_after"] for r in runs if r.get("transport_gold_after") is not None]
             gold_raised = sum(r["transport_gold_raised_steps"] for r in runs
                               if r.get("transport_gold_raised_steps") is not None)
-            transport += (f"; gold {train._mean(gold_before):.3f} -> {train._mean(gold_after):.3f} "
+            transport += (f"; gold {arms.mean(gold_before):.3f} -> {arms.mean(gold_after):.3f} "
                           f"({gold_raised}/{total})")
         for step, row in steps.items():
             def cell(key, fmt=".3f", row=row):
                 return (f"{row[key]:{fmt}} ± {row[key + '_std']:{fmt}}" if key in row else "-")
 
             proxy_cell = f"{cell('sampled_proxy')} | " if proxy else ""
-            lines.append(f"| {arm_label(arm)} | {step} | {row['seeds']} | {cell('sampled_gold')} | "
+            lines.append(f"| {arms.arm_label(arm)} | {step} | {row['seeds']} | {cell('sampled_gold')} | "
                          f"{cell('greedy_gold')} | {proxy_cell}{cell('kl_per_sequence')} | "
                          f"{transport if step == max(steps) else ''} |")
     return "\n".join(lines) + matched_markdown(results)
@@ -406,7 +361,7 @@ def plot(results: dict, path: Path) -> None:
             (r["kl_per_sequence"], r["sampled_gold"], r.get("kl_per_sequence_std", 0.0), r.get("sampled_gold_std", 0.0))
             for r in steps.values() if "sampled_gold" in r]
         xs, ys, xe, ye = zip(*pts, strict=True)
-        ax.errorbar(xs, ys, xerr=xe, yerr=ye, ms=5, capsize=3, label=arm_label(arm), **arm_style(arm))
+        ax.errorbar(xs, ys, xerr=xe, yerr=ye, ms=5, capsize=3, label=arms.arm_label(arm), **arm_style(arm))
     ax.set_xlabel("KL(policy || base) per sequence, held-out samples")
     ax.set_ylabel("gold reward of samples (T=1)" if results["settings"]["task"] == "helpful" else
                   "accuracy of samples (T=1)")
@@ -439,12 +394,9 @@ def resume_from(results: dict, path: Path, best_of: list[int], error) -> float:
         error(f"--resume: no earlier run at {path}")
     prev = json.loads(path.read_text())
     now = json.loads(json.dumps(json_safe(results), default=str))
-    for key in ("settings", "checkpoints", "eval_prompts", "samples", "grpo_beta", "edit_pairs"):
+    for key in ("settings", "checkpoints", "eval_prompts", "samples"):
         if prev.get(key) != now[key]:
             error(f"--resume: {path} was run with other {key} ({prev.get(key)} vs {now[key]}); use another --name")
-    for key in ("steer_step_size", "prefix"):  # absent from runs before those arms
-        if prev.get(key, now[key]) != now[key]:
-            error(f"--resume: {path} was run with another {key} ({prev[key]} vs {now[key]})")
     if sorted(prev.get("best_of_n", {}), key=int) != [str(n) for n in sorted(best_of)]:
         error(f"--resume: {path} scored the base's best-of-{sorted(prev.get('best_of_n', {}))}, not {best_of}")
     results["base"], results["best_of_n"] = prev["base"], prev["best_of_n"]
@@ -460,28 +412,12 @@ def resume_from(results: dict, path: Path, best_of: list[int], error) -> float:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    d = arms.ArmSettings(task="helpful", decoder="verified", transport_steps=3, max_edits=5, verify_top=1,
-                         verify_candidates=4, max_completion_length=40, generations=8)
+    d = arms.ArmSettings(task="helpful", max_completion_length=40, generations=8)
     arms.add_shared_arguments(p, d)
-    p.set_defaults(arms="vgf,bon,grpo")
     p.add_argument("--checkpoints", default="4,8", help="Comma list of optimizer steps to save and score.")
     p.add_argument("--learning_rate", type=float, default=d.learning_rate)
-    p.add_argument("--grpo_beta", type=float, default=0.04, help="The KL coefficient of the grpo_kl arm.")
-    p.add_argument("--edit_pair_weight", type=float, default=1.0, help="The vgf_pairs arm's edit_pair_weight.")
-    p.add_argument("--edit_pair_beta", type=float, default=0.5, help="The vgf_pairs arm's edit_pair_beta.")
-    p.add_argument("--steer_step_size", type=float, default=0.2,
-                   help="The vgf_steer arm's transport_step_size (hidden-state units; test_time.py run 6's 0.2).")
-    p.add_argument("--prefix_layer", type=int, default=15, help="The vgf_steer_prefix arm's steer_layer.")
-    p.add_argument("--prefix_step_size", type=float, default=0.05,
-                   help="The vgf_steer_prefix arm's step per generated token (standard deviations per unit).")
-    p.add_argument("--tilt_eta", type=float, default=0.3,
-                   help="The vgf_tilt_prefix arms' budget: nats of logit per unit of prefix value, at every token.")
-    p.add_argument("--tilt_reward_eta", type=float, default=1.0,
-                   help="The vgf_tilt_reward arms' budget: nats of logit per unit of the proxy's score, per token.")
     p.add_argument("--matched_kl", default="0.5,1.0", help="KL levels (per sequence) of the matched-KL table.")
     p.add_argument("--reward_model", default=arms.PROXY_REWARD_MODEL, help="Proxy reward model (helpful task).")
-    p.add_argument("--scorer", default=None, choices=["value", "reward_model"],
-                   help="VGF's gradient source (default: reward_model on helpful, value otherwise).")
     p.add_argument("--eval_prompts", type=int, default=128)
     p.add_argument("--samples", type=int, default=1, help="Temperature-1 samples per held-out prompt.")
     p.add_argument("--best_of", default="2,4,8", help="Test-time best-of-N of the base, N list ('' = none).")
@@ -497,8 +433,7 @@ def main(argv=None) -> dict:
     a = p.parse_args(argv)
     if a.tiny:
         a.checkpoints, a.prompts, a.generations, a.max_completion_length = "1,2", 2, 2, 8
-        a.eval_prompts, a.samples, a.transport_steps, a.value_num_layers, a.best_of = 4, 1, 1, None, "2"
-        a.prefix_layer = min(a.prefix_layer, 1)  # the tiny test model has 2 layers
+        a.eval_prompts, a.samples, a.best_of = 4, 1, "2"
     arms.offline()
     arms.set_threads(a.threads)
     from vgf_llm.tasks import task_dataset
@@ -508,34 +443,16 @@ def main(argv=None) -> dict:
     except ValueError as err:
         p.error(f"--eval_prompts {a.eval_prompts} held-out prompts of {a.task!r}: {err} (basic_arithmetic has enough)")
     checkpoints = sorted({int(x) for x in a.checkpoints.split(",")})
-    chosen = [x.strip() for x in a.arms.split(",") if x.strip()]
-    try:
-        parsed = {arm: split_arm(arm) for arm in chosen}
-    except ValueError as err:
-        p.error(f"--arms: an arm's budget is a number after ':' (e.g. vgf_steer_prefix:0.1): {err}")
-    unknown = {arm for arm, (name, _) in parsed.items() if name not in ARMS}
-    if unknown:
-        p.error(f"unknown arms {sorted(unknown)}; choose from {list(ARMS)} (a VGF arm may carry ':<step size>')")
-    if any(step is not None and (ARMS[name] != "vgf" or step <= 0) for name, step in parsed.values()):
-        p.error(f"--arms: only VGF arms take a budget, and it must be > 0: {chosen}")
+    chosen = arms.chosen_arms(p, a.arms)
     seeds = [int(x) for x in a.seeds.split(",")]
     best_of = [int(x) for x in a.best_of.split(",") if x.strip()]
-    scorer = a.scorer or ("reward_model" if a.task == "helpful" else "value")
-    extra = {"scorer": scorer}
-    if a.task == "helpful" or scorer == "reward_model":
-        extra["reward_model_path"] = a.reward_model
-    pairs = {"edit_pair_weight": a.edit_pair_weight, "edit_pair_beta": a.edit_pair_beta}
     name = a.name or f"frontier_{a.task}"
     out_dir = Path(a.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     base_settings = arms.settings_from(a, steps=max(checkpoints), learning_rate=a.learning_rate, seed=seeds[0],
-                                       extra=extra)
-    base_settings = replace(base_settings, max_edits=d.max_edits, verify_top=d.verify_top,
-                            verify_candidates=d.verify_candidates)
+                                       reward_model=a.reward_model)
     results = {"settings": base_settings.as_dict(), "arms": chosen, "seeds": seeds, "checkpoints": checkpoints,
-               "eval_prompts": a.eval_prompts, "samples": a.samples, "grpo_beta": a.grpo_beta,
-               "edit_pairs": pairs, "steer_step_size": a.steer_step_size,
-               "prefix": [a.prefix_layer, a.prefix_step_size], "tilt_eta": [a.tilt_eta, a.tilt_reward_eta],
+               "eval_prompts": a.eval_prompts, "samples": a.samples,
                "matched_kl_levels": [float(x) for x in a.matched_kl.split(",") if x.strip()],
                "runs": {arm: [] for arm in chosen}} | arms.provenance("frontier.py", argv)
     run = arms.in_subprocess if not a.inline else (lambda f, *args, **kw: f(*args, **kw))
@@ -556,8 +473,7 @@ def main(argv=None) -> dict:
                 if any(r["seed"] == seed for r in results["runs"][arm]):
                     print(f"[frontier] {arm} seed {seed}: kept from the earlier run", flush=True)
                     continue
-                s = arm_settings(replace(base_settings, seed=seed), arm, a.grpo_beta, pairs, a.steer_step_size,
-                                 (a.prefix_layer, a.prefix_step_size), (a.tilt_eta, a.tilt_reward_eta))
+                s = replace(base_settings, seed=seed)
                 folder = root / f"{arm}-seed{seed}"
                 print(f"[frontier] {arm} seed {seed}: training {max(checkpoints)} steps ...", flush=True)
                 r = run(train_with_checkpoints, s, arm, str(folder), checkpoints, a.threads)

@@ -133,14 +133,18 @@ def main(argv=None) -> dict:
     p.add_argument("--samples", type=int, default=32, help="Base samples per prompt (the empirical base).")
     p.add_argument("--levels", default="0.1,0.2,0.3,0.5,1.0", help="KL levels (nats per sequence) of the table.")
     p.add_argument("--bootstrap", type=int, default=1000)
-    arms.add_probe_arguments(p, ROOT / "results")
+    p.add_argument("--max_completion_length", type=int, default=24, help="As the frontier's run 3.")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--model", default=arms.ArmSettings.model)
+    p.add_argument("--reward_model", default=arms.PROXY_REWARD_MODEL)
+    p.add_argument("--out_dir", default=str(ROOT / "results"))
     a = p.parse_args(argv)
     if a.samples < 2:
         p.error("--samples must be >= 2: a distribution over one sample has no KL to spend")
     levels = [float(x) for x in a.levels.split(",") if x.strip()]
     arms.offline()
     s = arms.ArmSettings(task="helpful", model=a.model, max_completion_length=a.max_completion_length,
-                         extra={"reward_model_path": a.reward_model})
+                         reward_model=a.reward_model)
     start = time.time()
     gold, proxy = sample_and_score(s, a.eval_prompts, a.samples, a.threads)
     ks = list(range(1, a.samples + 1))

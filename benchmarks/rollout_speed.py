@@ -2,8 +2,8 @@
 
 Both backends run in this one process on the same model, prompts, sampling settings and thread count, so the
 ratio is measured under the same machine load. Tokens/s counts generated tokens (completion_mask, EOS included)
-divided by the wall time of ``generate``; the first call of each backend is a warm-up and is not counted. The
-vLLM weight sync (``sync_weights`` of the full model) is timed too.
+divided by the wall time of ``generate``; the first call of each backend is a warm-up and is not counted. Rollouts
+come from the frozen base, so no weight sync is timed (there is none).
 
     # needs vLLM: on CPU, the separate environment from scripts/install_vllm.sh
     OMP_NUM_THREADS=1 VLLM_ENABLE_V1_MULTIPROCESSING=0 HF_HUB_OFFLINE=1 \
@@ -52,7 +52,7 @@ def measure(backend, prompts, num_generations: int, repeats: int, seed: int) -> 
     return {"runs": runs, "tokens_per_s": round(statistics.median(r["tokens_per_s"] for r in runs), 2)}
 
 
-def main() -> int:
+def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--dtypes", default="float32,bfloat16")
@@ -64,7 +64,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the HF side (vLLM: OMP_NUM_THREADS)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "rollout_speed.json"))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     import torch
     import transformers
@@ -91,26 +91,24 @@ def main() -> int:
                          kv_cache_memory_bytes=1 << 30, **sampling) as vl:
             startup = time.perf_counter() - start
             vl_result = measure(vl, prompts, args.num_generations, args.repeats, args.seed)
-            start = time.perf_counter()
-            vl.sync_weights(model)
-            sync = time.perf_counter() - start
         rows.append({
             "dtype": dtype_name,
             "hf_generate": hf_result,
-            "vllm": {**vl_result, "startup_s": round(startup, 1), "sync_weights_s": round(sync, 2)},
+            "vllm": {**vl_result, "startup_s": round(startup, 1)},
             "ratio_vllm_over_hf": round(vl_result["tokens_per_s"] / hf_result["tokens_per_s"], 2),
         })
         del model, hf
 
     print(f"\n{args.model}: {args.num_prompts} prompts x {args.num_generations} samples x <= {args.max_new_tokens} "
           f"new tokens, temperature 1, {args.threads} thread(s), median of {args.repeats} runs")
-    print("| dtype | HF generate tok/s | vLLM tok/s | vLLM / HF | vLLM start-up s | sync_weights s |")
-    print("|---|---|---|---|---|---|")
+    print("| dtype | HF generate tok/s | vLLM tok/s | vLLM / HF | vLLM start-up s |")
+    print("|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['dtype']} | {r['hf_generate']['tokens_per_s']} | {r['vllm']['tokens_per_s']} | "
-              f"{r['ratio_vllm_over_hf']}x | {r['vllm']['startup_s']} | {r['vllm']['sync_weights_s']} |")
+              f"{r['ratio_vllm_over_hf']}x | {r['vllm']['startup_s']} |")
     result = {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "command": " ".join([Path(sys.executable).name, "benchmarks/rollout_speed.py",
+                             *(sys.argv[1:] if argv is None else argv)]),
         "settings": vars(args),
         "env": {
             "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
@@ -124,8 +122,8 @@ def main() -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")
-    return 0
+    return result
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    main()

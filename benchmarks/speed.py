@@ -2,10 +2,11 @@
 
 Every arm runs in its own spawned process (its own peak memory), one after the other, in one script run:
 
-- ``vgf`` / ``bon``: ``VGFTrainer`` with transport / with ``transport_steps=0``; the phases come from the trainer's
-  own ``timing/rollout|reward|value_fit|transport|distill`` logs (seconds per optimizer step); ``other`` is the rest
-  of the step (the backward pass of the distillation loss, the optimizer, logging);
-- ``grpo``: TRL ``GRPOTrainer`` + the same LoRA, ``per_device_train_batch_size = prompts x generations``
+- ``vgf_steer_prefix`` / ``bon``: ``VGFTrainer`` with its defaults (per-step steering) / with ``transport_steps=0``;
+  the phases come from the trainer's own ``timing/rollout|reward|value_fit|transport|distill`` logs (seconds per
+  optimizer step); ``other`` is the rest of the step (the backward pass of the distillation loss, the optimizer,
+  logging);
+- ``grpo`` / ``grpo_kl``: TRL ``GRPOTrainer`` + the same LoRA, ``per_device_train_batch_size = prompts x generations``
   (TRL counts completions), timed by wrapping its ``_generate`` (rollout), ``_calculate_rewards`` (reward),
   the rest of ``_generate_and_score_completions`` (log-probabilities, advantages) and ``compute_loss`` (forward);
   TRL's own ``step_time`` log is recorded too;
@@ -13,7 +14,7 @@ Every arm runs in its own spawned process (its own peak memory), one after the o
 
 The first ``--warmup`` steps of each arm are dropped; the table shows the mean of the next ``--steps``.
 
-    python benchmarks/speed.py                       # SmolLM2-135M, 4 prompts x 8 completions x 32 tokens
+    python benchmarks/speed.py                       # SmolLM2-135M, chain_sum, 4 prompts x 8 completions x 32 tokens
     python benchmarks/speed.py --tiny --model PATH   # smoke run (1+1 steps, tiny batch)
 """
 
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -36,34 +36,30 @@ GRPO_PHASES = ("rollout", "reward", "logps/advantages", "loss forward")
 ROOT = Path(__file__).resolve().parent
 
 
-def _mean(values: list[float]) -> float:
-    return statistics.fmean(values) if values else float("nan")
-
-
-def time_vgf(s: arms.ArmSettings, arm: str, warmup: int, steps: int, threads: int) -> dict:
+def time_vgf(s: arms.ArmSettings, arm: str, warmup: int, threads: int) -> dict:
     arms.set_threads(threads)
     with tempfile.TemporaryDirectory() as out:
-        trainer = arms.vgf_trainer(s, arm, out, steps=warmup + steps)
+        trainer = arms.trainer(s, arm, out)
         clock = arms.StepClock()
         trainer.add_callback(clock)
         trainer.train()
     logs = [h for h in trainer.state.log_history if "timing/rollout" in h]
     kept = logs[warmup:]
-    phases = {p: _mean([h.get(f"timing/{p}", 0.0) for h in kept]) for p in VGF_PHASES}
-    total = _mean(clock.steps[warmup:])
+    phases = {p: arms.mean([h.get(f"timing/{p}", 0.0) for h in kept]) for p in VGF_PHASES}
+    total = arms.mean(clock.steps[warmup:])
     phases["other"] = total - sum(phases.values())
     return {"arm": arm, "step_seconds": total, "phases": phases, "all_step_seconds": clock.steps,
-            "completion_mean_length": _mean([h.get("completions/mean_length", float("nan")) for h in kept]),
-            "tokens_changed": _mean([h.get("transport/tokens_changed", 0.0) for h in kept]),
+            "completion_mean_length": arms.mean([h.get("completions/mean_length", float("nan")) for h in kept]),
+            "tokens_changed": arms.mean([h.get("transport/tokens_changed", 0.0) for h in kept]),
             "peak_rss_mb": arms.peak_rss_mb(), "gpu_peak_mb": arms.gpu_peak_mb(), "log_history": logs}
 
 
-def time_grpo(s: arms.ArmSettings, warmup: int, steps: int, threads: int) -> dict:
+def time_grpo(s: arms.ArmSettings, arm: str, warmup: int, threads: int) -> dict:
     from transformers import TrainerCallback
 
     arms.set_threads(threads)
     with tempfile.TemporaryDirectory() as out:
-        trainer = arms.grpo_trainer(s, out, steps=warmup + steps)
+        trainer = arms.trainer(s, arm, out)
         timer = arms.MethodTimer(trainer, {"_generate": "rollout", "_calculate_rewards": "reward",
                                            "_generate_and_score_completions": "prepare",
                                            "compute_loss": "loss forward"})
@@ -78,17 +74,17 @@ def time_grpo(s: arms.ArmSettings, warmup: int, steps: int, threads: int) -> dic
         trainer.train()
     kept = timer.records[warmup:]
     phases = {
-        "rollout": _mean([r["rollout"] for r in kept]),
-        "reward": _mean([r["reward"] for r in kept]),
-        "logps/advantages": _mean([r["prepare"] - r["rollout"] - r["reward"] for r in kept]),
-        "loss forward": _mean([r["loss forward"] for r in kept]),
+        "rollout": arms.mean([r["rollout"] for r in kept]),
+        "reward": arms.mean([r["reward"] for r in kept]),
+        "logps/advantages": arms.mean([r["prepare"] - r["rollout"] - r["reward"] for r in kept]),
+        "loss forward": arms.mean([r["loss forward"] for r in kept]),
     }
-    total = _mean(clock.steps[warmup:])
+    total = arms.mean(clock.steps[warmup:])
     phases["other"] = total - sum(phases.values())
     logs = [h for h in trainer.state.log_history if "reward" in h]
-    return {"arm": "grpo", "step_seconds": total, "phases": phases, "all_step_seconds": clock.steps,
-            "trl_step_time": _mean([h.get("step_time", float("nan")) for h in logs[warmup:]]),
-            "completion_mean_length": _mean([h.get("completions/mean_length", float("nan")) for h in logs[warmup:]]),
+    return {"arm": arm, "step_seconds": total, "phases": phases, "all_step_seconds": clock.steps,
+            "trl_step_time": arms.mean([h.get("step_time", float("nan")) for h in logs[warmup:]]),
+            "completion_mean_length": arms.mean(h.get("completions/mean_length") for h in logs[warmup:]),
             "peak_rss_mb": arms.peak_rss_mb(), "gpu_peak_mb": arms.gpu_peak_mb(), "log_history": logs}
 
 
@@ -118,19 +114,19 @@ def time_rollout(s: arms.ArmSettings, repeats: int, threads: int) -> dict:
 
 
 def table(results: dict) -> str:
-    arm_rows = [r for r in (results["arms"].get(a) for a in arms.ARMS) if r]
+    arm_rows = list(results["arms"].values())
     grpo = results["arms"].get("grpo")
     header = " | ".join(f"{p} s" for p in (*VGF_PHASES, "other"))
     lines = [f"| arm | step s | {header} | vs GRPO step | peak RSS MB |",
              "|---|---|" + "---|" * (len(VGF_PHASES) + 1) + "---|---|"]
     for r in arm_rows:
         ph = r["phases"]
-        if r["arm"] == "grpo":  # map GRPO's phases onto the VGF columns where they mean the same
+        if arms.kind(r["arm"]) == "grpo":  # map GRPO's phases onto the VGF columns where they mean the same
             cells = [ph["rollout"], ph["reward"], None, None, ph["loss forward"], ph["other"] + ph["logps/advantages"]]
         else:
             cells = [ph[p] for p in VGF_PHASES] + [ph["other"]]
         ratio = r["step_seconds"] / grpo["step_seconds"] if grpo else float("nan")
-        lines.append(f"| {arms.ARM_LABELS[r['arm']]} | {r['step_seconds']:.1f} | "
+        lines.append(f"| {arms.arm_label(r['arm'])} | {r['step_seconds']:.1f} | "
                      + " | ".join("-" if c is None else f"{c:.1f}" for c in cells)
                      + f" | {ratio:.2f}x | {r['peak_rss_mb']:.0f} |")
     ro = results.get("rollout")
@@ -155,7 +151,6 @@ def main(argv=None) -> dict:
     a = p.parse_args(argv)
     if a.tiny:
         a.prompts, a.generations, a.max_completion_length, a.warmup, a.steps, a.rollout_repeats = 2, 2, 8, 1, 1, 1
-        a.transport_steps, a.value_num_layers = 1, None
     arms.offline()
     arms.set_threads(a.threads)
     s = arms.settings_from(a, seed=a.seed, steps=a.warmup + a.steps)
@@ -166,10 +161,8 @@ def main(argv=None) -> dict:
     start = time.time()
     for arm in chosen:
         print(f"[speed] {arm} ...", flush=True)
-        if arm == "grpo":
-            results["arms"][arm] = run(time_grpo, s, a.warmup, a.steps, a.threads)
-        else:
-            results["arms"][arm] = run(time_vgf, s, arm, a.warmup, a.steps, a.threads)
+        timer = time_grpo if arms.kind(arm) == "grpo" else time_vgf
+        results["arms"][arm] = run(timer, s, arm, a.warmup, a.threads)
         print(f"[speed] {arm}: {results['arms'][arm]['step_seconds']:.2f} s/step", flush=True)
     print("[speed] rollout ...", flush=True)
     results["rollout"] = run(time_rollout, s, a.rollout_repeats, a.threads)

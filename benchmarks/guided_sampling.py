@@ -1,27 +1,30 @@
-"""Test-time VGF vs best-of-N on held-out prompts, with the true reward as the judge.
+"""Guided sampling (test-time VGF) vs best-of-N on held-out prompts, with the true reward as the judge.
 
 SmolLM2-135M-Instruct (offline), two kinds of task: exact-answer math (reasoning-gym chain_sum, 1 digit, 2 terms)
 and a smooth preference-style reward (VADER positivity of "Write one sentence about <topic>."). Per task:
 1. reference rollouts on train prompts with their true rewards (drawn once, cached under ``--cache``), and the
-   selector's value model fitted to them: by default ``ridge`` (frozen backbone cut at a cross-validated layer + a
-   closed-form linear head; held-out correlation by prompt), or the LoRA ``plain`` model (``--selector plain``);
+   selector fitted to them: a ridge value model (frozen backbone cut at a cross-validated layer + a closed-form
+   linear head; held-out correlation by prompt);
 2. per seed: 2N reference samples per held-out prompt (cached; the first N are the particles), shared by every
-   arm; arms are a single sample, best-of-n (``--bon_sizes``, default 4, 8, 16) with the value-model selector, VGF
-   variants with the *same* selector (it also gives their gradient), and for each VGF variant best-of-n at the same
-   wall-clock per prompt (sampling is re-timed in this run, ``--retime_prompts``, so both sides are timed under the
-   same load). Each arm also gets its paired per-seed difference to best-of-N.
+   arm; arms are a single sample, best-of-n (``--bon_sizes``, default 4, 8, 16) with the selector, VGF variants
+   with the *same* selector (it also gives the ``verified`` variants' gradient; the ``steer_prefix`` variants move
+   along a prefix value the sampler fits on the train rollouts' true rewards, ``VGFSampler.fit``), and for each VGF
+   variant best-of-n at the same wall-clock per prompt (sampling is re-timed in this run, ``--retime_prompts``, so
+   both sides are timed under the same load). Each arm also gets its paired per-seed difference to best-of-N.
 Every VGF variant selects among the originals and the transported particles (``SamplerConfig.union_margin``).
-Prints a table and writes JSON + Markdown (``--write_docs`` puts it in docs/benchmarks.md; ``--render`` merges
-result files of runs over the same cache, including runs of variants retired since: it only reads their JSON).
+Prints a table and writes JSON + Markdown (``--render`` merges result files of runs over the same cache, including
+runs of variants retired since and runs of this script under its old name ``test_time.py``: it only reads their
+JSON).
 
-    python benchmarks/test_time.py --threads 1           # defaults, ~20 min per task on 2 busy CPU cores
-    python benchmarks/test_time.py --variants all        # every variant (much longer)
-    # the recorded run 4 (docs/benchmarks.md), one task at a time:
-    python benchmarks/test_time.py --tasks sentiment --threads 1 --num_train_prompts 128 --num_test_prompts 24 \
-        --ridge_layers 4,8,12,16,20,24,30 --variants verified3-top2-c4-b1+union,verified5-top1-c4-b1+union
+    python benchmarks/guided_sampling.py --threads 1    # both decoders at the sampler's budgets, both tasks
+    # one task at a time, as the recorded runs (docs/benchmarks.md):
+    python benchmarks/guided_sampling.py --tasks sentiment --threads 2 --num_train_prompts 128 \
+        --num_test_prompts 24 --ridge_layers 4,8,12,16,20,24,30 \
+        --variants verified5-top1-c4-b3+union,prefix-L15-b1x0.2+union,prefix-L15-b1x0.2+union-random
 
-The variants that lost (nearest-token and reference top-k projection decoding, re-generation, a fluency prior,
-decode-consistent and ensemble value models) were retired; their code is in git tag ``variants-2026-11``.
+Only the two particle spaces the library keeps have variants here; the others (reference-gain, soft-token and
+steering-vector decoding, a LoRA value model as selector) were retired with their record (git tags
+``retired-2026-12``, ``variants-2026-11``).
 """
 
 from __future__ import annotations
@@ -42,84 +45,65 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from vgf_llm.models import load_model, load_tokenizer  # noqa: E402
-from vgf_llm.prefix_value import PrefixValue, fit_prefix_value  # noqa: E402
+from vgf_llm.prefix_value import PrefixValue  # noqa: E402
 from vgf_llm.rewards import get_reward_func, reward_rollouts, reward_texts  # noqa: E402
 from vgf_llm.rollout.hf import HFGenerateBackend, Rollouts  # noqa: E402
 from vgf_llm.sampler import SamplerConfig, VGFSampler  # noqa: E402
 from vgf_llm.tasks import task_dataset, task_reward_names  # noqa: E402
-from vgf_llm.value import ValueModel, ValueModelConfig, active_adapter  # noqa: E402
-from vgf_llm.value_fit import fit_value_model, prompt_groups  # noqa: E402
+from vgf_llm.value import ValueModel  # noqa: E402
+from vgf_llm.value_fit import fit_value_model  # noqa: E402
 
 
 @dataclass
 class Variant:
     """One VGF arm: the transport budget (``steps`` Adam steps of size ``step_size``), the particle space / decoder
-    and how the result is selected. The selector's value model gives the gradient of every variant."""
+    and how the result is selected."""
 
     name: str
     steps: int = 8
     step_size: float = 0.05
-    decoder: str = "verified"  # verified | reference_gain | soft_topk | steer | steer_prefix (vgf_llm.spaces)
-    max_edits: int = 1  # edits per particle (reference_gain, soft_topk) / rounds of checked edits (verified)
+    decoder: str = "verified"  # verified | steer_prefix (vgf_llm.spaces)
+    max_edits: int = 1  # decoder="verified": rounds of checked edits
     verify_candidates: int = 8  # decoder="verified": exact value checks per response and round
     verify_top: int | None = None  # decoder="verified": only the best originals of each prompt are edited
     union_margin: float = 0.0  # a moved particle must beat the best original by this much
-    steer_layer: int | None = None  # decoder="steer": the shifted layer (None: half the value model's depth)
-    # control: "random_direction" replaces each row's transport displacement by a random vector of the same norm
-    # before decoding (does the value gradient's direction matter, or only the exact value checks?)
+    steer_layer: int | None = None  # decoder="steer_prefix": the moved layer
+    # control, "random_direction": verified decodes start + a random vector of each row's displacement norm;
+    # steer_prefix moves along a random head of the prefix value's norm (does the value's direction matter?)
     control: str = ""
 
     def sampler_config(self, args) -> SamplerConfig:
         return SamplerConfig(
             num_generations=args.num_particles, max_completion_length=args.max_new_tokens,
             temperature=args.temperature, generation_batch_size=args.batch_size * args.num_particles,
-            transport_steps=self.steps,
-            transport_step_size=self.step_size, transport_alpha=1.0, decoder=self.decoder, decoder_topk=8,
-            max_edits=self.max_edits, verify_top=self.verify_top, verify_candidates=self.verify_candidates,
-            union_margin=self.union_margin, steer_layer=self.steer_layer)
+            transport_steps=self.steps, transport_step_size=self.step_size, transport_alpha=1.0,
+            decoder=self.decoder, decoder_topk=8, max_edits=self.max_edits, verify_top=self.verify_top,
+            verify_candidates=self.verify_candidates, union_margin=self.union_margin, steer_layer=self.steer_layer)
 
 
 def B(steps, eps):  # noqa: N802 - a budget literal
     return dict(steps=steps, step_size=eps)
 
 
+# verified edits: the transport proposes reference top-k swaps, exact value passes accept them
 VARIANTS = {
     v.name: v for v in [
-        # first-order value gain of reference top-k swaps along the displacement (HotFlip-style), capped edits
-        Variant("gain1+union", decoder="reference_gain", **B(8, 0.05)),
-        Variant("gain3+union", decoder="reference_gain", max_edits=3, **B(8, 0.05)),
-        # verified edits: the transport proposes reference top-k swaps, exact value passes accept them
-        Variant("verified3+union", decoder="verified", max_edits=3, **B(8, 0.05)),
-        Variant("verified3-b2+union", decoder="verified", max_edits=3, **B(2, 0.05)),
-        Variant("verified3-top3+union", decoder="verified", max_edits=3, verify_top=3, **B(2, 0.05)),
-        Variant("verified5-top2+union", decoder="verified", max_edits=5, verify_top=2, **B(2, 0.05)),
-        Variant("verified3-top2-c4-b1+union", decoder="verified", max_edits=3, verify_top=2, verify_candidates=4,
-                **B(1, 0.05)),
-        Variant("verified5-top1-c4-b1+union", decoder="verified", max_edits=5, verify_top=1, verify_candidates=4,
-                **B(1, 0.05)),
-        # the same at other transport budgets (steps x Adam step size), for the budget sweep
-        Variant("verified5-top1-c4-b3+union", decoder="verified", max_edits=5, verify_top=1, verify_candidates=4,
-                **B(3, 0.05)),
-        Variant("verified5-top1-c4-b1x0.2+union", decoder="verified", max_edits=5, verify_top=1,
-                verify_candidates=4, **B(1, 0.2)),
-        Variant("verified5-top1-c4-b1+union-m0.05", decoder="verified", max_edits=5, verify_top=1,
-                verify_candidates=4, union_margin=0.05, **B(1, 0.05)),
-        Variant("verified5-top1-c4-b1+union-random", decoder="verified", max_edits=5, verify_top=1,
-                verify_candidates=4, control="random_direction", **B(1, 0.05)),
-        Variant("verified3-top2-c4-b1+union-m0.05", decoder="verified", max_edits=3, verify_top=2,
-                verify_candidates=4, union_margin=0.05, **B(1, 0.05)),
-        Variant("verified3-b2+union-m0.05", decoder="verified", max_edits=3, union_margin=0.05, **B(2, 0.05)),
-        Variant("gain3+union-m0.05", decoder="reference_gain", max_edits=3, union_margin=0.05, **B(8, 0.05)),
-        # soft-token particles: logits over each position's reference top-8, moved through the embedding mixture
-        # (budget in logits: 8 Adam steps x 0.5 can overturn the start margin of 6), then at most max_edits edits
-        Variant("soft-b8x0.5-e1+union", decoder="soft_topk", max_edits=1, **B(8, 0.5)),
-        Variant("soft-b8x0.5-e3+union", decoder="soft_topk", max_edits=3, **B(8, 0.5)),
-        # steering vectors the model decodes itself (one d-vector per particle, Adam steps in hidden units)
-        Variant("steer-b3x0.05+union", decoder="steer", **B(3, 0.05)),
-        Variant("steer-b3x0.2+union", decoder="steer", **B(3, 0.2)),
-        Variant("steer-b3x0.5+union", decoder="steer", **B(3, 0.5)),
-        Variant("steer-b3x1+union", decoder="steer", **B(3, 1.0)),
-        Variant("steer-b3x0.5+union-random", decoder="steer", control="random_direction", **B(3, 0.5)),
+        Variant("verified3+union", max_edits=3, **B(8, 0.05)),
+        Variant("verified3-b2+union", max_edits=3, **B(2, 0.05)),
+        Variant("verified3-top3+union", max_edits=3, verify_top=3, **B(2, 0.05)),
+        Variant("verified5-top2+union", max_edits=5, verify_top=2, **B(2, 0.05)),
+        Variant("verified3-top2-c4-b1+union", max_edits=3, verify_top=2, verify_candidates=4, **B(1, 0.05)),
+        Variant("verified5-top1-c4-b1+union", max_edits=5, verify_top=1, verify_candidates=4, **B(1, 0.05)),
+        # the same at other transport budgets (steps x Adam step size); b3 is the sampler's measured budget
+        Variant("verified5-top1-c4-b3+union", max_edits=5, verify_top=1, verify_candidates=4, **B(3, 0.05)),
+        Variant("verified5-top1-c4-b1x0.2+union", max_edits=5, verify_top=1, verify_candidates=4, **B(1, 0.2)),
+        Variant("verified5-top1-c4-b1+union-m0.05", max_edits=5, verify_top=1, verify_candidates=4,
+                union_margin=0.05, **B(1, 0.05)),
+        Variant("verified5-top1-c4-b1+union-random", max_edits=5, verify_top=1, verify_candidates=4,
+                control="random_direction", **B(1, 0.05)),
+        Variant("verified3-top2-c4-b1+union-m0.05", max_edits=3, verify_top=2, verify_candidates=4,
+                union_margin=0.05, **B(1, 0.05)),
+        Variant("verified3-b2+union-m0.05", max_edits=3, union_margin=0.05, **B(2, 0.05)),
     ]
 }
 # per-step steering: every generated token's hidden state at layer L moved along a prefix value (ridge on that
@@ -137,39 +121,46 @@ def variant(name: str) -> Variant | None:
         return None
     return Variant(name, decoder="steer_prefix", steer_layer=int(m[1]), control="random_direction" if m[4] else "",
                    **B(int(m[2]), float(m[3])))
-DEFAULT_VARIANTS = ["verified5-top1-c4-b1+union"]
 
 
-def random_direction(decode, seed: int):
-    """Control: the decoder sees each moved row as start + a random vector with the displacement's norm (rows that
-    may not move keep a zero displacement). Wraps a particle space's ``decode(particles, moved)``."""
+# the sampler's two decoders at their measured budgets (SamplerConfig: steer_prefix 1 x 0.2 at half of SmolLM2's
+# 30 layers, verified 3 x 0.05)
+DEFAULT_VARIANTS = ["prefix-L15-b1x0.2+union", "verified5-top1-c4-b3+union"]
+
+
+def random_direction(space, seed: int):
+    """Control for ``verified``: its ``decode(rollouts, moved)`` sees each moved row as start + a random vector with
+    the displacement's norm (rows that may not move keep a zero displacement)."""
     gen = torch.Generator().manual_seed(seed + 12345)
+    decode = type(space).decode  # the space's own, never an earlier seed's wrapper
 
-    def wrapped(particles, moved, *args, **kwargs):
-        start = particles.start
-        delta = moved - start
+    def wrapped(rollouts, moved):
+        start, mask = space.lift(rollouts)
+        delta = (moved - start).cpu()
         noise = torch.randn(delta.shape, generator=gen, dtype=delta.dtype)
         noise = torch.nn.functional.normalize(noise, dim=-1) * delta.norm(dim=-1, keepdim=True)
-        noise = noise * particles.mask.to(noise.dtype)[..., None]
-        return decode(particles, start + noise, *args, **kwargs)
+        noise = noise * mask.cpu().to(noise.dtype)[..., None]
+        return decode(space, rollouts, start + noise.to(start.device))
 
     return wrapped
 
 
 def random_head(pv: PrefixValue, seed: int) -> PrefixValue:
-    """Control for per-step steering: the prefix value with its head replaced by a random one of the same norm in
+    """Control for ``steer_prefix``: the prefix value with its head replaced by a random one of the same norm in
     the standardised units the states move in (does the fitted direction matter, or only moving the states?)."""
     w_z = torch.randn(pv.weight.shape, generator=torch.Generator().manual_seed(seed + 12345))
     w_z = w_z * (pv.weight * pv.std).norm() / w_z.norm()
     return replace(pv, weight=w_z / pv.std)
 
 
-def value_configs(layers: int) -> dict[str, ValueModelConfig]:
-    """The selector's value-model choices."""
-    return {
-        "ridge": ValueModelConfig(adapter_name="value_ridge"),  # layer chosen by CV (fit_value_head)
-        "plain": ValueModelConfig(num_layers=layers, adapter_name="value"),  # LoRA + head, SGD
-    }
+def use_control(sampler: VGFSampler, v: Variant, fitted: PrefixValue | None, seed: int) -> None:
+    """Apply ``v``'s control for this seed (a fresh random draw each seed; nothing for a plain arm)."""
+    if v.control != "random_direction":
+        return
+    if v.decoder == "steer_prefix":
+        sampler.space.value = random_head(fitted, seed)
+    else:
+        sampler.space.decode = random_direction(sampler.space, seed)
 
 
 def cached_rollouts(path: Path, make) -> tuple[Rollouts, torch.Tensor]:
@@ -193,8 +184,7 @@ def train_rollouts(task, args, model, tok, reward, train, cache: Path):
     def make():
         backend = HFGenerateBackend(model, tok, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                     batch_size=8)
-        with active_adapter(model, None):
-            ro = backend.generate([r["prompt"] for r in train], args.train_generations, 0)
+        ro = backend.generate([r["prompt"] for r in train], args.train_generations, 0)
         return ro, reward_rollouts(reward, None, train, ro)
 
     return cached_rollouts(cache / "rollouts" / f"{tag}.pt", make)
@@ -210,8 +200,7 @@ def test_rollouts(task, args, model, tok, reward, test, seed: int, cache: Path):
         backend = HFGenerateBackend(model, tok, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                                     temperature=args.temperature)
         t0 = time.time()
-        with active_adapter(model, None):
-            ro = backend.generate([r["prompt"] for r in test], n2, seed)
+        ro = backend.generate([r["prompt"] for r in test], n2, seed)
         rewards = reward_rollouts(reward, None, test, ro)
         meta = cache / "rollouts" / f"{tag}.seconds"
         meta.parent.mkdir(parents=True, exist_ok=True)
@@ -231,8 +220,7 @@ def time_generation(args, model, tok, test) -> float:
     backend = HFGenerateBackend(model, tok, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                                 temperature=args.temperature)
     t0 = time.time()
-    with active_adapter(model, None):
-        backend.generate(prompts, args.num_particles, 999)
+    backend.generate(prompts, args.num_particles, 999)
     return (time.time() - t0) / len(prompts) / args.num_particles
 
 
@@ -255,48 +243,38 @@ def run_task(task: str, args, variants: list[Variant], cache: Path, out: Path) -
     reward = [get_reward_func(name) for name in task_reward_names(task)]
     train = list(task_dataset(task, args.num_train_prompts, 0, "train"))
     test = list(task_dataset(task, args.num_test_prompts, 0, "test"))
-    gen = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature)
 
-    # the selector's value model (cached by configuration), fitted on cached train rollouts
+    # the selector (cached by configuration), fitted on cached train rollouts
     train_ro, train_rewards = train_rollouts(task, args, model, tok, reward, train, cache)
-    key, cfg = args.selector, value_configs(args.value_layers)[args.selector]
-    method = "ridge" if key == "ridge" else "lora"
-    layers = args.value_layers if method == "lora" else "cv" + args.ridge_layers.replace(",", "-")
-    tag = (f"{task}-{key}-L{layers}-n{args.num_train_prompts}x"
-           f"{args.train_generations}" + (f"-e{args.value_epochs}" if method == "lora" else ""))
-    path = cache / tag
+    path = cache / (f"{task}-ridge-Lcv{args.ridge_layers.replace(',', '-')}-n{args.num_train_prompts}x"
+                    f"{args.train_generations}")
     if (path / "value_model.json").exists():
         selector = ValueModel.load(model, path)
         stats = json.loads((path / "stats.json").read_text())
-        print(f"value model {key}: loaded from cache ({stats.get('val_corr', float('nan')):.3f} corr)")
+        print(f"value model: loaded from cache ({stats.get('val_corr', float('nan')):.3f} corr)")
     else:
         t0 = time.time()
         selector, stats, _, _ = fit_value_model(
-            model, tok, reward, train, config=cfg, num_generations=args.train_generations, epochs=args.value_epochs,
-            rollouts=train_ro, rewards=train_rewards, seed=0, lr=args.value_lr, method=method, progress=False,
-            ridge_layers=[int(x) for x in args.ridge_layers.split(",")], **gen)
+            model, tok, reward, train, num_generations=args.train_generations, rollouts=train_ro,
+            rewards=train_rewards, seed=0, progress=False, ridge_layers=[int(x) for x in args.ridge_layers.split(",")])
         stats["fit_seconds"] = time.time() - t0
         selector.save(path)
         (path / "stats.json").write_text(json.dumps(stats, indent=2))
         shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in stats.items() if k != "cv"}
-        print(f"value model {key}: {json.dumps(shown)}", flush=True)
-    value_stats = {key: stats}
-    prefix_values = {}  # steer layer -> the prefix value every steer_prefix variant at that layer moves along
+        print(f"value model: {json.dumps(shown)}", flush=True)
+    value_stats = {"ridge": stats}
+    samplers, fitted = {}, {}  # one sampler per variant, fitted once on the train rollouts' true rewards
     for v in variants:
-        if v.decoder == "steer_prefix" and v.steer_layer not in prefix_values:
-            t0 = time.time()
-            p_ids, p_mask, ids, mask = train_ro.flat()
-            pv = fit_prefix_value(model, v.steer_layer, p_ids, p_mask, ids, mask, train_rewards.reshape(-1),
-                                  prompt_groups(train_ro))
-            prefix_values[v.steer_layer] = pv
+        samplers[v.name] = sampler = VGFSampler(model, tok, selector, v.sampler_config(args), progress=False)
+        t0 = time.time()
+        fit = sampler.fit(train_ro, train_rewards)
+        if v.decoder == "steer_prefix":
+            fitted[v.name] = sampler.space.value
             value_stats[f"prefix value, layer {v.steer_layer}"] = dict(
-                method="prefix ridge", val_corr=pv.cv_corr, ridge=pv.ridge, layer=v.steer_layer,
-                fit_seconds=time.time() - t0)
-            print(f"prefix value at layer {v.steer_layer}: out-of-fold corr {pv.cv_corr:.3f} (per prefix), ridge "
-                  f"{pv.ridge}, {time.time() - t0:.0f}s", flush=True)
-    others = {}
-    for extra in filter(None, args.compare_value_models.split(",")):  # e.g. an earlier run's value model
-        others[Path(extra).name] = ValueModel.load(model, extra)
+                method="prefix ridge", val_corr=fit.get("cv_corr", float("nan")), ridge=fit.get("ridge"),
+                layer=v.steer_layer, fit_seconds=time.time() - t0)
+            print(f"prefix value at layer {v.steer_layer}: {fit} (out-of-fold corr per prefix), "
+                  f"{time.time() - t0:.0f}s", flush=True)
 
     arms: dict[str, list[dict]] = {}
     prompts = [r["prompt"] for r in test]
@@ -338,20 +316,9 @@ def run_task(task: str, args, variants: list[Variant], cache: Path, out: Path) -
             reward=float(true.max(1).values.nanmean()), seconds=gen_time, per_prompt=true.max(1).values.tolist()))
         for k in bon_sizes:
             arms.setdefault(f"best-of-{k}", []).append(best_of(k))
-        for key, vm in others.items():  # the other value models as selectors (how good is each selector alone)
-            other = scores(vm)[:, :n]
-            arms.setdefault(f"best-of-{n} (selector: {key})", []).append(dict(
-                reward=float(true[rows, other.argmax(1)].nanmean()), seconds=bon_time,
-                per_prompt=true[rows, other.argmax(1)].tolist()))
         for v in variants:
-            sampler = VGFSampler(model, tok, selector, v.sampler_config(args), selector=selector, progress=False)
-            if v.decoder == "steer_prefix":
-                pv = prefix_values[v.steer_layer]
-                sampler.space.prefix_value = random_head(pv, seed) if v.control == "random_direction" else pv
-            elif v.control == "random_direction":
-                sampler.space.decode = random_direction(sampler.space.decode, seed)
-            elif v.control:
-                raise ValueError(f"unknown control {v.control!r}")
+            sampler = samplers[v.name]
+            use_control(sampler, v, fitted.get(v.name), seed)
             t1 = time.time()
             results = []
             for s in range(0, len(prompts), args.batch_size):
@@ -385,7 +352,7 @@ def run_task(task: str, args, variants: list[Variant], cache: Path, out: Path) -
             print(f"seed {seed} {v.name:32s} reward {arms[v.name][-1]['reward']:.3f} "
                   f"(best-of-{n} {arms[f'best-of-{n}'][-1]['reward']:.3f}) tokens changed "
                   f"{arms[v.name][-1]['tokens_changed']:.2f} {vgf_time:.1f}s/prompt", flush=True)
-        result = dict(task=task, selector=args.selector, baseline=f"best-of-{n}",
+        result = dict(task=task, selector="ridge", baseline=f"best-of-{n}",
                       seconds_per_sample=seconds_per_sample, generation_timed_in_run=sample_seconds is not None,
                       value_models={k: {a: b for a, b in v.items() if a != "cv"} for k, v in value_stats.items()},
                       arms=arms, variants={v.name: asdict(v) for v in variants},
@@ -436,14 +403,14 @@ def merge_results(results: list[dict]) -> list[dict]:
 
 
 def markdown(results: list[dict], args, seeds=None) -> str:
-    lines = [f"Command: `python benchmarks/test_time.py {' '.join(sys.argv[1:])}`".rstrip(),
+    lines = [f"Command: `python benchmarks/guided_sampling.py {' '.join(sys.argv[1:])}`".rstrip(),
              f"Model {args.model}, {args.num_test_prompts} held-out prompts x {args.num_particles} particles, seeds "
              f"{seeds or args.seeds}, "
              f"temperature {args.temperature}, max {args.max_new_tokens} new tokens; value models fitted on "
-             f"{args.num_train_prompts} train prompts x {args.train_generations} samples "
-             + ("(ridge: frozen backbone cut at the cross-validated layer + closed-form linear head on pooled "
-                "response states). " if args.selector == "ridge" else f"({args.value_layers} layers + LoRA + head). ")
-             + f"Selector for every arm, and gradient of every VGF arm: the {args.selector} value model. "
+             f"{args.num_train_prompts} train prompts x {args.train_generations} samples (ridge: frozen backbone "
+             "cut at the cross-validated layer + closed-form linear head on pooled response states). Selector for "
+             "every arm and gradient of the verified arms: that value model; the steer_prefix arms move along a "
+             "prefix value fitted on the same samples. "
              f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
              f"torch {torch.__version__}.", ""]
     for res in results:
@@ -471,19 +438,6 @@ def markdown(results: list[dict], args, seeds=None) -> str:
     return "\n".join(lines)
 
 
-def write_docs(md: str, heading: str = "## Test-time VGF on SmolLM2 (benchmarks/test_time.py)") -> None:
-    doc = ROOT / "docs" / "benchmarks.md"
-    text = doc.read_text() if doc.exists() else "# Benchmarks\n"
-    start = text.find(heading)
-    section = f"{heading}\n\n{md}\n"
-    if start == -1:
-        text = text.rstrip() + "\n\n" + section
-    else:
-        end = text.find("\n## ", start + len(heading))
-        text = text[:start] + section + (text[end + 1:] if end != -1 else "")
-    doc.write_text(text)
-
-
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m-instruct")
@@ -496,26 +450,17 @@ def main(argv=None) -> None:
     p.add_argument("--num_particles", type=int, default=8)
     p.add_argument("--max_new_tokens", type=int, default=32)
     p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--value_layers", type=int, default=12, help="layers of the LoRA ('plain') value model")
-    p.add_argument("--selector", default="ridge", choices=["ridge", "plain"],
-                   help="value model that selects for every arm and gives every VGF variant's gradient: ridge "
-                        "(frozen backbone + closed-form head, layer by CV) or plain (LoRA + head, SGD)")
-    p.add_argument("--value_epochs", type=int, default=3)
-    p.add_argument("--value_lr", type=float, default=1e-3)
     p.add_argument("--batch_size", type=int, default=4)
     p.add_argument("--bon_sizes", default="4,8,16", help="best-of-n arms (n <= 2N; N is always one of them)")
     p.add_argument("--retime_prompts", type=int, default=8,
                    help="time reference sampling in this run on this many prompts (0: use the seconds recorded when "
                         "the cached samples were drawn, which may be from another machine load)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "test_time"))
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "guided_sampling"))
     p.add_argument("--ridge_layers", default="4,8,12",
                    help="layer cuts the ridge value model's cross-validation chooses from (deeper: slower features)")
     p.add_argument("--extra_margins", default="0.05",
                    help="comma list: also report every union variant's selection with these union margins")
-    p.add_argument("--compare_value_models", default="",
-                   help="comma list of saved value-model folders: also report best-of-N with each as the selector")
-    p.add_argument("--write_docs", action="store_true")
     p.add_argument("--prepare_only", action="store_true", help="only draw and cache train/test rollouts")
     p.add_argument("--cache", default="", help="cache folder (rollouts, value models); default OUT/cache")
     p.add_argument("--render", default="", help="comma list of results/partial JSON files: print their tables, "
@@ -550,8 +495,6 @@ def main(argv=None) -> None:
     (out / "results.json").write_text(json.dumps(dict(args=vars(args), results=results,
                                                       summary={r["task"]: summarise(r) for r in results}), indent=2))
     (out / "results.md").write_text(md)
-    if args.write_docs:
-        write_docs(md)
 
 
 if __name__ == "__main__":
