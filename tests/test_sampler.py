@@ -1,14 +1,13 @@
 """Test-time VGF (vgf_llm.sampler): budget 0 is best-of-N, transport moves and reports, its own defaults."""
 
-import dataclasses
 
 import pytest
 import torch
 from conftest import CHAT_PROMPTS as PROMPTS  # the chat prompts the conftest rollouts fixture samples
 
+from vgf_llm.adapters import active_adapter
 from vgf_llm.config import VGFConfig
 from vgf_llm.rollout.hf import HFGenerateBackend
-from vgf_llm.adapters import active_adapter
 from vgf_llm.sampler import SamplerConfig, VGFSampler
 from vgf_llm.spaces import DECODERS
 from vgf_llm.value import ValueModel

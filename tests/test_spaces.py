@@ -11,7 +11,7 @@ from vgf_llm.sampler import SamplerConfig
 from vgf_llm.spaces import Budget, Moved, PrefixSteering, VerifiedEdits, make_space
 from vgf_llm.spaces.reference import ReferenceTokens, movable_mask, special_token_ids
 from vgf_llm.spaces.token_edits import value_and_grad
-from vgf_llm.value import ValueModel, ValueModelConfig
+from vgf_llm.value import ValueModel
 
 
 class TokenCountScorer:
@@ -259,8 +259,11 @@ def test_prefix_steering_fits_on_a_buffer_of_recent_batches_and_restores_it(tiny
     space.fit(batches[2], reward(batches[2]))
     assert len(space.buffer) == 2 and space.buffer[0][0] is batches[1]  # the oldest batch left
     again = PrefixSteering(tiny_lm, tokenizer, steer_layer=1, buffer_steps=2)
-    again.restore(list(space.buffer))
+    again.restore([space.buffer[0]])  # a checkpoint saved after batch 1: the next fit sees batches 1 and 2
+    assert again.value is None  # nothing is read or fitted until then
+    again.fit(batches[2], reward(batches[2]))
     torch.testing.assert_close(again.value.weight, space.value.weight)
+    assert [ro for ro, _ in again.buffer] == [ro for ro, _ in space.buffer]
 
 
 def test_prefix_steering_at_zero_step_reproduces_the_reference_samples(tiny_lm, tokenizer, rollouts):

@@ -315,7 +315,8 @@ def _adam_steps(tr: VGFTrainer, batch: dict, steps: int, lr: float = 5e-2) -> No
         opt.step()
 
 
-@pytest.mark.parametrize("bad", [dict(num_generations=1), dict(max_unrewarded_batches=-1), dict(max_completion_length=0),
+@pytest.mark.parametrize("bad", [dict(num_generations=1), dict(max_unrewarded_batches=-1),
+                                 dict(max_completion_length=0),
                                  dict(transport_steps=-1), dict(transport_step_size=-1.0), dict(value_buffer_steps=0),
                                  dict(distill_temperature=0.0), dict(vllm_mode="remote"),
                                  dict(temperature=0.0)])
@@ -432,4 +433,5 @@ def test_every_vllm_option_of_the_config_reaches_the_backend(tiny_lm_dir, standa
     assert seen["use_vllm"] and seen["vllm_mode"] == "server"
     assert (seen["server_base_url"], seen["tensor_parallel_size"], seen["max_model_length"],
             seen["gpu_memory_utilization"]) == ("http://127.0.0.1:8001", 2, 1024, 0.5)
-    assert seen["batch_size"] == 4 and seen["max_new_tokens"] == 6  # prompts per generate call, completion length
+    # one generate call per micro-batch (its prompts x num_generations size vLLM's engine), completion length
+    assert (seen["batch_size"], seen["num_generations"], seen["max_new_tokens"]) == (2, 4, 6)

@@ -57,8 +57,9 @@ class VGFConfig(RolloutConfig, TrainingArguments):
     log_completions: bool = field(default=False, metadata={"help": "Print a table of completions when logging."})
     num_completions_to_print: int | None = 4
     max_unrewarded_batches: int = field(default=2, metadata={
-        "help": "Consecutive micro-batches in which every reward function returns None for every rollout that are "
-                "skipped with a warning; one more stops training with an error (0: stop at the first)."})
+        "help": "Consecutive micro-batches with nothing to learn (every reward None, or, while the run has never seen "
+                "two different rewards, the same reward for every completion) that are skipped with a warning; one "
+                "more stops training with an error (0: stop at the first)."})
 
     # -- the transport (per-step steering along a prefix value; training's own defaults) ---------------------
     transport_steps: int = field(default=1, metadata={

@@ -8,6 +8,7 @@ import math
 
 import torch
 from torch.utils.checkpoint import checkpoint
+from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from trl.trainer.utils import selective_log_softmax
 
 MIN_TARGET_WEIGHT = 1e-3  # targets below this weight within their group are dropped (and the rest renormalised)
@@ -49,7 +50,12 @@ def completion_logps(model, input_ids, attention_mask, completion_start: int,
     projection cut to one position; the decoder's final states are taken from a hook and projected
     ``chunk_rows`` rows at a time. With gradients on, each chunk is recomputed in backward (activation
     checkpointing), so no [B, T, V] logits tensor ever exists, in forward or backward: the same values and
-    gradients as one full projection, at memory that does not grow with rows x vocabulary."""
+    gradients as one full projection, at memory that does not grow with rows x vocabulary. Under DeepSpeed ZeRO-3
+    the rows go in one piece, not recomputed: every call of the sharded head is a collective, ranks hold different
+    row counts, and a recomputed gather does not match the forward's."""
+    zero3 = is_deepspeed_zero3_enabled()
+    if zero3:
+        chunk_rows = max(1, input_ids.shape[0])
     inner = getattr(model, "module", model)  # DDP / DeepSpeed engines keep the model in .module
     decoder, head = inner.get_decoder(), inner.get_output_embeddings()
     captured = {}
@@ -61,7 +67,7 @@ def completion_logps(model, input_ids, attention_mask, completion_start: int,
         handle.remove()
     hidden = captured["h"][:, completion_start - 1:-1]  # the states that predict each completion token
     targets = input_ids[:, completion_start:]
-    grad = torch.is_grad_enabled() and hidden.requires_grad
+    grad = torch.is_grad_enabled() and hidden.requires_grad and not zero3
     return torch.cat([
         checkpoint(_chunk_logps, head, hidden[s:s + chunk_rows], targets[s:s + chunk_rows], use_reentrant=False)
         if grad else _chunk_logps(head, hidden[s:s + chunk_rows], targets[s:s + chunk_rows])

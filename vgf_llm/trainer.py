@@ -166,9 +166,11 @@ class VGFTrainer(Trainer):
                     server_port=a.vllm_server_port, server_timeout=a.vllm_server_timeout,
                     server_base_url=a.vllm_server_base_url, tensor_parallel_size=a.vllm_tensor_parallel_size,
                     max_model_length=a.vllm_max_model_length) if a.use_vllm else {}
+        # one generate call per micro-batch: vLLM's engine is sized for that many prompts x num_generations
+        batch = a.per_device_train_batch_size if a.use_vllm else a.prompts_per_generation
         return make_rollout_backend(self.model, self.processing_class, use_vllm=a.use_vllm,
                                     max_new_tokens=a.max_completion_length, temperature=a.temperature, top_p=a.top_p,
-                                    top_k=a.top_k, batch_size=a.prompts_per_generation, **vllm)
+                                    top_k=a.top_k, batch_size=batch, num_generations=a.num_generations, **vllm)
 
     # -- one step -----------------------------------------------------------------------------------------------
     def _next_seed(self) -> int:
@@ -494,9 +496,8 @@ class VGFTrainer(Trainer):
         if damage:
             raise ValueError(f"cannot resume from {folder}: {damage}; resume from an earlier checkpoint, or with "
                              "resume_from_checkpoint=true for the last one that reads back")
-        if self.space is not None:  # the prefix value is refitted on the saved buffer, as it was at the save
-            buffer = torch.load(folder / "vgf_state.pt", weights_only=False)["value_buffer"]
-            self.space.restore(buffer, seed=self.args.seed + self.state.global_step)
+        if self.space is not None:  # the next step refits the prefix value on the saved buffer and its own batch
+            self.space.restore(torch.load(folder / "vgf_state.pt", weights_only=False)["value_buffer"])
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         """The policy adapter back into ``default`` (the parent only knows PeftModel-wrapped adapters)."""

@@ -63,6 +63,9 @@ class PrefixSteering:
         value's correlation with these targets (``corr``: it never saw them), and the new fit's out-of-fold ``cv_corr``
         and ``ridge`` (absent when too few finite targets: the previous value is kept)."""
         g, n, _ = rollouts.shape
+        if len(self._states) != len(self.buffer):  # restored from a checkpoint: read its states once, here
+            self._states.clear()
+            self._states.extend(self._read_states(ro) for ro, _ in self.buffer)
         states, rows = self._read_states(rollouts)
         stats = {}
         r = targets.reshape(-1).float()
@@ -86,15 +89,12 @@ class PrefixSteering:
             stats |= {"cv_corr": fitted.cv_corr, "ridge": fitted.ridge}
         return stats
 
-    def restore(self, buffer: list[tuple[Rollouts, torch.Tensor]], *, seed: int = 0) -> None:
-        """Refill the buffer from a checkpoint (``list(space.buffer)``) and refit on it."""
+    def restore(self, buffer: list[tuple[Rollouts, torch.Tensor]]) -> None:
+        """Refill the buffer from a checkpoint (``list(space.buffer)``). Its prefix states are read, and the value
+        refitted, at the next ``fit`` (where the caller holds the model's weights whole, e.g. under ZeRO-3)."""
         self.buffer.clear()
         self._states.clear()
-        for rollouts, targets in buffer[:-1]:
-            self.buffer.append((rollouts, targets))
-            self._states.append(self._read_states(rollouts))
-        if buffer:
-            self.fit(*buffer[-1], seed=seed)
+        self.buffer.extend(buffer)
 
     # -- move: regenerate, moving the state at every step ---------------------------------------------------------
     def move(self, rollouts: Rollouts, budget: Budget) -> Moved:
