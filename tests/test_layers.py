@@ -8,10 +8,10 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "vgf_llm"
 
 FLOORS = [
-    ["vgf_llm.flow", "vgf_llm.adapters", "vgf_llm.ridge", "vgf_llm.rollout.config"],
+    ["vgf_llm.flow", "vgf_llm.adapters", "vgf_llm.ridge", "vgf_llm.rollout.config", "vgf_llm.checks"],
     ["vgf_llm.models", "vgf_llm.tasks", "vgf_llm.rewards", "vgf_llm.hub", "vgf_llm.value", "vgf_llm.distill",
      "vgf_llm.rollout", "vgf_llm.rollout.hf", "vgf_llm.rollout.vllm_engine", "vgf_llm.rollout.vllm_client",
-     "vgf_llm.prefix_value"],
+     "vgf_llm.prefix_value", "vgf_llm.prompt_files"],
     ["vgf_llm.value_fit", "vgf_llm.evaluation", "vgf_llm.proxy_reward", "vgf_llm.rollout.vllm_backend",
      "vgf_llm.spaces", "vgf_llm.spaces.base", "vgf_llm.spaces.reference", "vgf_llm.spaces.regenerate",
      "vgf_llm.spaces.token_edits", "vgf_llm.spaces.prefix_steering"],

@@ -432,7 +432,7 @@ def test_report_to_a_local_tracker_records_the_vgf_metrics(tmp_path, tiny_lm_dir
         events = EventAccumulator(glob.glob(str(tmp_path / "out" / "runs" / "*"))[0])
         events.Reload()
         keys = set(events.Tags()["scalars"])
-    for metric in ("train/loss", "train/reward", "train/kl", "train/transport/reward_after", "train/value/loss"):
+    for metric in ("train/loss", "train/reward", "train/kl", "train/transport/reward_after", "train/value/cv_corr"):
         assert metric in keys, (tracker, metric, sorted(keys))
 
 

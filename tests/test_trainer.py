@@ -343,6 +343,38 @@ def test_completion_logps_match_a_full_forward(tiny_lm):
         torch.testing.assert_close(completion_logps(tiny_lm, ids, mask, 6), expected)
 
 
+def test_chunked_distillation_gives_the_loss_and_gradients_of_one_full_projection(tiny_lm):
+    """The vocabulary projection runs a few rows at a time (recomputed in backward): the same log-probabilities and
+    gradients as one projection of every row, and no projection ever sees more rows than its chunk."""
+    from vgf_llm.distill import completion_logps
+
+    ids = torch.randint(5, 300, (7, 12))
+    mask = torch.ones_like(ids)
+    weights = torch.rand(7)
+    head = tiny_lm.get_output_embeddings()
+    seen = []
+    handle = head.register_forward_hook(lambda _m, inputs, _o: seen.append(tuple(inputs[0].shape[:2])))
+
+    def loss_and_grads(chunk_rows):
+        tiny_lm.zero_grad()
+        seen.clear()
+        loss = (weights * completion_logps(tiny_lm, ids, mask, 6, chunk_rows=chunk_rows).sum(-1)).sum()
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in tiny_lm.named_parameters() if p.grad is not None}
+
+    try:
+        full_loss, full_grads = loss_and_grads(7)
+        chunked_loss, chunked_grads = loss_and_grads(2)
+    finally:
+        handle.remove()
+    torch.testing.assert_close(chunked_loss, full_loss)
+    assert full_grads.keys() == chunked_grads.keys() and full_grads
+    for name in full_grads:
+        torch.testing.assert_close(chunked_grads[name], full_grads[name], rtol=1e-4, atol=1e-6)
+    projected = [rows for rows, positions in seen if positions > 1]  # the model's own call keeps 1 position
+    assert max(projected) == 2 and len(projected) == 8  # 4 chunks, and their recomputation in backward
+
+
 def test_async_trl_reward_functions_work_unchanged(tiny_lm_dir, standard_prompts, tmp_path):
     calls = []
 

@@ -60,10 +60,17 @@ def context_length(model) -> int | None:
     return value if isinstance(value, int) and value > 0 else None
 
 
+def format_prompt(prompt, tokenizer) -> str:
+    """TRL's two prompt forms: a string is used as is; a message list goes through the chat template."""
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, list) and all(isinstance(m, dict) and "role" in m for m in prompt):
+        return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    raise TypeError(prompt_problem(prompt) or f"a prompt must be {MESSAGES_FORM}")
+
+
 def prompt_lengths(prompts, tokenizer) -> list[int]:
     """Tokens of each prompt as the rollouts encode it (chat template applied, no extra special tokens)."""
-    from vgf_llm.rollout.hf import format_prompt
-
     texts = [format_prompt(p, tokenizer) for p in prompts]
     if not texts:
         return []

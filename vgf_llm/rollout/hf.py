@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from vgf_llm.checks import MESSAGES_FORM, check_prompt_lengths, context_length, prompt_problem
+from vgf_llm.checks import check_prompt_lengths, context_length, format_prompt
 
 
 @dataclass
@@ -48,15 +48,6 @@ class Rollouts:
         return Rollouts(self.prompt_ids[groups], self.prompt_mask[groups], self.completion_ids[groups],
                         self.completion_mask[groups], self.texts[groups],
                         None if self.logprobs is None else self.logprobs[groups])
-
-
-def format_prompt(prompt, tokenizer) -> str:
-    """TRL's two prompt forms: a string is used as is; a message list goes through the chat template."""
-    if isinstance(prompt, str):
-        return prompt
-    if isinstance(prompt, list) and all(isinstance(m, dict) and "role" in m for m in prompt):
-        return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-    raise TypeError(prompt_problem(prompt) or f"a prompt must be {MESSAGES_FORM}")
 
 
 def encode_prompts(prompts: list, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
