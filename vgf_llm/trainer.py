@@ -32,6 +32,7 @@ from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.trainer_utils import enable_full_determinism, rotate_checkpoints, set_seed
 
 from vgf_llm.adapters import active_adapter
+from vgf_llm.checks import check_prompts, check_prompts_fit, damaged_file, prompts_of
 from vgf_llm.config import VGFConfig
 from vgf_llm.distill import MIN_TARGET_WEIGHT, completion_logps, distill_weights, group_std, pad_cat
 from vgf_llm.evaluation import policy_rewards
@@ -48,8 +49,6 @@ CHECKPOINT_COMPLETE = "vgf_checkpoint_complete"  # written last into a checkpoin
 def last_complete_checkpoint(output_dir: str) -> str:
     """The newest checkpoint of ``output_dir`` that was saved to the end and reads back (incomplete or damaged
     ones are skipped, with a warning naming why, and kept on disk)."""
-    from vgf_llm.checks import damaged_file
-
     folders = sorted(Path(output_dir).glob("checkpoint-*"), key=lambda f: int(f.name.split("-")[-1])
                      if f.name.split("-")[-1].isdigit() else -1, reverse=True) if Path(output_dir).is_dir() else []
     for folder in folders:
@@ -72,8 +71,6 @@ def default_lora_config():
 
 
 def check_prompt_dataset(dataset, name: str) -> None:
-    from vgf_llm.checks import check_prompts, prompts_of
-
     if dataset is None:
         return
     columns = getattr(dataset, "column_names", None)
@@ -154,6 +151,7 @@ class VGFTrainer(Trainer):
         self._phase_seconds: dict[str, float] = {}
         self._micro_batches = 0
         self._unrewarded_batches = 0  # consecutive micro-batches in which no reward applied to any rollout
+        self._reward_span: tuple | None = None  # (min, max, count) of the run's rewards, see _check_rewarded
         self._last_completions: dict = {}
         self._extra_columns: dict[str, list] = {}
         self._micro_step = (-1, 0)  # (global step, micro-batch index): seeds rollouts reproducibly across resumes
@@ -298,7 +296,7 @@ class VGFTrainer(Trainer):
         if self.accelerator.num_processes > 1:
             span = self.accelerator.gather(span.to(self.accelerator.device)).cpu()
         low, high, count = float(span[:, 0].min()), float(span[:, 1].max()), int(span[:, 2].sum())
-        if not hasattr(self, "_reward_span"):  # (min, max, number) of the run's rewards; a resumed run's logs count
+        if self._reward_span is None:  # (min, max, number) of the run's rewards; a resumed run's logs count
             logged = [e for e in self.state.log_history if "reward" in e]
             varied = len({e["reward"] for e in logged}) > 1 or any(e.get("reward_std", 0) > 0 for e in logged)
             self._reward_span = (-inf, inf, 2) if varied else (inf, -inf, 0)
@@ -485,8 +483,6 @@ class VGFTrainer(Trainer):
                                    best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
 
     def _load_vgf_state(self, checkpoint: str) -> None:
-        from vgf_llm.checks import damaged_file
-
         folder = Path(checkpoint)
         if not (folder / CHECKPOINT_COMPLETE).is_file():
             raise ValueError(f"{folder} is incomplete (no {CHECKPOINT_COMPLETE}: it was cut off while saving); resume "
@@ -514,8 +510,6 @@ class VGFTrainer(Trainer):
             raise ValueError(f"the checkpoint's adapter does not fit this model: {result.unexpected_keys[:3]}")
 
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
-        from vgf_llm.checks import check_prompts_fit, prompts_of
-
         for name, data in (("train_dataset", self.train_dataset), ("eval_dataset", self.eval_dataset)):
             if data is not None:  # a prompt past the context would crawl through generation: refuse it now
                 check_prompts_fit(prompts_of(data), f"the {name}", self.processing_class, self.model,
