@@ -1,17 +1,23 @@
 """Particle spaces (vgf_llm.spaces): the two kept spaces behind one interface, ``fit`` and ``move``."""
 
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import CHAT_PROMPTS as PROMPTS  # the chat prompts the conftest rollouts fixture samples
+from conftest import _llama_config
 
-from vgf_llm.rollout.hf import HFGenerateBackend
+from vgf_llm.rollout.hf import HFGenerateBackend, Rollouts
 from vgf_llm.sampler import SamplerConfig
 from vgf_llm.spaces import Budget, Moved, PrefixSteering, VerifiedEdits, make_space
 from vgf_llm.spaces.reference import ReferenceTokens, movable_mask, special_token_ids
 from vgf_llm.spaces.token_edits import value_and_grad
-from vgf_llm.value import ValueModel
+from vgf_llm.value import SCORE_CHUNK_ROWS, ValueModel
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from memory_model import PeakMemory  # noqa: E402
 
 
 class TokenCountScorer:
@@ -64,6 +70,42 @@ def test_reference_top_k_are_the_references_most_likely_allowed_tokens(tiny_lm, 
     assert set(top[0, 0].tolist()) == set(logits.topk(5).indices.tolist())
 
 
+def wide_model_and_rollouts(tokenizer, vocab: int, rows: int, tokens: int):
+    """A random tiny model whose vocabulary (``vocab``) dwarfs its width, and ``rows`` random responses of
+    ``tokens`` tokens (2 prompts): the vocabulary-sized tensors dominate what a lift allocates."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(_llama_config(tokenizer, vocab_size=vocab, hidden_size=16, intermediate_size=32,
+                                           num_attention_heads=2, num_key_value_heads=2)).eval()
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(4, 300, (2, rows // 2, tokens), generator=gen)  # no special tokens: nothing ends early
+    p_ids = torch.randint(4, 300, (2, 6), generator=gen)
+    ro = Rollouts(p_ids, torch.ones_like(p_ids), ids, torch.ones_like(ids), [[""] * (rows // 2)] * 2)
+    return model, ro
+
+
+def test_reference_top_k_runs_in_row_chunks_and_only_indices_leave_the_device(tokenizer):
+    """Only [B, T, k] indices come out of the top-k: no pass sees more than ``REFERENCE_CHUNK_ROWS`` rows, and
+    its memory grows with the vocabulary by less than one rows x tokens x vocabulary float32 tensor."""
+    from vgf_llm.spaces.reference import REFERENCE_CHUNK_ROWS
+
+    rows, tokens, peaks = 8 * REFERENCE_CHUNK_ROWS, 16, []
+    for vocab in (1000, 2000):
+        model, ro = wide_model_and_rollouts(tokenizer, vocab, rows, tokens)
+        seen = []
+        model.get_decoder().register_forward_pre_hook(lambda _m, _a, kw, seen=seen: seen.append(len(kw["input_ids"])),
+                                                      with_kwargs=True)
+        reference = ReferenceTokens(model, model.get_input_embeddings().weight, k=4)
+        p_ids, p_mask, ids, _ = ro.flat()
+        with PeakMemory() as memory:
+            top = reference.topk(ids, p_ids, p_mask)
+        assert top.shape == (rows, tokens, 4) and top.device.type == "cpu"
+        assert max(seen) <= REFERENCE_CHUNK_ROWS, seen
+        peaks.append(memory.peak)
+    assert peaks[1] - peaks[0] < rows * tokens * 1000 * 4, peaks
+
+
 def test_make_space_builds_every_kept_space_from_a_config(tiny_lm, tokenizer):
     vm = ValueModel(tiny_lm)
     verified = make_space("verified", tiny_lm, tokenizer, vm, SamplerConfig(decoder="verified", decoder_topk=3,
@@ -99,6 +141,31 @@ def test_embedding_rows_lift_to_the_scorers_rows_and_take_its_gradient(tiny_lm, 
     p_ids, p_mask, ids, cmask = rollouts.flat()
     torch.testing.assert_close(values.reshape(-1), vm.score_ids(p_ids, p_mask, ids, cmask))
     assert grad.shape == start.shape and torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+def test_the_value_gradient_runs_in_chunks_of_rows(tiny_lm, tokenizer, rollouts):
+    """No ``score_embeds`` call of the transport's value-gradient pass (nor of the scoring) sees more than
+    ``SCORE_CHUNK_ROWS`` rows; the chunks give the values and gradients of one pass over all rows."""
+    vm = ValueModel(tiny_lm)
+    rows = rollouts.shape[0] * rollouts.shape[1]
+    assert rows > SCORE_CHUNK_ROWS
+    start, _ = VerifiedEdits(tiny_lm, tokenizer, vm).lift(rollouts)
+    p_ids, p_mask, _, cmask = rollouts.flat()
+    leaf = start.clone().requires_grad_(True)
+    whole = vm.score_embeds(p_ids, p_mask, leaf.reshape(rows, *start.shape[2:]), cmask)
+    (whole_grad,) = torch.autograd.grad(whole.sum(), leaf)
+    seen, score_embeds = [], vm.score_embeds
+
+    def spy(prompt_ids, *args):
+        seen.append(len(prompt_ids))
+        return score_embeds(prompt_ids, *args)
+
+    vm.score_embeds = spy
+    values, grad = value_and_grad(vm, rollouts, start)
+    vm.score_ids(*rollouts.flat())
+    assert max(seen) <= SCORE_CHUNK_ROWS and sum(seen) == 2 * rows, seen
+    torch.testing.assert_close(values.reshape(-1), whole.detach())
+    torch.testing.assert_close(grad, whole_grad)
 
 
 def test_verified_edits_only_keep_swaps_that_really_raise_the_value(tiny_lm, tokenizer, rollouts):
@@ -275,6 +342,21 @@ def test_prefix_steering_at_zero_step_reproduces_the_reference_samples(tiny_lm, 
     assert torch.equal(moved.mask, rollouts.completion_mask) and torch.equal(moved.ids, rollouts.completion_ids)
     assert not moved.displacement.any()
     assert moved.trace.values.shape[1:] == rollouts.shape[:2] and moved.trace.values.shape[0] > 2
+
+
+def test_the_steering_noise_is_drawn_per_step_not_stored_for_every_token_of_the_vocabulary(tokenizer):
+    """The posterior Gumbel noise of a move is drawn one generated position at a time ([rows, vocabulary]), never
+    held as [rows, tokens, vocabulary]: the move's memory grows with the vocabulary by less than one such float32
+    tensor (the old lift held several), and an unchanged model still re-creates its samples (tests above)."""
+    rows, tokens, peaks = 8, 32, []
+    for vocab in (1000, 2000):
+        model, ro = wide_model_and_rollouts(tokenizer, vocab, rows, tokens)
+        space = PrefixSteering(model, tokenizer, steer_layer=1)
+        space.value = favourite_prefix_value(model, 20)
+        with PeakMemory() as memory:
+            space.move(ro, Budget(1, 0.0))
+        peaks.append(memory.peak)
+    assert peaks[1] - peaks[0] < rows * tokens * 1000 * 4, peaks
 
 
 def test_prefix_steering_moves_the_decoded_tokens_towards_the_preferred_token(sharp_lm, tokenizer):

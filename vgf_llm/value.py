@@ -20,6 +20,8 @@ from torch import nn
 
 from vgf_llm.adapters import active_adapter, first_layers
 
+SCORE_CHUNK_ROWS = 8  # rows per scorer pass (and per value-gradient backward): activations of 8 rows at a time
+
 
 def join_inputs(embed_weight, prompt_ids, prompt_mask, response_embeds, response_mask):
     """[prompt | response] as inputs_embeds in the model's dtype, attention mask and position ids (prompt
@@ -35,7 +37,8 @@ def join_inputs(embed_weight, prompt_ids, prompt_mask, response_embeds, response
 
 
 @torch.no_grad()
-def score_token_ids(scorer, prompt_ids, prompt_mask, response_ids, response_mask, batch_size: int = 32):
+def score_token_ids(scorer, prompt_ids, prompt_mask, response_ids, response_mask,
+                    batch_size: int = SCORE_CHUNK_ROWS):
     """Score real token sequences in batches with any scorer's ``score_embeds`` (its own embedding rows)."""
     weight = scorer.embedding_weight
     return torch.cat([
@@ -106,7 +109,8 @@ class ValueModel(nn.Module):
         last = (rmask.sum(1).long() - 1).clamp_min(0)
         return states[torch.arange(states.shape[0]), last]
 
-    def score_ids(self, prompt_ids, prompt_mask, response_ids, response_mask, batch_size: int = 32) -> torch.Tensor:
+    def score_ids(self, prompt_ids, prompt_mask, response_ids, response_mask,
+                  batch_size: int = SCORE_CHUNK_ROWS) -> torch.Tensor:
         return score_token_ids(self, prompt_ids, prompt_mask, response_ids, response_mask, batch_size)
 
     @torch.no_grad()
@@ -194,5 +198,6 @@ class RewardModelScorer(nn.Module):
         logits = self.model.score(states[torch.arange(states.shape[0]), last])
         return logits[:, 0].float()
 
-    def score_ids(self, prompt_ids, prompt_mask, response_ids, response_mask, batch_size: int = 32) -> torch.Tensor:
+    def score_ids(self, prompt_ids, prompt_mask, response_ids, response_mask,
+                  batch_size: int = SCORE_CHUNK_ROWS) -> torch.Tensor:
         return score_token_ids(self, prompt_ids, prompt_mask, response_ids, response_mask, batch_size)

@@ -29,7 +29,7 @@ from vgf_llm.ridge import pearson
 from vgf_llm.rollout.hf import Rollouts, eos_token_ids
 from vgf_llm.spaces.base import Budget, Moved, concat_traces
 from vgf_llm.spaces.reference import ReferenceTokens
-from vgf_llm.spaces.regenerate import check_plain_sampling, posterior_noise, regenerate, regenerated
+from vgf_llm.spaces.regenerate import PosteriorNoise, check_plain_sampling, regenerate, regenerated
 
 
 class PrefixSteering:
@@ -106,14 +106,14 @@ class PrefixSteering:
                              "sampler fits it to the scorer's values of each batch, the trainer to true rewards)")
         g, n, t = rollouts.shape
         p_ids, p_mask, ids, cmask = rollouts.flat()
-        noise = posterior_noise(self.reference, rollouts, self.temperature, self.seed)
+        noise = PosteriorNoise(self.reference, rollouts, self.temperature, self.seed)
         device = self.model.device
         weight_z = (pv.weight * pv.std).to(device)  # d V / d z for z = (h - mean) / std
         mean, std = pv.mean.to(device), pv.std.to(device)
         value_at_mean = pv.bias + float(pv.mean @ pv.weight)  # V = weight_z . z + value_at_mean
-        movable = (cmask.sum(-1) > 0)
+        movable = (cmask.sum(-1) > 0).to(device)
         alive = movable.clone()
-        traces, disp_sum, moved_steps = [], torch.zeros(g * n), torch.zeros(g * n)
+        traces, disp_sum, moved_steps = [], torch.zeros(g * n, device=device), torch.zeros(g * n, device=device)
         flow_kwargs = budget.flow_kwargs()
 
         def grad_fn(z):  # called at every generated token: nothing to recompute
@@ -121,12 +121,12 @@ class PrefixSteering:
 
         def move(hidden):  # [B, S, d] -> the same with its newest position moved
             z = ((hidden[:, -1].float() - mean) / std).reshape(g, n, -1)
-            live = alive.reshape(g, n).float().to(device)
+            live = alive.reshape(g, n).float()
             moved, trace = transport(z, grad_fn=grad_fn, mask=live, **flow_kwargs)
             traces.append(trace)
             if trace.displacement.shape[0]:
-                disp_sum.add_(trace.displacement[-1].reshape(-1).cpu())
-            moved_steps.add_(live.reshape(-1).cpu())
+                disp_sum.add_(trace.displacement[-1].reshape(-1).to(device))
+            moved_steps.add_(live.reshape(-1))
             hidden = hidden.clone()
             hidden[:, -1] = (moved.reshape(g * n, -1) * std + mean).to(hidden.dtype)
             return hidden
@@ -149,7 +149,7 @@ class PrefixSteering:
 
         out = regenerate(self.model, self.tokenizer.pad_token_id, self.eos, p_ids, p_mask, noise, self.temperature,
                          steering)
-        new_ids, new_mask = regenerated(out, ids, cmask, movable, self.eos, self.tokenizer.pad_token_id)
-        disp = (disp_sum / moved_steps.clamp_min(1)).reshape(g, n)
+        new_ids, new_mask = regenerated(out, ids, cmask, movable.cpu(), self.eos, self.tokenizer.pad_token_id)
+        disp = (disp_sum / moved_steps.clamp_min(1)).reshape(g, n).cpu()
         return Moved(new_ids.reshape(g, n, t), new_mask.reshape(g, n, t), disp, concat_traces(traces, g, n),
                      {"moved_positions": float(moved_steps.sum()), "prefix_cv_corr": pv.cv_corr})

@@ -7,6 +7,8 @@ import torch
 
 from vgf_llm.adapters import active_adapter
 
+REFERENCE_CHUNK_ROWS = 4  # rows per reference pass: the top-k's logits are 4 x tokens x vocabulary at most
+
 
 def special_token_ids(tokenizer) -> set[int]:
     """Ids no particle may decode to: the tokenizer's special tokens and chat markers such as ``<|im_end|>``."""
@@ -55,19 +57,34 @@ class ReferenceTokens:
         return w.float().cpu()
 
     @torch.no_grad()
-    def logits(self, ids: torch.Tensor, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
-        """[B, T, V] float32 CPU reference logits for every response position from one pass over [prompt | response]
-        (position t given the tokens before it); excluded tokens at -inf."""
-        device = self.model.device
-        full_ids = torch.cat([prompt_ids, ids], 1).to(device)
-        full_mask = torch.cat([prompt_mask, torch.ones_like(ids)], 1).to(device)
+    def states(self, ids: torch.Tensor, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
+        """[B, T, d] the reference's final hidden states that predict each response token (position t given the
+        tokens before it), teacher-forced over [prompt | response], on the model's device in its dtype.
+        ``REFERENCE_CHUNK_ROWS`` rows per pass; d is far below the vocabulary, so these are what a caller keeps."""
+        decoder, device, width = self.model.get_decoder(), self.model.device, prompt_ids.shape[1]
+        out = []
         with active_adapter(self.model, None):
-            # only the T + 1 last positions go through the LM head (the prompt's logits are never needed)
-            logits = self.model(input_ids=full_ids, attention_mask=full_mask,
-                                position_ids=(full_mask.cumsum(-1) - 1).clamp_min(0),
-                                logits_to_keep=ids.shape[1] + 1).logits
-        return logits[:, :-1].float().cpu().masked_fill(~self.allowed, -float("inf"))
+            for s in range(0, len(ids), REFERENCE_CHUNK_ROWS):
+                rows = slice(s, s + REFERENCE_CHUNK_ROWS)
+                full_ids = torch.cat([prompt_ids[rows], ids[rows]], 1).to(device)
+                mask = torch.cat([prompt_mask[rows], torch.ones_like(ids[rows])], 1).to(device)
+                h = decoder(input_ids=full_ids, attention_mask=mask,
+                            position_ids=(mask.cumsum(-1) - 1).clamp_min(0)).last_hidden_state
+                out.append(h[:, width - 1:-1])
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def logits(self, states: torch.Tensor) -> torch.Tensor:
+        """[..., V] float32 reference logits of final ``states`` [..., d], on their device; excluded tokens at -inf."""
+        allowed = self.allowed.to(states.device)
+        return self.model.get_output_embeddings()(states).float().masked_fill(~allowed, -float("inf"))
 
     def topk(self, ids, prompt_ids, prompt_mask) -> torch.Tensor:
-        """[B, T, k] the reference's k most likely allowed tokens at every position (the original may be among them)."""
-        return self.logits(ids, prompt_ids, prompt_mask).topk(min(self.k, int(self.allowed.sum())), -1).indices
+        """[B, T, k] the reference's k most likely allowed tokens at every position (the original may be among them),
+        on the CPU. Computed on the model's device ``REFERENCE_CHUNK_ROWS`` rows at a time: only the indices leave
+        it, never a [B, T, V] logits tensor."""
+        k = min(self.k, int(self.allowed.sum()))
+        return torch.cat([
+            self.logits(self.states(ids[s:s + REFERENCE_CHUNK_ROWS], prompt_ids[s:s + REFERENCE_CHUNK_ROWS],
+                                    prompt_mask[s:s + REFERENCE_CHUNK_ROWS])).topk(k, -1).indices.cpu()
+            for s in range(0, len(ids), REFERENCE_CHUNK_ROWS)])

@@ -1,11 +1,11 @@
 """Regenerating a reference sample under its own noise: the machinery of a particle the model decodes itself.
 
-Each sample keeps the sampling noise it was drawn with: ``posterior_noise`` draws Gumbel noise from its posterior
+Each sample keeps the sampling noise it was drawn with: ``PosteriorNoise`` draws Gumbel noise from its posterior
 given the sampled tokens (the Gumbel-max structural model: argmax(logits / temperature + noise) re-creates the
-sample exactly), and ``regenerate`` decodes argmax(changed logits / temperature + the same noise). So an unchanged
-model re-creates the reference sample token for token (budget 0 is best-of-N), and a small change tips only the
-tokens it tips, every later token being the model's own continuation under the same noise. Needs plain
-temperature sampling (``top_k=0``, ``top_p=1``, ``temperature > 0``).
+sample exactly), one position at a time on the model's device, and ``regenerate`` decodes argmax(changed logits /
+temperature + the same noise). So an unchanged model re-creates the reference sample token for token (budget 0
+is best-of-N), and a small change tips only the tokens it tips, every later token being the model's own
+continuation under the same noise. Needs plain temperature sampling (``top_k=0``, ``top_p=1``, ``temperature > 0``).
 """
 
 from __future__ import annotations
@@ -31,26 +31,39 @@ def posterior_gumbel(logits: torch.Tensor, observed: torch.Tensor, generator: to
 
 
 def _gumbel(shape, generator: torch.Generator) -> torch.Tensor:
-    u = torch.rand(shape, generator=generator).clamp(1e-12, 1 - 1e-7)
+    u = torch.rand(shape, generator=generator, device=generator.device).clamp(1e-12, 1 - 1e-7)
     return -torch.log(-torch.log(u))
 
 
-@torch.no_grad()
-def posterior_noise(reference: ReferenceTokens, rollouts: Rollouts, temperature: float, seed: int) -> torch.Tensor:
-    """[G * N, T, V] Gumbel noise per flat rollout row under which argmax(reference logits / temperature + noise)
-    re-creates every sampled token (posterior given the sample); positions after a sample's end get prior noise."""
-    g, n, t = rollouts.shape
-    p_ids, p_mask, ids, cmask = rollouts.flat()
-    gen = torch.Generator().manual_seed(seed)
-    noise = []
-    for s in range(0, g * n, 16):
-        logits = reference.logits(ids[s:s + 16], p_ids[s:s + 16], p_mask[s:s + 16]) / temperature
-        b, _, v = logits.shape
-        e = posterior_gumbel(logits.reshape(b * t, v), ids[s:s + 16].reshape(-1), gen).reshape(b, t, v)
-        free = ~cmask[s:s + 16].bool()  # after the sample's end: no observation, prior noise
-        e[free] = _gumbel((int(free.sum()), v), gen)
-        noise.append(e)
-    return torch.cat(noise)
+class PosteriorNoise:
+    """The Gumbel noise of every flat rollout row under which argmax(reference logits / temperature + noise)
+    re-creates each sampled token (its posterior given the sample; prior noise after a sample's end), drawn one
+    generated position at a time on the model's device: ``noise(t)`` is [B, V], never stored as [B, T, V].
+
+    What a draw needs is kept instead: the reference's final states [B, T, d] (d is far below V; the logits at t
+    are re-projected from them) and the sampled tokens; position t's generator is seeded from (seed, t), so every
+    call of ``noise(t)`` gives the same noise."""
+
+    @torch.no_grad()
+    def __init__(self, reference: ReferenceTokens, rollouts: Rollouts, temperature: float, seed: int):
+        p_ids, p_mask, ids, cmask = rollouts.flat()
+        self.reference, self.temperature, self.seed = reference, temperature, seed
+        self.states = reference.states(ids, p_ids, p_mask)
+        self.ids, self.observed = ids.to(self.states.device), cmask.to(self.states.device).bool()
+
+    @property
+    def steps(self) -> int:
+        return self.ids.shape[1]
+
+    @torch.no_grad()
+    def __call__(self, pos: int) -> torch.Tensor:
+        gen = torch.Generator(self.states.device).manual_seed(self.seed * 1_000_003 + pos)
+        logits = self.reference.logits(self.states[:, pos]) / self.temperature
+        noise = posterior_gumbel(logits, self.ids[:, pos], gen)
+        free = ~self.observed[:, pos]  # after the sample's end: no observation, prior noise
+        if free.any():
+            noise[free] = _gumbel((int(free.sum()), logits.shape[-1]), gen)
+        return noise
 
 
 def check_plain_sampling(decoder: str, temperature: float, top_k, top_p: float) -> None:
@@ -69,31 +82,32 @@ def regenerated(out, ids, mask, movable, eos: set[int], pad_id: int) -> tuple[to
 
 
 @torch.no_grad()
-def regenerate(model, pad_id: int, eos: set[int], p_ids, p_mask, noise, temperature: float,
+def regenerate(model, pad_id: int, eos: set[int], p_ids, p_mask, noise: PosteriorNoise, temperature: float,
                steering) -> torch.Tensor:
-    """[B, T] tokens: argmax(logits / temperature + noise[:, t]) step by step with a KV cache, the reference
-    (adapters off) running under ``steering(step, done)`` (a context manager per forward call: step 0 is the prompt
-    pass; ``done`` [B] marks rows already past their EOS); after a row's EOS its tokens are padding."""
+    """[B, T] tokens (on the CPU): argmax(logits / temperature + noise(t)) step by step with a KV cache, on the
+    model's device, the reference (adapters off) running under ``steering(step, done)`` (a context manager per
+    forward call: step 0 is the prompt pass; ``done`` [B], on the device, marks rows already past their EOS);
+    after a row's EOS its tokens are padding."""
     device = model.device
-    b, t = noise.shape[:2]
-    out = torch.full((b, t), pad_id, dtype=torch.long)
-    done = torch.zeros(b, dtype=torch.bool)
-    eos = torch.tensor(sorted(eos))
+    b, t = p_ids.shape[0], noise.steps
+    out = torch.full((b, t), pad_id, dtype=torch.long, device=device)
+    done = torch.zeros(b, dtype=torch.bool, device=device)
+    eos = torch.tensor(sorted(eos), device=device)
     mask = p_mask.to(device)
     with active_adapter(model, None), steering(0, done):
-        step = model(input_ids=p_ids.to(device), attention_mask=mask,
-                     position_ids=(mask.cumsum(-1) - 1).clamp_min(0), use_cache=True)
+        step = model(input_ids=p_ids.to(device), attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0),
+                     use_cache=True, logits_to_keep=1)
     cache = step.past_key_values
     for pos in range(t):
-        logits = step.logits[:, -1].float().cpu() / temperature + noise[:, pos]
-        token = torch.where(done, torch.full((b,), pad_id), logits.argmax(-1))
+        logits = step.logits[:, -1].float() / temperature + noise(pos)
+        token = logits.argmax(-1).masked_fill(done, pad_id)
         out[:, pos] = token
         done |= torch.isin(token, eos)
-        if done.all() or pos == t - 1:
+        if pos == t - 1 or done.all():
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
         with active_adapter(model, None), steering(pos + 1, done):
-            step = model(input_ids=token[:, None].to(device), attention_mask=mask,
-                         position_ids=mask.sum(-1, keepdim=True) - 1, past_key_values=cache, use_cache=True)
+            step = model(input_ids=token[:, None], attention_mask=mask, position_ids=mask.sum(-1, keepdim=True) - 1,
+                         past_key_values=cache, use_cache=True)
         cache = step.past_key_values
-    return out
+    return out.cpu()

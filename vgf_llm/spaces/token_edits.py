@@ -20,6 +20,7 @@ from vgf_llm.flow import transport
 from vgf_llm.rollout.hf import Rollouts
 from vgf_llm.spaces.base import Budget, Moved
 from vgf_llm.spaces.reference import ReferenceTokens, movable_mask, special_token_ids
+from vgf_llm.value import SCORE_CHUNK_ROWS
 
 
 class Verifier(Protocol):
@@ -37,14 +38,21 @@ def swap_gains(table: torch.Tensor, cand: torch.Tensor, current: torch.Tensor, t
 
 
 def value_and_grad(scorer, rollouts: Rollouts, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The scorer's values [G, N] of embedding-row particles ``u`` [G, N, T, d] and d values / d u."""
+    """The scorer's values [G, N] of embedding-row particles ``u`` [G, N, T, d] and d values / d u, forward and
+    backward ``SCORE_CHUNK_ROWS`` rows at a time (the scorer's activations never hold all G * N rows)."""
     g, n, t = rollouts.shape
     p_ids, p_mask, _, c_mask = rollouts.flat()
-    leaf = u.detach().requires_grad_(True)
-    with torch.enable_grad():
-        values = scorer.score_embeds(p_ids, p_mask, leaf.reshape(g * n, t, -1), c_mask)
-        (grad,) = torch.autograd.grad(values.sum(), leaf)
-    return values.detach().reshape(g, n).cpu(), grad
+    flat = u.detach().reshape(g * n, t, -1)
+    values, grads = [], []
+    for s in range(0, g * n, SCORE_CHUNK_ROWS):
+        rows = slice(s, s + SCORE_CHUNK_ROWS)
+        leaf = flat[rows].requires_grad_(True)
+        with torch.enable_grad():
+            v = scorer.score_embeds(p_ids[rows], p_mask[rows], leaf, c_mask[rows])
+            (grad,) = torch.autograd.grad(v.sum(), leaf)
+        values.append(v.detach().cpu())
+        grads.append(grad)
+    return torch.cat(values).reshape(g, n), torch.cat(grads).reshape(u.shape)
 
 
 class VerifiedEdits:
