@@ -297,14 +297,19 @@ def load_model(
     model_class=None,
     **kwargs,
 ):
-    """Load a model (default ``AutoModelForCausalLM``) via ``prepare_model``; extra kwargs go to from_pretrained."""
+    """Load a model (default ``AutoModelForCausalLM``) via ``prepare_model``; extra kwargs go to from_pretrained.
+
+    Under DeepSpeed ZeRO-3 the weights come partitioned (``zero.Init``) and are not moved: DeepSpeed gathers each
+    parameter onto the device its placeholder is on, so ``device`` is left to the Trainer/DeepSpeed."""
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
     if model_class is None:
         from transformers import AutoModelForCausalLM
 
         model_class = AutoModelForCausalLM
     path = prepare_model(name_or_path)
     model = model_class.from_pretrained(path, dtype=dtype, **kwargs)
-    return model.to(device)
+    return model if is_deepspeed_zero3_enabled() else model.to(device)
 
 
 def load_tokenizer(name_or_path: str | os.PathLike, *, padding_side: str = "left", **kwargs):

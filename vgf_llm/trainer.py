@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 from accelerate.utils import gather_object
+from peft.tuners.tuners_utils import cast_adapter_dtype
 from transformers import PreTrainedModel, Trainer
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.trainer_utils import enable_full_determinism, rotate_checkpoints, set_seed
@@ -36,7 +37,13 @@ from vgf_llm.checks import check_prompts, check_prompts_fit, damaged_file, promp
 from vgf_llm.config import VGFConfig
 from vgf_llm.distill import MIN_TARGET_WEIGHT, completion_logps, distill_weights, group_std, pad_cat
 from vgf_llm.evaluation import policy_rewards
-from vgf_llm.rewards import RewardFunctionError, resolve_reward_funcs, reward_func_name, reward_texts_and_parts
+from vgf_llm.rewards import (
+    RewardFunctionError,
+    RewardModelReward,
+    resolve_reward_funcs,
+    reward_func_name,
+    reward_texts_and_parts,
+)
 from vgf_llm.rollout.hf import Rollouts, tokens_changed
 from vgf_llm.rollout.vllm_backend import make_rollout_backend
 from vgf_llm.spaces import PrefixSteering
@@ -68,6 +75,18 @@ def default_lora_config():
 
     return LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, task_type="CAUSAL_LM",
                       target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+
+
+def checkpointing_kwargs(kwargs: dict | None) -> dict:
+    """``gradient_checkpointing_kwargs`` as TRL's GRPOTrainer sets them: non-reentrant unless asked, reentrant under
+    ZeRO-3 (LoRA + ZeRO-3 needs it: huggingface/trl#2514)."""
+    kwargs = dict(kwargs or {"use_reentrant": False})
+    if is_deepspeed_zero3_enabled() and not kwargs.get("use_reentrant"):
+        if "use_reentrant" in kwargs:
+            logger.warning("gradient checkpointing with use_reentrant=False under ZeRO-3: forced to True (LoRA + "
+                           "ZeRO-3 needs reentrant checkpointing, as in TRL)")
+        kwargs["use_reentrant"] = True
+    return kwargs
 
 
 def check_prompt_dataset(dataset, name: str) -> None:
@@ -137,11 +156,18 @@ class VGFTrainer(Trainer):
         peft_config = peft_config or default_lora_config()
         peft_config.base_model_name_or_path = self.base_model_name
         model.add_adapter(peft_config, adapter_name=POLICY)
+        # float32 adapter over a bf16/fp16 base (PEFT's autocast_adapter_dtype, as get_peft_model and TRL do):
+        # AdamW on bf16 weights rounds small updates away
+        cast_adapter_dtype(model, POLICY)
         model.enable_adapters()
         model.set_adapter(POLICY)  # trainable: the policy adapter only
+        if args.gradient_checkpointing:
+            args.gradient_checkpointing_kwargs = checkpointing_kwargs(args.gradient_checkpointing_kwargs)
+            model.enable_input_require_grads()  # frozen embeddings: the checkpointed blocks still get a gradient (TRL)
 
         super().__init__(model=model, args=args, data_collator=lambda rows: rows, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class, callbacks=callbacks)
+        self._prepare_reward_models()
         self.backend = rollout_backend or self._rollout_backend()
         # the transport (None at budget 0: best-of-N distillation reads no value and moves nothing)
         self.space = PrefixSteering(model, processing_class, steer_layer=args.steer_layer,
@@ -157,6 +183,16 @@ class VGFTrainer(Trainer):
         self._micro_step = (-1, 0)  # (global step, micro-batch index): seeds rollouts reproducibly across resumes
 
     # -- construction -------------------------------------------------------------------------------------------
+    def _prepare_reward_models(self) -> None:
+        """Reward models on the accelerator's device (sharded by DeepSpeed under it), with the run's autocast, as
+        TRL's GRPOTrainer prepares them."""
+        from trl.models import prepare_deepspeed
+
+        for func in self.reward_funcs:
+            if isinstance(func, RewardModelReward):
+                func.model = prepare_deepspeed(func.model, self.accelerator) if self.is_deepspeed_enabled else \
+                    self.accelerator.prepare_model(func.model, evaluation_mode=True, device_placement=True)
+
     def _rollout_backend(self):
         a = self.args
         vllm = dict(vllm_mode=a.vllm_mode, gpu_memory_utilization=a.vllm_gpu_memory_utilization,
@@ -218,9 +254,10 @@ class VGFTrainer(Trainer):
     def gathered_model(self):
         """The model with every weight whole, for generation, transport and decoding.
 
-        DeepSpeed ZeRO-3 shards the base weights, but the decoders read the embedding table and the value model
-        runs (and trains its adapter) on the trunk, so under ZeRO-3 this gathers every parameter for the duration,
-        as TRL does for generation (``unwrap_model_for_generation``). Elsewhere it does nothing."""
+        DeepSpeed ZeRO-3 shards the base weights, but generation, the prefix states and the steering regeneration
+        call the decoder directly, so under ZeRO-3 this gathers every parameter for the duration, as TRL does for
+        generation (``unwrap_model_for_generation``, gradient checkpointing off inside and back on with the run's
+        kwargs). Elsewhere it does nothing."""
         if not is_deepspeed_zero3_enabled():
             yield self.model
             return
@@ -229,7 +266,9 @@ class VGFTrainer(Trainer):
         if getattr(self, "deepspeed", None) is not None:  # the engine exists (training has started)
             from trl.models.utils import unwrap_model_for_generation
 
-            with unwrap_model_for_generation(self.model_wrapped, self.accelerator) as model:
+            with unwrap_model_for_generation(self.model_wrapped, self.accelerator,
+                                             gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs) \
+                    as model:
                 yield model
         else:
             with deepspeed.zero.GatheredParameters(list(self.model.parameters())):
@@ -244,7 +283,14 @@ class VGFTrainer(Trainer):
     def step_targets(self, rows: list[dict]) -> dict:
         """One step's distillation batch for prompt rows ``rows`` (what ``compute_loss`` takes): rollouts -> true
         rewards -> prefix-value fit -> transport -> re-score -> weighted targets. Public so benchmarks can run the
-        step without an optimizer update."""
+        step without an optimizer update.
+
+        It runs under the run's autocast (``bf16``/``fp16``): the rollouts, prefix states, steering regeneration and
+        reference pass call the decoder directly, outside the autocast accelerate puts around ``model.forward``."""
+        with self.accelerator.autocast():
+            return self._step_targets(rows)
+
+    def _step_targets(self, rows: list[dict]) -> dict:
         args, tok, model = self.args, self.processing_class, self.model
         seed = self._next_seed()
         self._micro_batches += 1
@@ -275,6 +321,8 @@ class VGFTrainer(Trainer):
         changed = tokens_changed(ro.completion_ids, ro.completion_mask, new_ids, new_mask)
         moved_rewards = rewards.clone()
         idx = changed.reshape(-1).nonzero().squeeze(1).tolist()
+        if self._sharded_reward_model():  # each forward of it is a collective: every process scores every row
+            idx = list(range(g * n))
         if idx:
             with self._timed("reward"):
                 texts = [moved.texts[i // n][i % n] for i in idx]
@@ -284,6 +332,9 @@ class VGFTrainer(Trainer):
         model.train()
         self._log_step(prompts, ro, moved, rewards, moved_rewards, changed, disp)
         return targets
+
+    def _sharded_reward_model(self) -> bool:
+        return is_deepspeed_zero3_enabled() and any(isinstance(f, RewardModelReward) for f in self.reward_funcs)
 
     def _check_rewarded(self, rewards: torch.Tensor) -> None:
         """Stop, instead of training on nothing, once ``max_unrewarded_batches`` micro-batches in a row had nothing
@@ -433,14 +484,16 @@ class VGFTrainer(Trainer):
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         if dataset is None:
             raise ValueError("evaluate() needs an eval_dataset")
-        rows = [dict(r) for r in dataset]
-        with self.accelerator.split_between_processes(rows) as local, self.gathered_model():
-            rewards, _ = policy_rewards(self.model, self.processing_class, local, self.reward_funcs,
+        rows = list(enumerate(dict(r) for r in dataset))
+        # shards of equal size (short ones repeat the last row: a ZeRO-3 reward model's forward is a collective),
+        # gathered as (row, reward) objects, since the shards of a set that does not divide differ in size
+        with self.accelerator.split_between_processes(rows, apply_padding=True) as local, self.gathered_model():
+            rewards, _ = policy_rewards(self.model, self.processing_class, [r for _, r in local], self.reward_funcs,
                                         self.args.reward_weights, adapter=POLICY,
                                         max_new_tokens=self.args.max_completion_length,
                                         batch_size=self.args.per_device_eval_batch_size, progress=False)
-        gathered = self.accelerator.gather_for_metrics(torch.tensor(rewards, device=self.accelerator.device))
-        metrics = {f"{metric_key_prefix}_reward": float(gathered.nanmean())}
+        scored = dict(gather_object([(i, r) for (i, _), r in zip(local, rewards, strict=True)]))
+        metrics = {f"{metric_key_prefix}_reward": float(torch.tensor([scored[i] for i, _ in rows]).nanmean())}
         self.log(dict(metrics))
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
