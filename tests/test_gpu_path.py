@@ -4,7 +4,12 @@ checkpointing with PEFT, reward models prepared by the accelerator, uneven evalu
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -176,3 +181,43 @@ def test_a_zero3_reward_model_scores_every_row_on_every_process(tiny_lm_dir, tin
     tr.create_optimizer_and_scheduler(num_training_steps=1)
     tr.step_targets([dict(r) for r in standard_prompts.select(range(2))])
     assert sizes == [8, 8]  # the rollouts, then every particle again (not only the changed ones)
+
+
+EVALUATE_ON_TWO_PROCESSES = """
+import json, sys
+import datasets
+from vgf_llm.config import VGFConfig
+from vgf_llm.trainer import VGFTrainer
+
+def value(prompts, completions, value, **kwargs):
+    return value
+
+model_dir, out = sys.argv[1], sys.argv[2]
+held_out = datasets.Dataset.from_dict({"prompt": ["a chair", "a river", "a road"], "value": [1.0, 2.0, 6.0]})
+args = VGFConfig(output_dir=out, use_cpu=True, ddp_backend="gloo", num_generations=2, max_completion_length=4,
+                 transport_steps=0, report_to="none", disable_tqdm=True)
+trainer = VGFTrainer(model_dir, value, args=args, eval_dataset=held_out)
+metrics = trainer.evaluate()
+with open(f"{out}/rank{trainer.accelerator.process_index}.json", "w") as f:
+    json.dump(metrics, f)
+"""
+
+
+def test_evaluate_on_two_processes_gathers_every_row_of_a_set_that_does_not_divide(tiny_lm_dir, tmp_path):
+    """3 held-out rows on 2 processes: shards of 2 and 1 rows (padded to 2 and 2), gathered as objects, so every
+    process reports the mean of exactly the 3 rewards (1, 2, 6), not a collective over tensors of unequal size."""
+    script = tmp_path / "evaluate.py"
+    script.write_text(EVALUATE_ON_TWO_PROCESSES)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", MASTER_PORT=str(29500 + os.getpid() % 1000 + 7))
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script),
+                             str(tiny_lm_dir), str(tmp_path)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:  # a collective over unequal tensors can hang: kill torchrun and its workers
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail("evaluate() on two processes hung:\n" + out[-3000:])
+    assert proc.returncode == 0, out[-4000:]
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"rank{rank}.json").read_text())["eval_reward"] == pytest.approx(3.0)
