@@ -221,3 +221,45 @@ def test_evaluate_on_two_processes_gathers_every_row_of_a_set_that_does_not_divi
     assert proc.returncode == 0, out[-4000:]
     for rank in (0, 1):
         assert json.loads((tmp_path / f"rank{rank}.json").read_text())["eval_reward"] == pytest.approx(3.0)
+
+
+def fake_gsm8k(folder: Path) -> None:
+    """A 3-row stand-in for ``load_dataset('openai/gsm8k', 'main').save_to_disk(folder)``: its splits and columns."""
+    import datasets
+
+    rows = {"question": ["Tom has 3 apples and buys 4 more. How many apples does he have?",
+                         "A box holds 6 eggs. How many eggs are in 2 boxes?",
+                         "Sara had 10 pens and gave away 4. How many pens are left?"],
+            "answer": ["3 + 4 = 7\n#### 7", "6 * 2 = 12\n#### 12", "10 - 4 = 6\n#### 6"]}
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows),
+                          "test": datasets.Dataset.from_dict(rows)}).save_to_disk(str(folder))
+
+
+def test_the_gsm8k_recipe_starts_from_the_folder_its_comment_saves(tiny_lm_dir, tmp_path, monkeypatch):
+    """recipes/gsm8k_qwen.yaml as shipped (bf16 weights, bf16 autocast, sdpa, gradient checkpointing), with only what
+    a CPU and a 3-row GSM8K need overridden and the tiny model for Qwen: the gsm8k task reads GSM8K's ``question``
+    from ``data/gsm8k`` (the folder the recipe's comment saves) and one step trains."""
+    from trl import TrlParser
+
+    from vgf_llm.config import VGFConfig
+    from vgf_llm.recipe import RecipeArguments, VGFModelConfig, load_datasets, run
+
+    recipe_file = ROOT / "recipes" / "gsm8k_qwen.yaml"
+    assert "save_to_disk('data/gsm8k')" in recipe_file.read_text()
+    monkeypatch.chdir(tmp_path)
+    fake_gsm8k(tmp_path / "data" / "gsm8k")
+    parser = TrlParser((RecipeArguments, VGFConfig, VGFModelConfig))
+    recipe, args, model_args = parser.parse_args_and_config([
+        "--config", str(recipe_file), "--use_cpu", "true", "--tf32", "false", "--use_vllm", "false",
+        "--model_name_or_path", str(tiny_lm_dir), "--output_dir", str(tmp_path / "out"), "--max_steps", "1",
+        "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1", "--num_generations", "2",
+        "--generation_batch_size", "4", "--max_completion_length", "6", "--report_to", "none", "--plot", "false",
+        "--disable_tqdm", "true"])
+    assert (args.bf16, args.gradient_checkpointing, model_args.dtype, model_args.attn_implementation) == \
+        (True, True, "bfloat16", "sdpa")
+    train, held_out, _ = load_datasets(recipe, args.seed)
+    assert len(train) == len(held_out) == 3
+    assert train[0]["prompt"][-1]["content"].startswith("Tom has 3 apples") and train[0]["answer"].endswith("#### 7")
+    summary = run(recipe, args, model_args)
+    assert summary["dtype"] == "bfloat16" and summary["held_out_prompts"] == 3
+    assert (tmp_path / "out" / "adapter_model.safetensors").exists()

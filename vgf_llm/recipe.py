@@ -24,8 +24,9 @@ class RecipeArguments:
     """Where the prompts and rewards come from, and what to report."""
 
     task: str | None = field(default="chain_sum", metadata={
-        "help": "A built-in task: 'sentiment' or a reasoning-gym task name (chain_sum, basic_arithmetic, ...). "
-                "Ignored when dataset_name is set."})
+        "help": "A built-in task: 'sentiment', 'helpful', 'gsm8k' (a local save_to_disk folder of openai/gsm8k, "
+                "task_config's path, default data/gsm8k) or a reasoning-gym task name (chain_sum, basic_arithmetic, "
+                "...). Ignored when dataset_name is set."})
     task_config: dict | str | None = field(default=None, metadata={
         "help": "kwargs of the task's dataset builder: a YAML mapping, or JSON on the command line."})
     dataset_name: str | None = field(default=None, metadata={

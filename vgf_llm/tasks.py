@@ -7,7 +7,9 @@ Two families, both generated locally so nothing has to be downloaded:
 - ``sentiment_dataset``: open-ended "Write one sentence about <topic>." prompts for smooth, text-level rewards
   such as VADER sentiment;
 - ``helpful_dataset``: short-answer instructions ("Give one tip for <topic>.", ...) for the gold/proxy reward-model
-  task (``vgf_llm.rewards.gold_helpful`` is the gold reward; ``vgf_llm.proxy_reward`` trains the proxy).
+  task (``vgf_llm.rewards.gold_helpful`` is the gold reward; ``vgf_llm.proxy_reward`` trains the proxy);
+- ``gsm8k_dataset``: GSM8K's own splits read from a local ``save_to_disk`` folder (the one dataset here that is not
+  generated: it has to be saved once where there is network), scored by ``vgf_llm.rewards.gsm8k_reward``.
 
 Train and test splits never share a question (reasoning-gym) or a topic (sentiment), so held-out numbers are
 honest.
@@ -61,6 +63,10 @@ def _format_prompt(text: str, system_prompt: str | None, conversational: bool):
         messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
         return messages + [{"role": "user", "content": text}]
     return f"{system_prompt}\n\n{text}" if system_prompt else text
+
+
+def _with_instruction(question: str, instruction: str | None) -> str:
+    return f"{question}\n{instruction}" if instruction else question
 
 
 def reasoning_gym_dataset(
@@ -137,12 +143,10 @@ def reasoning_gym_dataset(
             f"ask for fewer rows, use unique=False, change test_fraction, or widen the task config ({config})."
         )
 
-    def user_text(question: str) -> str:
-        return f"{question}\n{instruction}" if instruction else question
-
     return Dataset.from_dict(
         {
-            "prompt": [_format_prompt(user_text(e["question"]), system_prompt, conversational) for e in rows],
+            "prompt": [_format_prompt(_with_instruction(e["question"], instruction), system_prompt, conversational)
+                       for e in rows],
             "task": [task] * size,
             "entry": [_entry_json(task, e) for e in rows],
             "answer": [str(e["answer"]) for e in rows],
@@ -387,7 +391,45 @@ def helpful_dataset(
     })
 
 
-TEXT_TASKS = {"sentiment": (sentiment_dataset, ["vader"]), "helpful": (helpful_dataset, ["gold_helpful"])}
+GSM8K_DIR = "data/gsm8k"
+GSM8K_INSTRUCTION = "Solve it step by step, then write the final answer as a number on the last line after ####."
+
+
+def gsm8k_dataset(
+    size: int = 256,
+    seed: int = 0,
+    split: str = "train",
+    path: str = GSM8K_DIR,
+    conversational: bool = True,
+    system_prompt: str | None = None,
+    instruction: str | None = GSM8K_INSTRUCTION,
+) -> Dataset:
+    """The first ``size`` rows of GSM8K's ``split`` as a prompt-only dataset: ``prompt`` (GSM8K's ``question`` and
+    ``instruction``) and ``answer`` (the reference, ending in ``#### <number>``, what the ``gsm8k`` reward reads).
+
+    ``path`` is a ``save_to_disk`` folder of ``openai/gsm8k`` (config ``main``); the Hub is not reachable here. GSM8K's
+    own train/test splits are disjoint, and their order is kept (``seed`` is unused: the Trainer shuffles)."""
+    import datasets
+
+    _check_split(split)
+    _check_size(size)
+    try:
+        data = datasets.load_from_disk(path)[split]
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"no GSM8K folder at {path}: where there is network run python -c \"import datasets; "
+            f"datasets.load_dataset('openai/gsm8k', 'main').save_to_disk('{path}')\", copy the folder here, or "
+            "point task_config's path at it") from None
+    rows = data.select(range(min(size, len(data))))
+    return Dataset.from_dict({
+        "prompt": [_format_prompt(_with_instruction(q, instruction), system_prompt, conversational)
+                   for q in rows["question"]],
+        "answer": list(rows["answer"]),
+    })
+
+
+TEXT_TASKS = {"sentiment": (sentiment_dataset, ["vader"]), "helpful": (helpful_dataset, ["gold_helpful"]),
+              "gsm8k": (gsm8k_dataset, ["gsm8k"])}
 
 
 def task_reward_names(task: str) -> list[str]:
@@ -396,7 +438,7 @@ def task_reward_names(task: str) -> list[str]:
 
 
 def task_dataset(task: str, size: int, seed: int = 0, split: str = "train", **kwargs):
-    """``sentiment``, ``helpful`` or any reasoning-gym task name, as a prompt-only dataset."""
+    """``sentiment``, ``helpful``, ``gsm8k`` or any reasoning-gym task name, as a prompt-only dataset."""
     if task in TEXT_TASKS:
         return TEXT_TASKS[task][0](size=size, seed=seed, split=split, **kwargs)
     return reasoning_gym_dataset(task, size=size, seed=seed, split=split, **kwargs)
