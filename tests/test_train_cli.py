@@ -279,6 +279,25 @@ def test_two_process_deepspeed_zero3(tmp_path, tiny_lm_dir):
     assert len(resumed) == 4 and torch.equal(resumed[1][1], buffer[1][1])  # the restored buffer, then steps 3-4
 
 
+def test_two_process_zero3_with_a_reward_model_gradient_checkpointing_and_uneven_evaluation(tmp_path, tiny_lm_dir,
+                                                                                             tiny_reward_model_dir):
+    """ZeRO-3 shards a reward-model folder too (TRL's prepare_deepspeed): each of its forwards is a collective, so
+    every process scores every particle again after the transport, and evaluate() splits 3 held-out rows into equal
+    padded shards; gradient checkpointing (reentrant under ZeRO-3, as TRL) still trains the adapter."""
+    pytest.importorskip("deepspeed")
+    command = launch_command([], "zero3", 2, cuda=False)
+    _run_two_processes(tmp_path, tiny_lm_dir, "zero3", command=command, extra=(
+        "--reward_funcs", str(tiny_reward_model_dir), "--eval_size", "3", "--eval_strategy", "steps", "--eval_steps",
+        "1", "--gradient_checkpointing", "true", "--compare_base", "false"))
+    history = json.loads((tmp_path / "out" / "log_history.json").read_text())
+    assert [h["step"] for h in history if "eval_reward" in h] == [1, 2]
+    assert all(math.isfinite(h["eval_reward"]) for h in history if "eval_reward" in h)
+    from safetensors.torch import load_file
+
+    weights = load_file(str(tmp_path / "out" / "adapter_model.safetensors"))
+    assert any(t.abs().sum() > 0 for k, t in weights.items() if "lora_B" in k)
+
+
 @pytest.mark.slow
 def test_quickstart_recipe_on_smollm2(tmp_path, smollm2_dir):
     """The README's main job, shrunk to two steps: real SmolLM2, real chain_sum checker, base vs trained."""
