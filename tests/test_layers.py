@@ -16,10 +16,12 @@ FLOORS = [
      "vgf_llm.spaces", "vgf_llm.spaces.base", "vgf_llm.spaces.reference", "vgf_llm.spaces.regenerate",
      "vgf_llm.spaces.token_edits", "vgf_llm.spaces.prefix_steering"],
     ["vgf_llm.sampler", "vgf_llm.config"],
+    ["vgf_llm.serve"],
     ["vgf_llm.trainer"],
     ["vgf_llm.recipe"],
     ["vgf_llm", "vgf_llm.cli", "vgf_llm.cli.__main__", "vgf_llm.cli.common", "vgf_llm.cli.train",
-     "vgf_llm.cli.generate", "vgf_llm.cli.fit_value", "vgf_llm.cli.models", "vgf_llm.cli.env", "vgf_llm.cli.demo"],
+     "vgf_llm.cli.generate", "vgf_llm.cli.fit_value", "vgf_llm.cli.models", "vgf_llm.cli.env", "vgf_llm.cli.demo",
+     "vgf_llm.cli.serve"],
 ]
 FLOOR = {module: i for i, names in enumerate(FLOORS) for module in names}
 

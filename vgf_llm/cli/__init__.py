@@ -16,6 +16,7 @@ import sys
 COMMANDS = {
     "train": ("vgf_llm.cli.train", "fine-tune a LoRA policy with VGF from a YAML recipe"),
     "generate": ("vgf_llm.cli.generate", "sample with VGF transport and write one JSON line per prompt"),
+    "serve": ("vgf_llm.cli.serve", "serve test-time VGF behind an OpenAI-compatible HTTP API"),
     "fit-value": ("vgf_llm.cli.fit_value", "fit a value model to the true rewards of reference samples"),
     "models": ("vgf_llm.cli.models", "prepare or list offline models"),
     "env": ("vgf_llm.cli.env", "print versions and hardware, for bug reports"),
