@@ -328,3 +328,19 @@ def test_rollout_speed_times_vllm_and_hf_generate_on_the_same_prompts(smollm2_di
     assert row["ratio_vllm_over_hf"] == pytest.approx(
         row["vllm"]["tokens_per_s"] / row["hf_generate"]["tokens_per_s"], abs=0.01)
     assert "benchmarks/rollout_speed.py --model" in result["command"]
+
+
+@pytest.mark.slow
+def test_gpu_smoke_rehearses_every_check_on_the_cpu(tmp_path):
+    """The prepared single-GPU check (benchmarks/gpu_smoke.py) at tiny sizes on the CPU: every check runs and
+    passes (ZeRO-3 only where deepspeed is installed), so device minutes only ever meet GPU problems."""
+    import gpu_smoke
+
+    out = tmp_path / "gpu_smoke.json"
+    result = gpu_smoke.main(["--tiny", "--out", str(out)])
+    checks = {r["check"]: r for r in json.loads(out.read_text())["results"]}
+    assert {"train/steer_prefix", "train/budget_0", "train/steer_prefix_fp32", "sample/steer_prefix",
+            "sample/verified", "memory"} <= set(checks)
+    assert all(r["ok"] for r in result["results"]), [r.get("error") for r in result["results"]]
+    assert all(len(checks[f"train/{a}"]["losses"]) == 2 for a in ("steer_prefix", "budget_0"))
+    assert set(checks["memory"]["4"]["measured_mb"]) == set(checks["memory"]["8"]["predicted_mb"])
