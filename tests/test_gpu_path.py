@@ -124,11 +124,16 @@ def test_the_zero3_gather_turns_checkpointing_back_on_with_the_runs_kwargs(tiny_
     assert [kw["gradient_checkpointing_kwargs"] for kw in calls] == [{"use_reentrant": use_reentrant}]
 
 
-def test_checkpointing_kwargs_follow_trl():
+def test_checkpointing_kwargs_follow_trl(monkeypatch):
+    """Non-reentrant unless asked; reentrant under ZeRO-3, where LoRA needs it (TRL forces it there too)."""
     import vgf_llm.trainer as trainer_module
 
     assert trainer_module.checkpointing_kwargs(None) == {"use_reentrant": False}
     assert trainer_module.checkpointing_kwargs({"use_reentrant": True}) == {"use_reentrant": True}
+    monkeypatch.setattr(trainer_module, "is_deepspeed_zero3_enabled", lambda: True)
+    assert trainer_module.checkpointing_kwargs(None) == {"use_reentrant": True}
+    assert trainer_module.checkpointing_kwargs({"use_reentrant": False, "offload": True}) == \
+        {"use_reentrant": True, "offload": True}
 
 
 def test_a_reward_model_given_as_a_path_is_prepared_on_the_accelerator(tiny_lm_dir, tiny_reward_model_dir,

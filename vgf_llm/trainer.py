@@ -80,12 +80,13 @@ def default_lora_config():
 def checkpointing_kwargs(kwargs: dict | None) -> dict:
     """``gradient_checkpointing_kwargs`` as TRL's GRPOTrainer sets them: non-reentrant unless asked, reentrant under
     ZeRO-3 (LoRA + ZeRO-3 needs it: huggingface/trl#2514)."""
-    kwargs = dict(kwargs or {"use_reentrant": False})
-    if is_deepspeed_zero3_enabled() and not kwargs.get("use_reentrant"):
-        if "use_reentrant" in kwargs:
+    kwargs = dict(kwargs or {})
+    if is_deepspeed_zero3_enabled():
+        if kwargs.get("use_reentrant") is False:
             logger.warning("gradient checkpointing with use_reentrant=False under ZeRO-3: forced to True (LoRA + "
                            "ZeRO-3 needs reentrant checkpointing, as in TRL)")
         kwargs["use_reentrant"] = True
+    kwargs.setdefault("use_reentrant", False)
     return kwargs
 
 
