@@ -208,15 +208,9 @@ def held_out_reward(trainer, rows: list[dict], adapter: str | None,
                     extra_funcs=()) -> tuple[float, list[float], dict[str, float]]:
     """Mean and per-prompt training reward of greedy completions (the base with ``adapter=None``), and the mean of
     each ``extra_funcs`` reward on the same completions."""
-    from vgf_llm.evaluation import policy_rewards
     from vgf_llm.rewards import resolve_reward_funcs, reward_func_name, reward_texts
 
-    with trainer.gathered_model() as model:
-        rewards, texts = policy_rewards(model, trainer.processing_class, rows, trainer.reward_funcs,
-                                        trainer.args.reward_weights, adapter=adapter,
-                                        max_new_tokens=trainer.args.max_completion_length,
-                                        batch_size=trainer.args.per_device_eval_batch_size,
-                                        progress=trainer.is_world_process_zero())
+    rewards, texts = trainer.greedy_rewards(rows, adapter)  # split across processes
     funcs = resolve_reward_funcs(list(extra_funcs)) if extra_funcs else []
     extra = {reward_func_name(f): _mean(reward_texts([f], None, rows, texts).tolist()) for f in funcs}
     return _mean(rewards), rewards, extra

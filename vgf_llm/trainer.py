@@ -480,21 +480,29 @@ class VGFTrainer(Trainer):
         super().log(logs, start_time)
 
     # -- evaluation -----------------------------------------------------------------------------------------------
+    def greedy_rewards(self, rows: list[dict], adapter: str | None = POLICY) -> tuple[list[float], list[str]]:
+        """True reward and text of one greedy completion per row (``adapter=None``: the base), the rows split
+        across processes and gathered back in order. The shards are of equal size (short ones repeat the last row: a
+        ZeRO-3 reward model's forward is a collective) and travel as (row, reward, text) objects, since the shards
+        of a set that does not divide differ in size."""
+        indexed = list(enumerate(rows))
+        with self.accelerator.split_between_processes(indexed, apply_padding=True) as local, \
+                self.gathered_model():
+            rewards, texts = policy_rewards(self.model, self.processing_class, [r for _, r in local], self.reward_funcs,
+                                            self.args.reward_weights, adapter=adapter,
+                                            max_new_tokens=self.args.max_completion_length,
+                                            batch_size=self.args.per_device_eval_batch_size,
+                                            progress=self.is_world_process_zero())
+        scored = dict(gather_object([(i, (r, t)) for (i, _), r, t in zip(local, rewards, texts, strict=True)]))
+        return [scored[i][0] for i, _ in indexed], [scored[i][1] for i, _ in indexed]
+
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         """Mean true reward of the policy's greedy completions on the evaluation prompts."""
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         if dataset is None:
             raise ValueError("evaluate() needs an eval_dataset")
-        rows = list(enumerate(dict(r) for r in dataset))
-        # shards of equal size (short ones repeat the last row: a ZeRO-3 reward model's forward is a collective),
-        # gathered as (row, reward) objects, since the shards of a set that does not divide differ in size
-        with self.accelerator.split_between_processes(rows, apply_padding=True) as local, self.gathered_model():
-            rewards, _ = policy_rewards(self.model, self.processing_class, [r for _, r in local], self.reward_funcs,
-                                        self.args.reward_weights, adapter=POLICY,
-                                        max_new_tokens=self.args.max_completion_length,
-                                        batch_size=self.args.per_device_eval_batch_size, progress=False)
-        scored = dict(gather_object([(i, r) for (i, _), r in zip(local, rewards, strict=True)]))
-        metrics = {f"{metric_key_prefix}_reward": float(torch.tensor([scored[i] for i, _ in rows]).nanmean())}
+        rewards, _ = self.greedy_rewards([dict(r) for r in dataset])
+        metrics = {f"{metric_key_prefix}_reward": float(torch.tensor(rewards).nanmean())}
         self.log(dict(metrics))
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
