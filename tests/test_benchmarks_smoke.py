@@ -44,6 +44,25 @@ def test_speed_tiny(tiny_lm_dir, tmp_path):
     assert "TRL GRPO" in saved["table_md"] and "per-step steering" in saved["table_md"]
 
 
+def test_serve_load_answers_every_client_without_crossing(tiny_lm_dir, tmp_path):
+    """benchmarks/serve_load.py at 1 and 3 clients x 1 request, tiny sizes: both arms, every answer its own."""
+    pytest.importorskip("openai")
+    import serve_load
+
+    out = tmp_path / "serve_load.json"
+    result = serve_load.main(["--model", str(tiny_lm_dir), "--clients", "1", "3", "--requests", "1",
+                              "--num_generations", "4", "--max_tokens", "4", "--batch_window_ms", "300",
+                              "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert [(r["arm"], r["clients"]) for r in saved["rows"]] == [
+        ("best-of-N", 1), ("VGF", 1), ("best-of-N", 3), ("VGF", 3)]
+    for r in result["rows"]:
+        assert r["answered"] == r["requests"] and r["crossed"] == 0 and not r["errors"], r
+        assert r["requests_per_s"] > 0 and 0 < r["p50_s"] <= r["p95_s"]
+    assert max(r["mean_batch"] for r in result["rows"] if r["clients"] == 3) > 1  # concurrent requests batched
+    assert "| arm | clients |" in saved["table_md"] and "serve_load.py" in saved["command"]
+
+
 def test_arms_vgf_steer_prefix_is_the_default_vgf_and_bon_its_budget_0(tmp_path):
     """The arms map onto the product: vgf_steer_prefix is VGFConfig's defaults, bon the same with transport_steps 0,
     a ':<step>' point only another step size, grpo_kl GRPO with the KL coefficient; retired arms are refused."""

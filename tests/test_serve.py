@@ -159,6 +159,7 @@ def test_a_non_loopback_host_needs_an_api_key(tiny_lm_dir, tmp_path, monkeypatch
     ({"extra_body": {"transport_step_size": -1.0}}, None),  # refused by SamplerConfig's own check
     ({"extra_body": {"num_particles": 4}}, "num_particles"),  # not a SamplerConfig knob
     ({"extra_body": {"num_generations": 17}}, "num_generations"),  # above --max_num_generations
+    ({"extra_body": {"num_generations": 2}}, "num_generations"),  # too few to fit steer_prefix's prefix value
     ({"max_tokens": 100_000}, "max_tokens"),  # above --max_tokens
     ({"n": 17}, "n"),  # more completions than --max_batch_size
     ({"stream": True}, "stream"),

@@ -42,6 +42,7 @@ logger = logging.getLogger(__name__)
 # the per-request knobs: SamplerConfig's fields, less the one that is the server's memory (its batch size)
 KNOBS = frozenset(f.name for f in fields(SamplerConfig)) - {"generation_batch_size"}
 BUDGET = ("transport_steps", "transport_step_size")
+STEER_MIN_GENERATIONS = 4  # steer_prefix fits its prefix value to a batch's scores: fit_prefix_value needs 4 samples
 _SAMPLER_CONFIG = TypeAdapter(SamplerConfig)  # checks types, then runs SamplerConfig's own __post_init__ checks
 
 
@@ -253,6 +254,11 @@ class VGFService:
         for (name, shown), cap in caps.items():
             if getattr(config, name) > cap:
                 raise APIError(400, f"{shown}={getattr(config, name)} is above this server's cap of {cap}", shown)
+        steered = config.decoder == "steer_prefix" and config.transport_steps > 0
+        if steered and config.num_generations < STEER_MIN_GENERATIONS:  # a lone request's batch could not be fitted
+            raise APIError(400, f"decoder=steer_prefix fits its prefix value to the particles' scores and needs "
+                           f"num_generations >= {STEER_MIN_GENERATIONS}, got {config.num_generations} (or set "
+                           "transport_steps=0: best-of-N)", "num_generations")
         try:  # the particle space refuses what it cannot run (e.g. top_p < 1 with steer_prefix)
             VGFSampler(self.model, self.tokenizer, self.scorer, config, progress=False)
         except (ValueError, TypeError) as err:
