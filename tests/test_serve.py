@@ -66,6 +66,7 @@ def test_chat_completion_answers_the_openai_client(server):
     assert choice.message.role == "assistant" and isinstance(choice.message.content, str)
     assert choice.finish_reason in ("stop", "length")
     assert r.usage.prompt_tokens > 0 and r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    assert 0 <= r.usage.completion_tokens <= DEFAULTS.max_completion_length
     vgf = choice.vgf  # the default settings: per-step steering, 4 particles
     assert vgf["decoder"] == "steer_prefix" and vgf["num_generations"] == 4 and vgf["transport_steps"] == 1
     assert isinstance(vgf["score"], float) and isinstance(vgf["moved"], bool) and "particles" not in vgf

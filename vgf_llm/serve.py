@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import hmac
 import itertools
 import logging
@@ -227,6 +228,9 @@ class VGFService:
 
     def __init__(self, model, tokenizer, scorer, defaults: SamplerConfig, config: ServeConfig, sample_batch):
         self.model, self.tokenizer, self.scorer = model, tokenizer, scorer
+        # the request side (checks, token counts) has its own copy: the worker's batches set padding on theirs,
+        # and a Rust tokenizer used from two threads at once fails ("Already borrowed")
+        self.counter = copy.deepcopy(tokenizer)
         self.defaults, self.config = defaults, config
         self.name = config.served_model_name or "vgf"
         self.sample_batch = sample_batch
@@ -260,7 +264,7 @@ class VGFService:
                            f"num_generations >= {STEER_MIN_GENERATIONS}, got {config.num_generations} (or set "
                            "transport_steps=0: best-of-N)", "num_generations")
         try:  # the particle space refuses what it cannot run (e.g. top_p < 1 with steer_prefix)
-            VGFSampler(self.model, self.tokenizer, self.scorer, config, progress=False)
+            VGFSampler(self.model, self.counter, self.scorer, config, progress=False)
         except (ValueError, TypeError) as err:
             raise APIError(400, str(err)) from None
         return config
@@ -271,7 +275,7 @@ class VGFService:
             problem = prompt_problem(prompt)
             if problem:
                 raise APIError(400, problem, param="messages" if isinstance(prompt, list) else "prompt")
-        lengths = prompt_lengths(prompts, self.tokenizer)
+        lengths = prompt_lengths(prompts, self.counter)
         context = context_length(self.model)
         for n in lengths:
             if n > self.config.max_prompt_tokens:
@@ -306,9 +310,11 @@ class VGFService:
 
     def choice(self, index: int, kind: str, config: SamplerConfig, result: SampleResult,
                particles: bool) -> tuple[dict, int]:
-        """One OpenAI choice with its ``vgf`` object, and its completion tokens (the response re-encoded)."""
+        """One OpenAI choice with its ``vgf`` object, and its completion tokens: the response re-encoded (a decoded
+        partial character can re-encode longer), at most the ``max_completion_length`` it was generated within."""
         chosen = result.particles[result.chosen]
-        tokens = len(self.tokenizer(result.response, add_special_tokens=False)["input_ids"])
+        encoded = len(self.counter(result.response, add_special_tokens=False)["input_ids"])
+        tokens = min(encoded, config.max_completion_length)
         vgf = {"score": chosen.score_after if result.chosen_moved else chosen.score_before,
                "moved": result.chosen_moved, "chosen": result.chosen, "decoder": config.decoder,
                "num_generations": config.num_generations, "transport_steps": config.transport_steps,
