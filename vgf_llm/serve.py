@@ -135,12 +135,14 @@ class CompletionRequest(_Request):
 
 
 # -- batching -------------------------------------------------------------------------------------------------------
-def batch_sampler(model, tokenizer, scorer):
-    """The default ``sample_batch``: one ``VGFSampler.sample`` over the whole batch (one rollout, one transport)."""
+def batch_sampler(model, tokenizer, scorer, backend=None):
+    """The default ``sample_batch``: one ``VGFSampler.sample`` over the whole batch (one rollout, one transport).
+    ``backend(config)``: the rollout backend of a batch's settings (default: the sampler's HF generate)."""
 
     def sample_batch(config: SamplerConfig, prompts: list, seed: int) -> list[SampleResult]:
         config = replace(config, generation_batch_size=len(prompts) * config.num_generations)
-        return VGFSampler(model, tokenizer, scorer, config, progress=False).sample(prompts, seed)
+        return VGFSampler(model, tokenizer, scorer, config, backend=backend and backend(config),
+                          progress=False).sample(prompts, seed)
 
     return sample_batch
 

@@ -1,9 +1,10 @@
-"""What the ``generate`` and ``fit-value`` commands share: where prompts come from, their true reward, the model,
-strict JSON output."""
+"""What the commands share: where prompts come from, their true reward, the model, strict JSON output, and
+(``generate``, ``serve``) where the N reference samples come from (``VLLMArguments``)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import copy
+from dataclasses import dataclass, field, fields, make_dataclass
 
 from vgf_llm.cli import CLIError
 from vgf_llm.prompt_files import read_prompts_jsonl
@@ -83,6 +84,61 @@ class PromptArguments:
         from vgf_llm.models import load_model, load_tokenizer
 
         return load_model(self.model_name_or_path, device=self.device).eval(), load_tokenizer(self.model_name_or_path)
+
+
+# VGFConfig's own vLLM fields (names, defaults, help), so the commands and training cannot drift apart; the sleep mode
+# is left out: nothing else shares the device with the engine at test time.
+VLLM_FIELDS = ("use_vllm", "vllm_mode", "vllm_server_base_url", "vllm_server_host", "vllm_server_port",
+               "vllm_server_timeout", "vllm_gpu_memory_utilization", "vllm_max_model_length",
+               "vllm_tensor_parallel_size")
+
+
+def _vllm_fields() -> list[tuple]:
+    from vgf_llm.config import VGFConfig
+
+    own = {f.name: f for f in fields(VGFConfig)}
+    return [(name, own[name].type, field(default=own[name].default, metadata=own[name].metadata))
+            for name in VLLM_FIELDS]
+
+
+@dataclass
+class VLLMArguments(make_dataclass("_VLLMFields", _vllm_fields())):
+    """The N reference samples from vLLM (``--use_vllm``: a colocated engine, or ``--vllm_mode server`` and a
+    ``vllm serve`` URL) instead of HF generate. Only the samples: the frozen base needs no weight sync, and the
+    transport, decoding and selection stay in-process on the model (docs/vllm.md)."""
+
+    def __post_init__(self):
+        if self.vllm_mode not in ("colocate", "server"):
+            raise CLIError(f"--vllm_mode must be colocate or server, got {self.vllm_mode!r}")
+
+    def rollout_backend(self, model, tokenizer, config, *, batch_size: int, max_new_tokens: int | None = None,
+                        num_generations: int | None = None, max_prompt_length: int | None = None):
+        """A ``VLLMBackend`` with ``config``'s sampling knobs (a ``SamplerConfig``), or None without ``use_vllm``
+        (the sampler's own HF backend). The sizes bound a colocated engine: ``batch_size`` prompts x
+        ``num_generations`` sequences of ``max_prompt_length`` + ``max_new_tokens`` tokens (default: config's)."""
+        if not self.use_vllm:
+            return None
+        from vgf_llm.rollout.vllm_backend import make_rollout_backend
+        from vgf_llm.rollout.vllm_client import VLLMServerError
+        from vgf_llm.rollout.vllm_engine import VLLMUnavailableError
+
+        options = {name: getattr(self, name) for name in VLLM_FIELDS[1:]}
+        try:
+            return make_rollout_backend(
+                model, tokenizer, use_vllm=True, max_new_tokens=max_new_tokens or config.max_completion_length,
+                temperature=config.temperature, top_p=config.top_p, top_k=config.top_k, batch_size=batch_size,
+                num_generations=num_generations or config.num_generations, max_prompt_length=max_prompt_length,
+                **options)
+        except (VLLMUnavailableError, VLLMServerError) as err:
+            raise CLIError(str(err)) from err
+
+
+def with_sampling(backend, config):
+    """``backend`` (one engine, shared) sampling with ``config``'s knobs: a request may set its own."""
+    backend = copy.copy(backend)
+    backend.max_new_tokens, backend.temperature = config.max_completion_length, config.temperature
+    backend.top_p, backend.top_k = config.top_p, config.top_k
+    return backend
 
 
 def parse(dataclasses: tuple, argv: list[str], prog: str, description: str):

@@ -1,6 +1,7 @@
 """``vgf-llm generate``: N particles per prompt from the reference, VGF transport, decode, re-score, select; one
-JSON line per prompt. Options: ``PromptArguments``, the scorer and output below, and ``SamplerConfig`` (the
-test-time defaults: per-step steering, the winner of the test-time benchmark)."""
+JSON line per prompt. Options: ``PromptArguments``, the scorer and output below, ``VLLMArguments`` (the N samples
+from vLLM) and ``SamplerConfig`` (the test-time defaults: per-step steering, the winner of the test-time
+benchmark)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vgf_llm.cli import CLIError
-from vgf_llm.cli.common import PromptArguments, parse
+from vgf_llm.cli.common import PromptArguments, VLLMArguments, parse
 from vgf_llm.evaluation import json_safe
 from vgf_llm.sampler import SamplerConfig
 
@@ -67,14 +68,20 @@ def run(argv: list[str]) -> int:
     from vgf_llm.rewards import reward_texts
     from vgf_llm.sampler import VGFSampler
 
-    args, config = parse((GenerateArguments, SamplerConfig), argv, "vgf-llm generate", __doc__.split("\n\n")[0])
+    args, vllm, config = parse((GenerateArguments, VLLMArguments, SamplerConfig), argv, "vgf-llm generate",
+                               __doc__.split("\n\n")[0])
     funcs = args.reward_functions()
     rows = args.rows(args.split, TASK_PROMPTS)
     model, tokenizer = args.load_model()
     args.check_fit(rows, model, tokenizer, config.max_completion_length, args.split)
     torch.manual_seed(args.seed)
-    sampler = VGFSampler(model, tokenizer, build_scorer(args, model, tokenizer), config)
-    results = sampler.sample([r["prompt"] for r in rows], seed=args.seed)
+    backend = vllm.rollout_backend(model, tokenizer, config, batch_size=config.prompts_per_generation)
+    sampler = VGFSampler(model, tokenizer, build_scorer(args, model, tokenizer), config, backend=backend)
+    try:
+        results = sampler.sample([r["prompt"] for r in rows], seed=args.seed)
+    finally:
+        if backend is not None:
+            backend.close()
     true = reward_texts(funcs, args.reward_weights, rows, [r.response for r in results]).tolist() if funcs else None
 
     out = Path(args.output)

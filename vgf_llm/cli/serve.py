@@ -1,11 +1,14 @@
 """``vgf-llm serve``: test-time VGF as an OpenAI-compatible HTTP server (``vgf_llm.serve``, run with uvicorn).
 Options: the model, an optional LoRA adapter and the scorer below, the server's limits (``ServeConfig``) and the
-sampler's defaults (``SamplerConfig``; a request may override them with extra body fields of the same names).
+sampler's defaults (``SamplerConfig``; a request may override them with extra body fields of the same names), and
+``VLLMArguments``: the N reference samples from vLLM (one engine for all requests, each batch with its own sampling
+knobs), the transport and selection in-process.
 
 With ``--adapter_path`` the adapter is merged into a copy of the base and that model is served: the particles are
 sampled from it and steered on it (it is the transport's reference), while a value model keeps reading the frozen
 base it was fitted on. (The library runs "the reference" with adapters switched off, so an adapter merely loaded
-beside the base would be ignored.)"""
+beside the base would be ignored.) So ``--use_vllm`` is refused with ``--adapter_path``: vLLM would sample from the
+base folder, not from the merged model the particles are steered on."""
 
 from __future__ import annotations
 
@@ -16,10 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vgf_llm.cli import CLIError
-from vgf_llm.cli.common import parse
+from vgf_llm.cli.common import VLLMArguments, parse, with_sampling
 from vgf_llm.cli.generate import build_scorer
 from vgf_llm.sampler import SamplerConfig
-from vgf_llm.serve import ServeConfig
+from vgf_llm.serve import ServeConfig, batch_sampler
 
 
 @dataclass
@@ -86,17 +89,40 @@ def load_served(args: ServeArguments):
     return served, tokenizer, scorer
 
 
+def check_vllm(args: ServeArguments, vllm: VLLMArguments) -> None:
+    """vLLM must sample from the model the particles are steered on; with an adapter that is the merged model,
+    which no vLLM engine here has loaded."""
+    if vllm.use_vllm and args.adapter_path:
+        raise CLIError("--use_vllm with --adapter_path: vLLM would sample the particles from the base model, but "
+                       "they are steered on the base with the adapter merged in. Merge the adapter into a model "
+                       "folder and serve that folder as --model_name_or_path (and to `vllm serve` in server mode), "
+                       "or drop --use_vllm")
+
+
+def vllm_sample_batch(vllm: VLLMArguments, model, tokenizer, scorer, defaults: SamplerConfig, config: ServeConfig):
+    """``create_app``'s ``sample_batch`` over one vLLM backend sized for the largest batch the caps allow, or None
+    (HF generate) without ``--use_vllm``."""
+    backend = vllm.rollout_backend(model, tokenizer, defaults, batch_size=config.max_batch_size,
+                                   max_new_tokens=config.max_tokens, num_generations=config.max_num_generations,
+                                   max_prompt_length=config.max_prompt_tokens)
+    if backend is None:
+        return None
+    return batch_sampler(model, tokenizer, scorer, backend=lambda c: with_sampling(backend, c))
+
+
 def run(argv: list[str]) -> int:
     import uvicorn
 
     from vgf_llm.serve import create_app
 
-    args, config, defaults = parse((ServeArguments, ServeConfig, SamplerConfig), argv, "vgf-llm serve",
-                                   __doc__.split("\n")[0])
+    args, config, vllm, defaults = parse((ServeArguments, ServeConfig, VLLMArguments, SamplerConfig), argv,
+                                         "vgf-llm serve", __doc__.split("\n")[0])
     check_exposure(args, config)
+    check_vllm(args, vllm)
     config.served_model_name = config.served_model_name or args.model_name_or_path
     model, tokenizer, scorer = load_served(args)
-    app = create_app(model, tokenizer, scorer, defaults, config)
+    app = create_app(model, tokenizer, scorer, defaults, config,
+                     sample_batch=vllm_sample_batch(vllm, model, tokenizer, scorer, defaults, config))
     print(f"serving {config.served_model_name} at http://{args.host}:{args.port}/v1 "
           f"({'API key required' if config.api_key else 'no API key'})")
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
