@@ -213,6 +213,17 @@ def test_rollouts(task, args, model, tok, reward, test, seed: int, cache: Path):
     return ro, rewards, seconds
 
 
+def score_groups(scorer, ro: Rollouts) -> torch.Tensor:
+    """The scorer's value of every sample [G, N], one prompt's samples at a time (bounded memory)."""
+    return torch.stack([scorer.score_ids(*ro[g:g + 1].flat()) for g in range(ro.completion_ids.shape[0])])
+
+
+def first_samples(ro: Rollouts, k: int) -> Rollouts:
+    """The first k samples of every prompt (arms with fewer particles share one larger draw)."""
+    return Rollouts(ro.prompt_ids, ro.prompt_mask, ro.completion_ids[:, :k], ro.completion_mask[:, :k],
+                    [t[:k] for t in ro.texts])
+
+
 def time_generation(args, model, tok, test) -> float:
     """Seconds per reference sample of one prompt, measured in this process (so best-of-n and VGF arms are timed
     under the same machine load): N samples for the first few held-out prompts."""
@@ -236,16 +247,9 @@ def prepare_task(task: str, args, cache: Path) -> None:
         test_rollouts(task, args, model, tok, reward, test, seed, cache)
 
 
-def run_task(task: str, args, variants: list[Variant], cache: Path, out: Path) -> dict:
-    print(f"\n=== {task} ===", flush=True)
-    model = load_model(args.model)
-    tok = load_tokenizer(args.model)
-    reward = [get_reward_func(name) for name in task_reward_names(task)]
-    train = list(task_dataset(task, args.num_train_prompts, 0, "train"))
-    test = list(task_dataset(task, args.num_test_prompts, 0, "test"))
-
-    # the selector (cached by configuration), fitted on cached train rollouts
-    train_ro, train_rewards = train_rollouts(task, args, model, tok, reward, train, cache)
+def ridge_selector(task, args, model, tok, reward, train, train_ro, train_rewards, cache: Path):
+    """The selector: a ridge value model fitted on the train rollouts' true rewards, cached by configuration (so
+    runs and benchmarks over the same cache share it)."""
     path = cache / (f"{task}-ridge-Lcv{args.ridge_layers.replace(',', '-')}-n{args.num_train_prompts}x"
                     f"{args.train_generations}")
     if (path / "value_model.json").exists():
@@ -262,6 +266,19 @@ def run_task(task: str, args, variants: list[Variant], cache: Path, out: Path) -
         (path / "stats.json").write_text(json.dumps(stats, indent=2))
         shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in stats.items() if k != "cv"}
         print(f"value model: {json.dumps(shown)}", flush=True)
+    return selector, stats
+
+
+def run_task(task: str, args, variants: list[Variant], cache: Path, out: Path) -> dict:
+    print(f"\n=== {task} ===", flush=True)
+    model = load_model(args.model)
+    tok = load_tokenizer(args.model)
+    reward = [get_reward_func(name) for name in task_reward_names(task)]
+    train = list(task_dataset(task, args.num_train_prompts, 0, "train"))
+    test = list(task_dataset(task, args.num_test_prompts, 0, "test"))
+
+    train_ro, train_rewards = train_rollouts(task, args, model, tok, reward, train, cache)
+    selector, stats = ridge_selector(task, args, model, tok, reward, train, train_ro, train_rewards, cache)
     value_stats = {"ridge": stats}
     samplers, fitted = {}, {}  # one sampler per variant, fitted once on the train rollouts' true rewards
     for v in variants:
@@ -291,14 +308,10 @@ def run_task(task: str, args, variants: list[Variant], cache: Path, out: Path) -
         else:
             gen_time = gen_seconds / len(prompts) / 2  # as timed when the cached samples were drawn
 
-        def scores(vm, ro2=ro2, n2=n2):
-            return torch.stack([vm.score_ids(*ro2[s:s + 1].flat()) for s in range(len(prompts))])
-
         t0 = time.time()
-        sel2 = scores(selector)
+        sel2 = score_groups(selector, ro2)
         score_time = (time.time() - t0) / len(prompts) / 2
-        ro = Rollouts(ro2.prompt_ids, ro2.prompt_mask, ro2.completion_ids[:, :n], ro2.completion_mask[:, :n],
-                      [t[:n] for t in ro2.texts])
+        ro = first_samples(ro2, n)
         true = true2[:, :n]
         rows = torch.arange(len(prompts))
         bon_time = gen_time + score_time

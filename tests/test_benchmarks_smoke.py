@@ -363,3 +363,27 @@ def test_gpu_smoke_rehearses_every_check_on_the_cpu(tmp_path):
     assert all(r["ok"] for r in result["results"]), [r.get("error") for r in result["results"]]
     assert all(len(checks[f"train/{a}"]["losses"]) == 2 for a in ("steer_prefix", "budget_0"))
     assert set(checks["memory"]["4"]["measured_mb"]) == set(checks["memory"]["8"]["predicted_mb"])
+
+
+def test_compute_curves_tiny(tiny_lm_dir, tmp_path):
+    """benchmarks/compute_curves.py at tiny size: best-of-N for every N from one draw (N x the per-sample time), a VGF
+    arm on the first samples, win rates against greedy, the paired difference to best-of-N at equal wall-clock."""
+    import compute_curves
+
+    arm = "prefix-L1-b1x1+union"
+    out = tmp_path / "curves.json"
+    res = compute_curves.main(["--model", str(tiny_lm_dir), "--task", "sentiment", "--num_train_prompts", "8",
+                               "--train_generations", "4", "--num_test_prompts", "2", "--n_max", "4", "--vgf_n", "2",
+                               "--max_new_tokens", "4", "--seeds", "0,1", "--ridge_layers", "1,2", "--variants", arm,
+                               "--cache", str(tmp_path / "cache"), "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["seeds_done"] == [0, 1] and out.with_suffix(".png").exists()
+    for run in res["runs"]:
+        a = run["arms"]
+        assert [a[f"best-of-{n}"]["seconds"] for n in (1, 2, 4)] == pytest.approx(
+            [n * run["seconds_per_sample"] for n in (1, 2, 4)])
+        assert a[arm]["seconds"] > a["best-of-2"]["seconds"] and a[arm]["tokens"] > a["best-of-2"]["tokens"]
+        assert all(0 <= x["win_rate"] <= 1 for x in a.values())
+    rows = {r["arm"]: r for r in saved["summary"]}
+    assert len(rows[arm]["diff_per_seed"]) == 2 and isinstance(rows[arm]["above"], bool)
+    assert "| arm | true reward |" in saved["table_md"] and "best-of-N" in saved["bon_peak"]

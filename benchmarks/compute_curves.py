@@ -1,0 +1,284 @@
+"""Gold vs compute: best-of-N at N = 1..32 against VGF decoders at a few budgets, true reward vs wall-clock per prompt.
+
+Issue 27's curves. Per seed, ``--n_max`` reference samples per held-out prompt are drawn once (cached, timed); best-of-N
+takes the first N of them with the selector, so every N shares one draw; the VGF arms transport the first
+``--vgf_n`` of the same samples (``VGFSampler.transport_rollouts``) and select among originals and moved particles.
+x = seconds per prompt: best-of-N is N x (sampling + scoring one sample), measured on this draw; a VGF arm is
+``vgf_n`` samples' sampling + its measured transport, decode, re-scoring and selection. Also generated tokens per
+prompt (a steer_prefix arm re-generates its particles under steering; verified edits generate none). y = the true
+reward, which the method never sees on the helpful task (``--scorer`` a proxy reward model, gold held out); on
+sentiment the selector is a ridge value model fitted on the train prompts' true (VADER) rewards, as in
+guided_sampling.py. Each arm's win rate against the base model's greedy answer, judged by the true reward (ties
+half), is the paper's metric. Each VGF arm is also compared per seed with best-of-N's curve at its own wall-clock
+(linear between the two neighbouring N; capped at ``--n_max``).
+
+    python benchmarks/compute_curves.py --task sentiment --threads 2 --num_train_prompts 128 \
+        --num_test_prompts 24 --ridge_layers 4,8,12,16,20,24,30
+    python benchmarks/compute_curves.py --task helpful --scorer smollm2-135m-helpful-rm --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from guided_sampling import (  # noqa: E402
+    DEFAULT_VARIANTS,
+    first_samples,
+    ridge_selector,
+    score_groups,
+    test_rollouts,
+    train_rollouts,
+    variant,
+)
+
+from vgf_llm.models import load_model, load_tokenizer  # noqa: E402
+from vgf_llm.rewards import get_reward_func, reward_texts  # noqa: E402
+from vgf_llm.rollout.hf import HFGenerateBackend  # noqa: E402
+from vgf_llm.sampler import VGFSampler  # noqa: E402
+from vgf_llm.tasks import task_dataset, task_reward_names  # noqa: E402
+
+# the sampler's two decoders at their default budgets, and steer_prefix at half its step (run 7's best on sentiment)
+CURVE_VARIANTS = [*DEFAULT_VARIANTS, "prefix-L15-b1x0.1+union"]
+
+
+def win_rate(rewards: torch.Tensor, greedy: torch.Tensor) -> float:
+    """Share of prompts where the arm's answer beats the greedy answer under the true reward (ties count half)."""
+    return float(((rewards > greedy).float() + 0.5 * (rewards == greedy).float()).mean())
+
+
+def make_selector(task, args, model, tok, reward, train):
+    """The selector and the targets the steer_prefix value is fitted on: a ridge value model on true rewards, or a
+    reward model (``--scorer``) whose own scores of the train samples are the targets (the true reward stays held
+    out)."""
+    train_ro, train_rewards = train_rollouts(task, args, model, tok, reward, train, args.cache)
+    if args.scorer == "ridge":
+        selector, stats = ridge_selector(task, args, model, tok, reward, train, train_ro, train_rewards, args.cache)
+        return selector, train_ro, train_rewards, dict(ridge=stats)
+    from transformers import AutoModelForSequenceClassification
+
+    from vgf_llm.value import RewardModelScorer
+
+    rm = load_model(args.scorer, model_class=AutoModelForSequenceClassification)
+    selector = RewardModelScorer(rm, load_tokenizer(args.scorer, padding_side="right"), tok)
+    with torch.no_grad():
+        proxy = score_groups(selector, train_ro).float()
+    corr = float(torch.corrcoef(torch.stack([proxy.flatten(), train_rewards.flatten().float()]))[0, 1])
+    return selector, train_ro, proxy, dict(scorer=args.scorer, train_corr_with_true=corr)
+
+
+def run_seed(seed, args, model, tok, reward, test, selector, samplers, greedy) -> dict:
+    """Every arm on one seed's draw: {arm: dict(reward, seconds, tokens, win_rate, ...)}."""
+    ro, true, gen_seconds = test_rollouts(args.task, args, model, tok, reward, test, seed, args.cache)
+    g, n_max = true.shape
+    t0 = time.time()
+    with torch.no_grad():
+        sel = score_groups(selector, ro).float()
+    per_sample = (gen_seconds + time.time() - t0) / g / n_max  # sampling + scoring one sample of one prompt
+    tokens = ro.completion_mask.sum(-1).float()  # [G, n_max]
+    rows = torch.arange(g)
+    arms = {}
+    for n in args.ns:
+        pick = true[rows, sel[:, :n].argmax(1)]
+        arms[f"best-of-{n}"] = dict(n=n, reward=float(pick.mean()), seconds=n * per_sample,
+                                    tokens=float(tokens[:, :n].sum(1).mean()), win_rate=win_rate(pick, greedy),
+                                    per_prompt=pick.tolist())
+    arms["greedy (base)"] = dict(reward=float(greedy.mean()), seconds=float("nan"), tokens=float("nan"),
+                                 win_rate=0.5, per_prompt=greedy.tolist())
+    k = args.vgf_n
+    prompts = [r["prompt"] for r in test]
+    for name, sampler in samplers.items():
+        t1, results, regenerated = time.time(), [], 0.0
+        for s in range(0, g, args.batch_size):
+            chunk = first_samples(ro[s:s + args.batch_size], k)
+            results += sampler.transport_rollouts(prompts[s:s + args.batch_size], chunk)
+            if sampler.config.decoder == "steer_prefix":  # particles re-generated under steering
+                regenerated += float(sampler.last_moved.mask.sum())
+        got = reward_texts(reward, None, test, [r.response for r in results])
+        arms[name] = dict(n=k, reward=float(got.mean()), seconds=k * per_sample + (time.time() - t1) / g,
+                          tokens=float(tokens[:, :k].sum(1).mean()) + regenerated / g, win_rate=win_rate(got, greedy),
+                          frac_chosen_moved=sum(r.chosen_moved for r in results) / g, per_prompt=got.tolist())
+        print(f"seed {seed} {name:30s} reward {arms[name]['reward']:.3f} (best-of-{k} "
+              f"{arms[f'best-of-{k}']['reward']:.3f}) {arms[name]['seconds']:.2f}s/prompt", flush=True)
+    return dict(seed=seed, seconds_per_sample=per_sample, arms=arms)
+
+
+def bon_at(seconds: float, run: dict, ns: list[int]) -> tuple[float, bool]:
+    """Best-of-N's true reward at ``seconds`` per prompt on one seed (linear between neighbouring N; capped)."""
+    pts = [(run["arms"][f"best-of-{n}"]["seconds"], run["arms"][f"best-of-{n}"]["reward"]) for n in ns]
+    if seconds >= pts[-1][0]:
+        return pts[-1][1], seconds > pts[-1][0]
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:], strict=False):
+        if seconds <= x1:
+            return y0 + (y1 - y0) * max(0.0, seconds - x0) / (x1 - x0), False
+    raise AssertionError("unreachable")
+
+
+def summarise(runs: list[dict], ns: list[int]) -> list[dict]:
+    """One row per arm: means and seed spreads, and for VGF arms the paired difference to best-of-N's curve at equal
+    wall-clock (``above``: every seed above and the mean difference beyond its seed spread)."""
+    rows = []
+    for name in runs[0]["arms"]:
+        per = [r["arms"][name] for r in runs]
+
+        def ms(key, per=per):
+            xs = [p[key] for p in per]
+            if any(math.isnan(x) for x in xs):  # the greedy answer has no cost of its own here
+                return math.nan, math.nan
+            return statistics.mean(xs), statistics.pstdev(xs) if len(xs) > 1 else 0.0
+
+        row = dict(arm=name, reward=ms("reward"), seconds=ms("seconds"), tokens=ms("tokens"),
+                   win_rate=ms("win_rate"), per_seed=[p["reward"] for p in per])
+        if not name.startswith(("best-of-", "greedy")):
+            at = [bon_at(p["seconds"], r, ns) for p, r in zip(per, runs, strict=True)]
+            diffs = [p["reward"] - b for p, (b, _) in zip(per, at, strict=True)]
+            d_std = statistics.pstdev(diffs) if len(diffs) > 1 else 0.0
+            row.update(bon_equal_clock=statistics.mean(b for b, _ in at), capped=any(c for _, c in at),
+                       diff_per_seed=diffs, diff=(statistics.mean(diffs), d_std),
+                       above=all(d > 0 for d in diffs) and statistics.mean(diffs) > d_std)
+        rows.append(row)
+    return rows
+
+
+def bon_peak(rows: list[dict], ns: list[int]) -> str:
+    """Where best-of-N's mean true reward stops rising: the first doubling of N that does not beat the previous N
+    by more than their seed spread."""
+    by = {r["arm"]: r for r in rows}
+    for a, b in zip(ns, ns[1:], strict=False):
+        (ma, sa), (mb, sb) = by[f"best-of-{a}"]["reward"], by[f"best-of-{b}"]["reward"]
+        if mb - ma <= max(sa, sb):
+            verb = "falls" if mb < ma else "stops rising beyond the seed spread"
+            return f"from N = {a} to {b} best-of-N {verb} ({ma:.3f} -> {mb:.3f}, seed spread {max(sa, sb):.3f})"
+    return f"best-of-N still rises at N = {ns[-1]}"
+
+
+def markdown(rows: list[dict], args, minutes: float) -> str:
+    def pm(x):
+        return f"{x[0]:.3f} ± {x[1]:.3f}"
+
+    lines = [f"Command: `python benchmarks/compute_curves.py {' '.join(args.argv)}`".rstrip(), "",
+             f"{args.model}, task {args.task}, {args.num_test_prompts} held-out prompts, seeds {args.seeds}, "
+             f"{args.n_max} samples per prompt (temperature {args.temperature}, max {args.max_new_tokens} new tokens), "
+             f"VGF on the first {args.vgf_n}; selector {args.scorer}"
+             + (f" (fitted on {args.num_train_prompts} train prompts x {args.train_generations})"
+                if args.scorer == "ridge" else "") + f". Machine: {platform.machine()}, "
+             f"{torch.get_num_threads()} torch threads; run wall-clock {minutes:.1f} min.", "",
+             "| arm | true reward | per seed | s / prompt | tokens / prompt | win rate vs greedy | "
+             "minus best-of-N at equal s (per seed) | above? |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        diff = (f"{pm(r['diff'])} ({', '.join(f'{d:+.3f}' for d in r['diff_per_seed'])})"
+                + (" capped at N max" if r["capped"] else "") if "diff" in r else "")
+        cost = f"{r['seconds'][0]:.2f} | {r['tokens'][0]:.0f}".replace("nan", "–")  # greedy: not costed
+        lines.append(f"| {r['arm']} | {pm(r['reward'])} | {', '.join(f'{x:.3f}' for x in r['per_seed'])} | "
+                     f"{cost} | {pm(r['win_rate'])} | {diff} | "
+                     + ("yes" if r.get("above") else "no" if "above" in r else "") + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    """True reward vs seconds per prompt and vs generated tokens; error bars are the seed spread."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    bon = [r for r in rows if r["arm"].startswith("best-of-")]
+    vgf = [r for r in rows if "diff" in r]
+    for ax, key, label in ((axes[0], "seconds", "wall-clock s / prompt"), (axes[1], "tokens", "tokens / prompt")):
+        ax.errorbar([r[key][0] for r in bon], [r["reward"][0] for r in bon], yerr=[r["reward"][1] for r in bon],
+                    fmt="-o", color="k", label="best-of-N (N = 1..32)", capsize=3)
+        for r in bon:
+            ax.annotate(r["arm"].removeprefix("best-of-"), (r[key][0], r["reward"][0]), fontsize=7,
+                        textcoords="offset points", xytext=(3, -9))
+        for r in vgf:
+            ax.errorbar(r[key][0], r["reward"][0], xerr=r[key][1], yerr=r["reward"][1], fmt="s", capsize=3,
+                        label=r["arm"])
+        greedy = next(r for r in rows if r["arm"].startswith("greedy"))["reward"][0]
+        ax.axhline(greedy, color="grey", ls=":", label="greedy (base)")
+        ax.set_xscale("log")
+        ax.set_xlabel(label)
+        ax.set_ylabel("true reward")
+    axes[0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--task", default="sentiment")
+    p.add_argument("--scorer", default="ridge", help="'ridge' (value model on true rewards) or a reward model")
+    p.add_argument("--variants", default=",".join(CURVE_VARIANTS))
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--num_train_prompts", type=int, default=128)
+    p.add_argument("--train_generations", type=int, default=8)
+    p.add_argument("--num_test_prompts", type=int, default=24)
+    p.add_argument("--n_max", type=int, default=32, help="samples per prompt; best-of-N for N = 1, 2, 4, .. n_max")
+    p.add_argument("--vgf_n", type=int, default=8, help="particles of the VGF arms (the first samples of the draw)")
+    p.add_argument("--max_new_tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--batch_size", type=int, default=4, help="prompts per generate / transport call")
+    p.add_argument("--ridge_layers", default="4,8,12,16,20,24,30")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--out", default="", help="JSON path (default benchmarks/results/compute_curves_<task>.json)")
+    p.add_argument("--cache", default=str(ROOT / "benchmarks" / "results" / "compute_curves_cache"))
+    args = p.parse_args(argv)
+    args.argv = list(argv if argv is not None else sys.argv[1:])
+    args.seeds = [int(s) for s in args.seeds.split(",")]
+    args.ns = [1 << i for i in range(args.n_max.bit_length()) if 1 << i <= args.n_max]
+    args.num_particles = args.n_max // 2  # guided_sampling.test_rollouts draws 2 x num_particles per prompt
+    args.cache = Path(args.cache)
+    out = Path(args.out or ROOT / "benchmarks" / "results" / f"compute_curves_{args.task}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    t0 = time.time()
+    model, tok = load_model(args.model), load_tokenizer(args.model)
+    reward = [get_reward_func(name) for name in task_reward_names(args.task)]
+    train = list(task_dataset(args.task, args.num_train_prompts, 0, "train"))
+    test = list(task_dataset(args.task, args.num_test_prompts, 0, "test"))
+    selector, train_ro, targets, selector_stats = make_selector(args.task, args, model, tok, reward, train)
+    samplers = {}
+    for name in args.variants.split(","):
+        v = variant(name)
+        if v is None or v.control:
+            p.error(f"{name}: not a VGF arm here (controls are guided_sampling.py's)")
+        samplers[name] = VGFSampler(model, tok, selector, v.sampler_config(
+            argparse.Namespace(**{**vars(args), "num_particles": args.vgf_n})), progress=False)
+        samplers[name].fit(train_ro, targets)
+    greedy_ro = HFGenerateBackend(model, tok, max_new_tokens=args.max_new_tokens, temperature=0.0,
+                                  batch_size=8).generate([r["prompt"] for r in test], 1, 0)
+    greedy = reward_texts(reward, None, test, [t[0] for t in greedy_ro.texts])
+    runs = []
+    for seed in args.seeds:
+        runs.append(run_seed(seed, args, model, tok, reward, test, selector, samplers, greedy))
+        rows = summarise(runs, args.ns)
+        minutes = (time.time() - t0) / 60
+        table = markdown(rows, args, minutes)
+        reading = bon_peak(rows, args.ns)
+        result = dict(args={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+                      selector=selector_stats, runs=runs, summary=rows, bon_peak=reading, table_md=table,
+                      wall_clock_min=minutes, seeds_done=[r["seed"] for r in runs])
+        out.write_text(json.dumps(result, indent=2))  # after every seed: a stopped run keeps what it did
+        plot(rows, out.with_suffix(".png"), f"{args.task}: true reward vs compute, seeds {result['seeds_done']}")
+    print("\n" + table + "\n" + reading)
+    return result
+
+
+if __name__ == "__main__":
+    main()
