@@ -512,3 +512,19 @@ def test_unavailable_model_fails_clearly(prompts_file, tmp_path, registered_rewa
         capsys,
         "no model folder at",
     )
+
+
+def test_parsing_leaves_the_dataclasses_field_types_as_declared():
+    """TRL's parser rewrites `int | None` field types in place; a later pydantic check of SamplerConfig (the
+    server's request validation) would then refuse None. ``parse`` puts the declared types back."""
+    import dataclasses
+
+    from pydantic import TypeAdapter
+
+    from vgf_llm.cli.common import parse
+
+    before = {f.name: f.type for f in dataclasses.fields(SamplerConfig)}
+    parse((GenerateArguments, SamplerConfig), "--model_name_or_path m --prompts p --output o --value_model_path v"
+          .split(), "test", "")
+    assert {f.name: f.type for f in dataclasses.fields(SamplerConfig)} == before
+    assert TypeAdapter(SamplerConfig).validate_python({"generation_batch_size": None}).generation_batch_size is None

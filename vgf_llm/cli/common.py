@@ -142,9 +142,18 @@ def with_sampling(backend, config):
 
 
 def parse(dataclasses: tuple, argv: list[str], prog: str, description: str):
-    """Parse ``argv`` (and ``--config x.yaml``) into ``dataclasses`` with TRL's parser; bad values are CLIErrors."""
+    """Parse ``argv`` (and ``--config x.yaml``) into ``dataclasses`` with TRL's parser; bad values are CLIErrors.
+
+    The parser rewrites ``X | None`` field types of the classes in place (``dataclasses.fields(cls)[i].type``);
+    they are put back afterwards, so later type checks of the same classes (the server's request validation) see
+    the declared types."""
     from trl import TrlParser
 
-    parser = TrlParser(dataclasses, prog=prog, description=description + " --config x.yaml sets any of the options "
-                       "below from a YAML file; options on the command line override it.")
-    return parser.parse_args_and_config(argv)
+    declared = [(f, f.type) for cls in dataclasses for f in fields(cls)]
+    try:
+        parser = TrlParser(dataclasses, prog=prog, description=description + " --config x.yaml sets any of the "
+                           "options below from a YAML file; options on the command line override it.")
+        return parser.parse_args_and_config(argv)
+    finally:
+        for f, declared_type in declared:
+            f.type = declared_type
