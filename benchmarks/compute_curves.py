@@ -152,15 +152,16 @@ def summarise(runs: list[dict], ns: list[int]) -> list[dict]:
 
 
 def bon_peak(rows: list[dict], ns: list[int]) -> str:
-    """Where best-of-N's mean true reward stops rising: the first doubling of N that does not beat the previous N
-    by more than their seed spread."""
-    by = {r["arm"]: r for r in rows}
-    for a, b in zip(ns, ns[1:], strict=False):
-        (ma, sa), (mb, sb) = by[f"best-of-{a}"]["reward"], by[f"best-of-{b}"]["reward"]
-        if mb - ma <= max(sa, sb):
-            verb = "falls" if mb < ma else "stops rising beyond the seed spread"
-            return f"from N = {a} to {b} best-of-N {verb} ({ma:.3f} -> {mb:.3f}, seed spread {max(sa, sb):.3f})"
-    return f"best-of-N still rises at N = {ns[-1]}"
+    """How best-of-N's mean true reward moves with each doubling of N, against the seed spread: where it falls, and
+    the last doubling that still gains more than the spread."""
+    by = {n: by_arm["reward"] for n in ns for by_arm in rows if by_arm["arm"] == f"best-of-{n}"}
+    steps = [(a, b, by[b][0] - by[a][0], max(by[a][1], by[b][1])) for a, b in zip(ns, ns[1:], strict=False)]
+    text = "; ".join(f"{a}->{b}: {d:+.3f} (spread {sp:.3f})" for a, b, d, sp in steps)
+    falls = [f"{a}->{b}" for a, b, d, _ in steps if d < 0]
+    beyond = [b for _, b, d, sp in steps if d > sp]
+    fall = f"Falls at {', '.join(falls)}. " if falls else "Never falls. "
+    last = f"Last gain beyond the seed spread: up to N = {beyond[-1]}." if beyond else "No gain beyond the spread."
+    return f"best-of-N per doubling of N: {text}. {fall}{last}"
 
 
 def markdown(rows: list[dict], args, minutes: float) -> str:
@@ -168,7 +169,7 @@ def markdown(rows: list[dict], args, minutes: float) -> str:
         return f"{x[0]:.3f} ± {x[1]:.3f}"
 
     lines = [f"Command: `python benchmarks/compute_curves.py {' '.join(args.argv)}`".rstrip(), "",
-             f"{args.model}, task {args.task}, {args.num_test_prompts} held-out prompts, seeds {args.seeds}, "
+             f"{args.model}, task {args.task}, {args.num_test_prompts} held-out prompts, seeds {args.seeds_done}, "
              f"{args.n_max} samples per prompt (temperature {args.temperature}, max {args.max_new_tokens} new tokens), "
              f"VGF on the first {args.vgf_n}; selector {args.scorer}"
              + (f" (fitted on {args.num_train_prompts} train prompts x {args.train_generations})"
@@ -208,6 +209,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
         greedy = next(r for r in rows if r["arm"].startswith("greedy"))["reward"][0]
         ax.axhline(greedy, color="grey", ls=":", label="greedy (base)")
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor labels overlap on a short range
         ax.set_xlabel(label)
         ax.set_ylabel("true reward")
     axes[0].legend(fontsize=7)
@@ -269,11 +271,12 @@ def main(argv=None) -> dict:
         runs.append(run_seed(seed, args, model, tok, reward, test, selector, samplers, greedy))
         rows = summarise(runs, args.ns)
         minutes = (time.time() - t0) / 60
+        args.seeds_done = [r["seed"] for r in runs]
         table = markdown(rows, args, minutes)
         reading = bon_peak(rows, args.ns)
         result = dict(args={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                       selector=selector_stats, runs=runs, summary=rows, bon_peak=reading, table_md=table,
-                      wall_clock_min=minutes, seeds_done=[r["seed"] for r in runs])
+                      wall_clock_min=minutes, seeds_done=args.seeds_done)
         out.write_text(json.dumps(result, indent=2))  # after every seed: a stopped run keeps what it did
         plot(rows, out.with_suffix(".png"), f"{args.task}: true reward vs compute, seeds {result['seeds_done']}")
     print("\n" + table + "\n" + reading)

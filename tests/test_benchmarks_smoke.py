@@ -386,4 +386,4 @@ def test_compute_curves_tiny(tiny_lm_dir, tmp_path):
         assert all(0 <= x["win_rate"] <= 1 for x in a.values())
     rows = {r["arm"]: r for r in saved["summary"]}
     assert len(rows[arm]["diff_per_seed"]) == 2 and isinstance(rows[arm]["above"], bool)
-    assert "| arm | true reward |" in saved["table_md"] and "best-of-N" in saved["bon_peak"]
+    assert "| arm | true reward |" in saved["table_md"] and "per doubling of N" in saved["bon_peak"]
