@@ -178,7 +178,7 @@ def markdown(rows: list[dict], args, minutes: float) -> str:
              "| arm | true reward | per seed | s / prompt | tokens / prompt | win rate vs greedy | "
              "minus best-of-N at equal s (per seed) | above? |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        diff = (f"{pm(r['diff'])} ({', '.join(f'{d:+.3f}' for d in r['diff_per_seed'])})"
+        diff = (f"{r['diff'][0]:+.3f} ± {r['diff'][1]:.3f} ({', '.join(f'{d:+.3f}' for d in r['diff_per_seed'])})"
                 + (" capped at N max" if r["capped"] else "") if "diff" in r else "")
         cost = f"{r['seconds'][0]:.2f} | {r['tokens'][0]:.0f}".replace("nan", "–")  # greedy: not costed
         lines.append(f"| {r['arm']} | {pm(r['reward'])} | {', '.join(f'{x:.3f}' for x in r['per_seed'])} | "
