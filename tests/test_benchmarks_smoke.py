@@ -387,3 +387,17 @@ def test_compute_curves_tiny(tiny_lm_dir, tmp_path):
     rows = {r["arm"]: r for r in saved["summary"]}
     assert len(rows[arm]["diff_per_seed"]) == 2 and isinstance(rows[arm]["above"], bool)
     assert "| arm | true reward |" in saved["table_md"] and "per doubling of N" in saved["bon_peak"]
+
+
+def test_compute_curves_reward_model_scorer_keeps_the_gold_held_out(tiny_lm_dir, tmp_path):
+    """The helpful setting: a sequence-classification reward model (here the tiny LM with a fresh head) selects and
+    its own scores of the train samples fit the steering; the table's y is the gold reward."""
+    import compute_curves
+
+    res = compute_curves.main(["--model", str(tiny_lm_dir), "--task", "helpful", "--scorer", str(tiny_lm_dir),
+                               "--num_train_prompts", "8", "--train_generations", "4", "--num_test_prompts", "2",
+                               "--n_max", "2", "--vgf_n", "2", "--max_new_tokens", "4", "--seeds", "0",
+                               "--variants", "prefix-L1-b1x1+union", "--cache", str(tmp_path / "cache"),
+                               "--out", str(tmp_path / "curves.json")])
+    assert res["selector"]["scorer"] == str(tiny_lm_dir) and "train_corr_with_true" in res["selector"]
+    assert set(res["runs"][0]["arms"]) == {"best-of-1", "best-of-2", "greedy (base)", "prefix-L1-b1x1+union"}
