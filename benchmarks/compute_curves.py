@@ -237,7 +237,7 @@ def main(argv=None) -> dict:
     p.add_argument("--ridge_layers", default="4,8,12,16,20,24,30")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--out", default="", help="JSON path (default benchmarks/results/compute_curves_<task>.json)")
-    p.add_argument("--cache", default=str(ROOT / "benchmarks" / "results" / "compute_curves_cache"))
+    p.add_argument("--cache", default=str(ROOT / "benchmarks" / "results" / "compute_curves" / "cache"))
     args = p.parse_args(argv)
     args.argv = list(argv if argv is not None else sys.argv[1:])
     args.seeds = [int(s) for s in args.seeds.split(",")]
