@@ -244,8 +244,7 @@ def test_the_gsm8k_recipe_starts_from_the_folder_its_comment_saves(tiny_lm_dir, 
     """recipes/gsm8k_qwen.yaml as shipped (bf16 weights, bf16 autocast, sdpa, gradient checkpointing), with only what
     a CPU and a 3-row GSM8K need overridden and the tiny model for Qwen: the gsm8k task reads GSM8K's ``question``
     from ``data/gsm8k`` (the folder the recipe's comment saves) and one step trains."""
-    from trl import TrlParser
-
+    from vgf_llm.cli.common import parse
     from vgf_llm.config import VGFConfig
     from vgf_llm.recipe import RecipeArguments, VGFModelConfig, load_datasets, run
 
@@ -253,13 +252,12 @@ def test_the_gsm8k_recipe_starts_from_the_folder_its_comment_saves(tiny_lm_dir, 
     assert "save_to_disk('data/gsm8k')" in recipe_file.read_text()
     monkeypatch.chdir(tmp_path)
     fake_gsm8k(tmp_path / "data" / "gsm8k")
-    parser = TrlParser((RecipeArguments, VGFConfig, VGFModelConfig))
-    recipe, args, model_args = parser.parse_args_and_config([
+    recipe, args, model_args = parse((RecipeArguments, VGFConfig, VGFModelConfig), [
         "--config", str(recipe_file), "--use_cpu", "true", "--tf32", "false", "--use_vllm", "false",
         "--model_name_or_path", str(tiny_lm_dir), "--output_dir", str(tmp_path / "out"), "--max_steps", "1",
         "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1", "--num_generations", "2",
         "--generation_batch_size", "4", "--max_completion_length", "6", "--report_to", "none", "--plot", "false",
-        "--disable_tqdm", "true"])
+        "--disable_tqdm", "true"], "test", "")
     assert (args.bf16, args.gradient_checkpointing, model_args.dtype, model_args.attn_implementation) == \
         (True, True, "bfloat16", "sdpa")
     train, held_out, _ = load_datasets(recipe, args.seed)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import functools
 import hmac
 import itertools
 import logging
@@ -175,7 +176,10 @@ class Batcher:
             self.task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self.task
-        self.executor.shutdown(wait=False, cancel_futures=True)
+        # queued batches are dropped; a running one is waited for, so nothing still uses the model once the app has
+        # stopped (an in-process server, e.g. in a notebook, may hand the same model to the next one)
+        await asyncio.get_running_loop().run_in_executor(
+            None, functools.partial(self.executor.shutdown, wait=True, cancel_futures=True))
 
     async def submit(self, config: SamplerConfig, prompts: list, seed: int | None) -> list[SampleResult]:
         # a seeded job is alone in its batch (a fresh key), so its samples depend on nothing else

@@ -144,9 +144,10 @@ def with_sampling(backend, config):
 def parse(dataclasses: tuple, argv: list[str], prog: str, description: str):
     """Parse ``argv`` (and ``--config x.yaml``) into ``dataclasses`` with TRL's parser; bad values are CLIErrors.
 
-    The parser rewrites ``X | None`` field types of the classes in place (``dataclasses.fields(cls)[i].type``);
-    they are put back afterwards, so later type checks of the same classes (the server's request validation) see
-    the declared types."""
+    The parser rewrites ``X | None`` field types of the classes in place (``dataclasses.fields(cls)[i].type``, and
+    a subclass shares its base's field objects: ``VGFConfig``'s rollout fields are ``SamplerConfig``'s); they are
+    put back afterwards, so later type checks of those classes (the server's request validation) see the declared
+    types."""
     from trl import TrlParser
 
     declared = [(f, f.type) for cls in dataclasses for f in fields(cls)]

@@ -62,8 +62,7 @@ def launch_command(argv: list[str], accelerate_config: str, num_processes: int, 
 
 def run(argv: list[str]) -> int:
     """``vgf-llm train --config recipe.yaml [--key value ...] [--accelerate_config NAME --num_processes N]``."""
-    from trl import TrlParser
-
+    from vgf_llm.cli.common import parse
     from vgf_llm.config import VGFConfig
     from vgf_llm.recipe import RecipeArguments, VGFModelConfig, run
 
@@ -79,10 +78,9 @@ def run(argv: list[str]) -> int:
                              torch.cuda.is_available())
         print("launching:", " ".join(cmd), file=sys.stderr)
         return subprocess.call(cmd)
-    parser = TrlParser((RecipeArguments, VGFConfig, VGFModelConfig), prog="vgf-llm train",
-                       description="Fine-tune a LoRA policy with Value Gradient Flow. Options come from --config "
-                       "recipe.yaml; --key value on the command line overrides the file.")
-    recipe, args, model_args = parser.parse_args_and_config(argv)
+    recipe, args, model_args = parse((RecipeArguments, VGFConfig, VGFModelConfig), argv, "vgf-llm train",
+                                     "Fine-tune a LoRA policy with Value Gradient Flow. Options come from --config "
+                                     "recipe.yaml; --key value on the command line overrides the file.")
     if not model_args.model_name_or_path:
         raise CLIError("set model_name_or_path (in the recipe or with --model_name_or_path)")
     run(recipe, args, model_args)
