@@ -143,11 +143,14 @@ class VGFSampler:
         return scorer.score_ids(p_ids, p_mask, ids.reshape(g * n, t), mask.reshape(g * n, t)).reshape(
             g, n).float().cpu()
 
-    def move(self, ro: Rollouts) -> Moved:
+    def move(self, ro: Rollouts, scores: torch.Tensor | None = None) -> Moved:
         """Transport the rollouts' particles with the budget and decode them (fitting the space on the scorer's
-        values of this batch first, unless ``fit`` was given labels)."""
+        values of this batch first, unless ``fit`` was given labels; ``scores``: those values, when the caller
+        already has them)."""
         if not self.fitted_on_labels:
-            self.space.fit(ro, self._score(self.scorer, ro.completion_ids, ro.completion_mask, ro))
+            if scores is None:
+                scores = self._score(self.scorer, ro.completion_ids, ro.completion_mask, ro)
+            self.space.fit(ro, scores)
         self.last_moved = moved = self.space.move(ro, self.config.budget)
         return moved
 
@@ -157,7 +160,7 @@ class VGFSampler:
         before = self._score(self.selector, ids, cmask, ro)
         moved = self.config.transport_steps > 0
         if moved:
-            m = self.move(ro)
+            m = self.move(ro, before if self.selector is self.scorer else None)  # one scorer pass, not two
             new_ids, new_mask, disp = m.ids, m.mask, m.displacement
             after = self._score(self.selector, new_ids, new_mask, ro)
         else:
