@@ -43,9 +43,10 @@ from guided_sampling import (  # noqa: E402
     variant,
 )
 
+from vgf_llm.likelihood import ReferenceLikelihood  # noqa: E402
 from vgf_llm.models import load_model, load_tokenizer  # noqa: E402
 from vgf_llm.rewards import get_reward_func, reward_texts  # noqa: E402
-from vgf_llm.rollout.hf import HFGenerateBackend  # noqa: E402
+from vgf_llm.rollout.hf import HFGenerateBackend, Rollouts  # noqa: E402
 from vgf_llm.sampler import VGFSampler  # noqa: E402
 from vgf_llm.tasks import task_dataset, task_reward_names  # noqa: E402
 
@@ -78,8 +79,27 @@ def make_selector(task, args, model, tok, reward, train):
     return selector, train_ro, proxy, dict(scorer=args.scorer, train_corr_with_true=corr)
 
 
-def run_seed(seed, args, model, tok, reward, test, selector, samplers, greedy) -> dict:
-    """Every arm on one seed's draw: {arm: dict(reward, seconds, tokens, win_rate, ...)}."""
+def proxy_of_responses(selector, tok, ro: Rollouts, texts: list[str]) -> torch.Tensor:
+    """The selector's raw score of one chosen response per prompt (re-tokenised; for the gold-vs-proxy picture, not
+    timed)."""
+    enc = tok(texts, add_special_tokens=False, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        return selector.score_ids(ro.prompt_ids, ro.prompt_mask, enc.input_ids, enc.attention_mask).float().cpu()
+
+
+def mean_logprobs(model, ro: Rollouts) -> tuple[torch.Tensor, float]:
+    """[G, N] reference log-likelihood per token of every sample, and the seconds it cost: nothing when the draw
+    kept its tokens' log-probabilities (read while sampling), else one forward pass per prompt's samples."""
+    t0 = time.time()
+    lik = ReferenceLikelihood(model)
+    g, n, t = ro.shape
+    out = torch.stack([lik.score_ids(*ro[i:i + 1].flat(), None if ro.logprobs is None else
+                                     ro.logprobs[i].reshape(n, t)).cpu() for i in range(g)])
+    return out, time.time() - t0
+
+
+def run_seed(seed, args, model, tok, reward, test, selector, samplers, greedy, greedy_proxy) -> dict:
+    """Every arm on one seed's draw: {arm: dict(reward, proxy, seconds, tokens, win_rate, ...)}."""
     ro, true, gen_seconds = test_rollouts(args.task, args, model, tok, reward, test, seed, args.cache)
     g, n_max = true.shape
     t0 = time.time()
@@ -89,12 +109,20 @@ def run_seed(seed, args, model, tok, reward, test, selector, samplers, greedy) -
     tokens = ro.completion_mask.sum(-1).float()  # [G, n_max]
     rows = torch.arange(g)
     arms = {}
-    for n in args.ns:
-        pick = true[rows, sel[:, :n].argmax(1)]
-        arms[f"best-of-{n}"] = dict(n=n, reward=float(pick.mean()), seconds=n * per_sample,
-                                    tokens=float(tokens[:, :n].sum(1).mean()), win_rate=win_rate(pick, greedy),
-                                    per_prompt=pick.tolist())
-    arms["greedy (base)"] = dict(reward=float(greedy.mean()), seconds=float("nan"), tokens=float("nan"),
+    curves = [("", sel, 0.0)]
+    if args.likelihood_weights:
+        loglik, lik_seconds = mean_logprobs(model, ro)
+        curves += [(f"+lik{w:g}", sel + w * loglik, lik_seconds / g / n_max) for w in args.likelihood_weights]
+    for suffix, score, extra_per_sample in curves:
+        for n in args.ns:
+            idx = score[:, :n].argmax(1)
+            pick = true[rows, idx]
+            arms[f"best-of-{n}{suffix}"] = dict(
+                n=n, reward=float(pick.mean()), proxy=float(sel[rows, idx].mean()),
+                seconds=n * (per_sample + extra_per_sample), tokens=float(tokens[:, :n].sum(1).mean()),
+                win_rate=win_rate(pick, greedy), per_prompt=pick.tolist())
+    arms["greedy (base)"] = dict(reward=float(greedy.mean()), proxy=greedy_proxy, seconds=float("nan"),
+                                 tokens=float("nan"),
                                  win_rate=0.5, per_prompt=greedy.tolist())
     k = args.vgf_n
     prompts = [r["prompt"] for r in test]
@@ -105,8 +133,12 @@ def run_seed(seed, args, model, tok, reward, test, selector, samplers, greedy) -
             results += sampler.transport_rollouts(prompts[s:s + args.batch_size], chunk)
             if sampler.config.decoder == "steer_prefix":  # particles re-generated under steering
                 regenerated += float(sampler.last_moved.mask.sum())
-        got = reward_texts(reward, None, test, [r.response for r in results])
-        arms[name] = dict(n=k, reward=float(got.mean()), seconds=k * per_sample + (time.time() - t1) / g,
+        seconds = k * per_sample + (time.time() - t1) / g
+        responses = [r.response for r in results]
+        got = reward_texts(reward, None, test, responses)
+        arms[name] = dict(n=k, reward=float(got.mean()), proxy=float(proxy_of_responses(selector, tok, ro,
+                                                                                         responses).mean()),
+                          seconds=seconds,
                           tokens=float(tokens[:, :k].sum(1).mean()) + regenerated / g, win_rate=win_rate(got, greedy),
                           frac_chosen_moved=sum(r.chosen_moved for r in results) / g, per_prompt=got.tolist())
         print(f"seed {seed} {name:30s} reward {arms[name]['reward']:.3f} (best-of-{k} "
@@ -114,9 +146,18 @@ def run_seed(seed, args, model, tok, reward, test, selector, samplers, greedy) -
     return dict(seed=seed, seconds_per_sample=per_sample, arms=arms)
 
 
-def bon_at(seconds: float, run: dict, ns: list[int]) -> tuple[float, bool]:
-    """Best-of-N's true reward at ``seconds`` per prompt on one seed (linear between neighbouring N; capped)."""
-    pts = [(run["arms"][f"best-of-{n}"]["seconds"], run["arms"][f"best-of-{n}"]["reward"]) for n in ns]
+def bon_within(seconds: float, run: dict, ns: list[int], suffix: str = "") -> float:
+    """Issue 29's comparator: the best true reward of best-of-N, N >= 4, that takes no more than ``seconds``."""
+    fits = [run["arms"][f"best-of-{n}{suffix}"] for n in ns if n >= 4]
+    fits = [a["reward"] for a in fits if a["seconds"] <= seconds] or [fits[0]["reward"]]
+    return max(fits)
+
+
+def bon_at(seconds: float, run: dict, ns: list[int], suffix: str = "") -> tuple[float, bool]:
+    """Best-of-N's true reward at ``seconds`` per prompt on one seed (linear between neighbouring N; capped);
+    ``suffix`` picks the curve (``+lik1``: selected by the likelihood-tilted score)."""
+    pts = [(run["arms"][f"best-of-{n}{suffix}"]["seconds"], run["arms"][f"best-of-{n}{suffix}"]["reward"])
+           for n in ns]
     if seconds >= pts[-1][0]:
         return pts[-1][1], seconds > pts[-1][0]
     for (x0, y0), (x1, y1) in zip(pts, pts[1:], strict=False):
@@ -138,30 +179,47 @@ def summarise(runs: list[dict], ns: list[int]) -> list[dict]:
                 return math.nan, math.nan
             return statistics.mean(xs), statistics.pstdev(xs) if len(xs) > 1 else 0.0
 
-        row = dict(arm=name, reward=ms("reward"), seconds=ms("seconds"), tokens=ms("tokens"),
-                   win_rate=ms("win_rate"), per_seed=[p["reward"] for p in per])
+        row = dict(arm=name, reward=ms("reward"), proxy=ms("proxy"), seconds=ms("seconds"), tokens=ms("tokens"),
+                   win_rate=ms("win_rate"), per_seed=[p["reward"] for p in per], n=per[0].get("n"))
         if not name.startswith(("best-of-", "greedy")):
             at = [bon_at(p["seconds"], r, ns) for p, r in zip(per, runs, strict=True)]
             diffs = [p["reward"] - b for p, (b, _) in zip(per, at, strict=True)]
-            d_std = statistics.pstdev(diffs) if len(diffs) > 1 else 0.0
             row.update(bon_equal_clock=statistics.mean(b for b, _ in at), capped=any(c for _, c in at),
-                       diff_per_seed=diffs, diff=(statistics.mean(diffs), d_std),
-                       above=all(d > 0 for d in diffs) and statistics.mean(diffs) > d_std)
+                       **paired("", diffs))
+            within = [p["reward"] - bon_within(p["seconds"], r, ns) for p, r in zip(per, runs, strict=True)]
+            row.update(paired("within_", within))
+            suffix = tilt_suffix(name)
+            if suffix and f"best-of-{ns[0]}{suffix}" in runs[0]["arms"]:  # against best-of-N tilted the same way
+                tilted = [p["reward"] - bon_at(p["seconds"], r, ns, suffix)[0] for p, r in zip(per, runs, strict=True)]
+                row.update(paired("tilted_", tilted))
         rows.append(row)
     return rows
 
 
-def bon_peak(rows: list[dict], ns: list[int]) -> str:
+def paired(prefix: str, diffs: list[float]) -> dict:
+    """Per-seed differences to a control, their mean ± spread, and ``above``: every seed above and the mean
+    difference beyond its seed spread."""
+    d_std = statistics.pstdev(diffs) if len(diffs) > 1 else 0.0
+    return {f"{prefix}diff_per_seed": diffs, f"{prefix}diff": (statistics.mean(diffs), d_std),
+            f"{prefix}above": all(d > 0 for d in diffs) and statistics.mean(diffs) > d_std}
+
+
+def tilt_suffix(arm: str) -> str:
+    """``+lik<W>`` of an arm that selects by the likelihood-tilted score ('' for the others)."""
+    return arm[arm.index("+lik"):] if "+lik" in arm else ""
+
+
+def bon_peak(rows: list[dict], ns: list[int], suffix: str = "") -> str:
     """How best-of-N's mean true reward moves with each doubling of N, against the seed spread: where it falls, and
     the last doubling that still gains more than the spread."""
-    by = {n: by_arm["reward"] for n in ns for by_arm in rows if by_arm["arm"] == f"best-of-{n}"}
+    by = {n: by_arm["reward"] for n in ns for by_arm in rows if by_arm["arm"] == f"best-of-{n}{suffix}"}
     steps = [(a, b, by[b][0] - by[a][0], max(by[a][1], by[b][1])) for a, b in zip(ns, ns[1:], strict=False)]
     text = "; ".join(f"{a}->{b}: {d:+.3f} (spread {sp:.3f})" for a, b, d, sp in steps)
     falls = [f"{a}->{b}" for a, b, d, _ in steps if d < 0]
     beyond = [b for _, b, d, sp in steps if d > sp]
     fall = f"Falls at {', '.join(falls)}. " if falls else "Never falls. "
     last = f"Last gain beyond the seed spread: up to N = {beyond[-1]}." if beyond else "No gain beyond the spread."
-    return f"best-of-N per doubling of N: {text}. {fall}{last}"
+    return f"best-of-N{suffix} per doubling of N: {text}. {fall}{last}"
 
 
 def markdown(rows: list[dict], args, minutes: float) -> str:
@@ -175,15 +233,24 @@ def markdown(rows: list[dict], args, minutes: float) -> str:
              + (f" (fitted on {args.num_train_prompts} train prompts x {args.train_generations})"
                 if args.scorer == "ridge" else "") + f". Machine: {platform.machine()}, "
              f"{torch.get_num_threads()} torch threads; run wall-clock {minutes:.1f} min.", "",
-             "| arm | true reward | per seed | s / prompt | tokens / prompt | win rate vs greedy | "
-             "minus best-of-N at equal s (per seed) | above? |", "|---|---|---|---|---|---|---|---|"]
+             "| arm | true reward | per seed | proxy of the chosen | s / prompt | tokens / prompt | win rate vs greedy "
+             "| minus best-of-N at equal s (per seed) | minus the best best-of-N (N >= 4) within its s | minus "
+             "best-of-N tilted the same way, at equal s |", "|---|---|---|---|---|---|---|---|---|---|"]
+
+    def vs(r, prefix):
+        if f"{prefix}diff" not in r:
+            return ""
+        d = r[f"{prefix}diff"]
+        return (f"{d[0]:+.3f} ± {d[1]:.3f} ({', '.join(f'{x:+.3f}' for x in r[f'{prefix}diff_per_seed'])}) "
+                + ("**above**" if r[f"{prefix}above"] else "not above")
+                + (", capped at N max" if prefix == "" and r["capped"] else ""))
+
     for r in rows:
-        diff = (f"{r['diff'][0]:+.3f} ± {r['diff'][1]:.3f} ({', '.join(f'{d:+.3f}' for d in r['diff_per_seed'])})"
-                + (" capped at N max" if r["capped"] else "") if "diff" in r else "")
         cost = f"{r['seconds'][0]:.2f} | {r['tokens'][0]:.0f}".replace("nan", "–")  # greedy: not costed
+        proxy = pm(r["proxy"]) if not math.isnan(r["proxy"][0]) else "–"
         lines.append(f"| {r['arm']} | {pm(r['reward'])} | {', '.join(f'{x:.3f}' for x in r['per_seed'])} | "
-                     f"{cost} | {pm(r['win_rate'])} | {diff} | "
-                     + ("yes" if r.get("above") else "no" if "above" in r else "") + " |")
+                     f"{proxy} | {cost} | {pm(r['win_rate'])} | {vs(r, '')} | {vs(r, 'within_')} | "
+                     f"{vs(r, 'tilted_')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -194,29 +261,65 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    bon = [r for r in rows if r["arm"].startswith("best-of-")]
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
     vgf = [r for r in rows if "diff" in r]
-    for ax, key, label in ((axes[0], "seconds", "wall-clock s / prompt"), (axes[1], "tokens", "tokens / prompt")):
-        ax.errorbar([r[key][0] for r in bon], [r["reward"][0] for r in bon], yerr=[r["reward"][1] for r in bon],
-                    fmt="-o", color="k", label="best-of-N (N = 1..32)", capsize=3)
-        for r in bon:
-            ax.annotate(r["arm"].removeprefix("best-of-"), (r[key][0], r["reward"][0]), fontsize=7,
-                        textcoords="offset points", xytext=(3, -9))
+    axes_keys = ((axes[0], "seconds", "wall-clock s / prompt"), (axes[1], "tokens", "tokens / prompt"),
+                 (axes[2], "proxy", "selector's score of the chosen answer (the proxy)"))
+    for ax, key, label in axes_keys:
+        for suffix, colour in bon_curves(rows):
+            bon = [r for r in rows if r["arm"].startswith("best-of-") and tilt_suffix(r["arm"]) == suffix]
+            ax.errorbar([r[key][0] for r in bon], [r["reward"][0] for r in bon], yerr=[r["reward"][1] for r in bon],
+                        fmt="-o", color=colour, label=f"best-of-N{suffix} (N = 1..{bon[-1]['n']})", capsize=3)
+            for r in bon:
+                ax.annotate(str(r["n"]), (r[key][0], r["reward"][0]), fontsize=7, color=colour,
+                            textcoords="offset points", xytext=(3, -9))
         for r in vgf:
             ax.errorbar(r[key][0], r["reward"][0], xerr=r[key][1], yerr=r["reward"][1], fmt="s", capsize=3,
                         label=r["arm"])
         greedy = next(r for r in rows if r["arm"].startswith("greedy"))["reward"][0]
         ax.axhline(greedy, color="grey", ls=":", label="greedy (base)")
-        ax.set_xscale("log")
-        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor labels overlap on a short range
+        if key != "proxy":
+            ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor labels overlap on a short range
         ax.set_xlabel(label)
         ax.set_ylabel("true reward")
     axes[0].legend(fontsize=7)
+    axes[2].set_title("over-optimisation: gold against proxy", fontsize=8)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def bon_curves(rows: list[dict]) -> list[tuple[str, str]]:
+    """(suffix, colour) of each best-of-N curve present: plain, then each likelihood-tilted one."""
+    suffixes = sorted({tilt_suffix(r["arm"]) for r in rows if r["arm"].startswith("best-of-")})
+    return [(sfx, "k" if not sfx else colour) for sfx, colour in zip(suffixes, ["k", "tab:brown", "tab:olive"],
+                                                                       strict=False)]
+
+
+DRAW_SETTINGS = ("model", "task", "scorer", "num_test_prompts", "n_max", "vgf_n", "max_new_tokens", "temperature",
+                 "batch_size", "num_train_prompts", "train_generations", "likelihood_weights")
+
+
+def resumed_runs(out: Path, args, variants: list[str]) -> list[dict]:
+    """The finished seeds of an earlier run into ``out`` with the same draw settings, keeping only the best-of-N,
+    greedy and ``variants`` arms (so a long run can go on with fewer arms after a stop)."""
+    if not out.exists():
+        return []
+    old = json.loads(out.read_text())
+    differ = [k for k in DRAW_SETTINGS if old["args"].get(k) != getattr(args, k)]
+    if differ:
+        raise SystemExit(f"--resume: {out} was run with other settings ({', '.join(differ)})")
+    runs = [r for r in old["runs"] if r["seed"] in args.seeds]
+    for r in runs:
+        r["arms"] = {k: v for k, v in r["arms"].items() if (
+            k.startswith(("best-of-", "greedy")) or k in variants)}
+        missing = [v for v in variants if v not in r["arms"]]
+        if missing:
+            raise SystemExit(f"--resume: seed {r['seed']} in {out} has no arm {missing}")
+    print(f"resumed seeds {[r['seed'] for r in runs]} from {out}", flush=True)
+    return runs
 
 
 def main(argv=None) -> dict:
@@ -235,12 +338,18 @@ def main(argv=None) -> dict:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--batch_size", type=int, default=4, help="prompts per generate / transport call")
     p.add_argument("--ridge_layers", default="4,8,12,16,20,24,30")
+    p.add_argument("--likelihood_weights", default="",
+                   help="comma list W: best-of-N curves also selected by score + W x reference log-lik per token")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--out", default="", help="JSON path (default benchmarks/results/compute_curves_<task>.json)")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the seeds already in --out (same draw settings) and run the others; arms not in "
+                        "--variants are dropped from the kept seeds")
     p.add_argument("--cache", default=str(ROOT / "benchmarks" / "results" / "compute_curves" / "cache"))
     args = p.parse_args(argv)
     args.argv = list(argv if argv is not None else sys.argv[1:])
     args.seeds = [int(s) for s in args.seeds.split(",")]
+    args.likelihood_weights = [float(w) for w in args.likelihood_weights.split(",") if w]
     args.ns = [1 << i for i in range(args.n_max.bit_length()) if 1 << i <= args.n_max]
     args.num_particles = args.n_max // 2  # guided_sampling.test_rollouts draws 2 x num_particles per prompt
     args.cache = Path(args.cache)
@@ -266,14 +375,16 @@ def main(argv=None) -> dict:
     greedy_ro = HFGenerateBackend(model, tok, max_new_tokens=args.max_new_tokens, temperature=0.0,
                                   batch_size=8).generate([r["prompt"] for r in test], 1, 0)
     greedy = reward_texts(reward, None, test, [t[0] for t in greedy_ro.texts])
-    runs = []
-    for seed in args.seeds:
-        runs.append(run_seed(seed, args, model, tok, reward, test, selector, samplers, greedy))
+    with torch.no_grad():
+        greedy_proxy = float(score_groups(selector, greedy_ro).mean())
+    runs = resumed_runs(out, args, list(samplers)) if args.resume else []
+    for seed in [s for s in args.seeds if s not in {r["seed"] for r in runs}]:
+        runs.append(run_seed(seed, args, model, tok, reward, test, selector, samplers, greedy, greedy_proxy))
         rows = summarise(runs, args.ns)
         minutes = (time.time() - t0) / 60
         args.seeds_done = [r["seed"] for r in runs]
         table = markdown(rows, args, minutes)
-        reading = bon_peak(rows, args.ns)
+        reading = " ".join(bon_peak(rows, args.ns, suffix) for suffix, _ in bon_curves(rows))
         result = dict(args={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                       selector=selector_stats, runs=runs, summary=rows, bon_peak=reading, table_md=table,
                       wall_clock_min=minutes, seeds_done=args.seeds_done)

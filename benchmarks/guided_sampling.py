@@ -71,6 +71,7 @@ class Variant:
     # control, "random_direction": verified decodes start + a random vector of each row's displacement norm;
     # steer_prefix moves along a random head of the prefix value's norm (does the value's direction matter?)
     control: str = ""
+    likelihood_weight: float = 0.0  # decoder="steer_prefix": climb and select by score + w x reference log-lik/token
 
     def sampler_config(self, args) -> SamplerConfig:
         return SamplerConfig(
@@ -78,7 +79,8 @@ class Variant:
             temperature=args.temperature, generation_batch_size=args.batch_size * args.num_particles,
             transport_steps=self.steps, transport_step_size=self.step_size, transport_alpha=1.0,
             decoder=self.decoder, decoder_topk=8, max_edits=self.max_edits, verify_top=self.verify_top,
-            verify_candidates=self.verify_candidates, union_margin=self.union_margin, steer_layer=self.steer_layer)
+            verify_candidates=self.verify_candidates, union_margin=self.union_margin, steer_layer=self.steer_layer,
+            likelihood_weight=self.likelihood_weight)
 
 
 def B(steps, eps):  # noqa: N802 - a budget literal
@@ -108,8 +110,9 @@ VARIANTS = {
 }
 # per-step steering: every generated token's hidden state at layer L moved along a prefix value (ridge on that
 # layer's states of every train prefix, true rewards); S Adam steps of E standard deviations per unit, per token.
-# Named prefix-L<L>-b<S>x<E>+union, with -random for the control (a random head of the same norm).
-PREFIX_VARIANT = re.compile(r"prefix-L(\d+)-b(\d+)x([\d.]+)\+union(-random)?")
+# Named prefix-L<L>-b<S>x<E>+union, with -random for the control (a random head of the same norm), and +lik<W> for
+# the likelihood brake (SamplerConfig.likelihood_weight W; b0 with it: best-of-N selected by the tilted score).
+PREFIX_VARIANT = re.compile(r"prefix-L(\d+)-b(\d+)x([\d.]+)\+union(-random)?(?:\+lik([\d.]+))?")
 
 
 def variant(name: str) -> Variant | None:
@@ -120,7 +123,7 @@ def variant(name: str) -> Variant | None:
     if m is None:
         return None
     return Variant(name, decoder="steer_prefix", steer_layer=int(m[1]), control="random_direction" if m[4] else "",
-                   **B(int(m[2]), float(m[3])))
+                   likelihood_weight=float(m[5] or 0), **B(int(m[2]), float(m[3])))
 
 
 # the sampler's two decoders at their measured budgets (SamplerConfig: steer_prefix 1 x 0.2 at half of SmolLM2's
@@ -198,7 +201,7 @@ def test_rollouts(task, args, model, tok, reward, test, seed: int, cache: Path):
 
     def make():
         backend = HFGenerateBackend(model, tok, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                                    temperature=args.temperature)
+                                    temperature=args.temperature, return_logprobs=True)
         t0 = time.time()
         ro = backend.generate([r["prompt"] for r in test], n2, seed)
         rewards = reward_rollouts(reward, None, test, ro)

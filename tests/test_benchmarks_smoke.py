@@ -394,10 +394,29 @@ def test_compute_curves_reward_model_scorer_keeps_the_gold_held_out(tiny_lm_dir,
     its own scores of the train samples fit the steering; the table's y is the gold reward."""
     import compute_curves
 
+    out = tmp_path / "curves.json"
     res = compute_curves.main(["--model", str(tiny_lm_dir), "--task", "helpful", "--scorer", str(tiny_lm_dir),
                                "--num_train_prompts", "8", "--train_generations", "4", "--num_test_prompts", "2",
                                "--n_max", "2", "--vgf_n", "2", "--max_new_tokens", "4", "--seeds", "0",
-                               "--variants", "prefix-L1-b1x1+union", "--cache", str(tmp_path / "cache"),
-                               "--out", str(tmp_path / "curves.json")])
+                               "--variants", "prefix-L1-b1x1+union,prefix-L1-b1x1+union+lik1",
+                               "--likelihood_weights", "1", "--cache", str(tmp_path / "cache"), "--out", str(out)])
     assert res["selector"]["scorer"] == str(tiny_lm_dir) and "train_corr_with_true" in res["selector"]
-    assert set(res["runs"][0]["arms"]) == {"best-of-1", "best-of-2", "greedy (base)", "prefix-L1-b1x1+union"}
+    assert set(res["runs"][0]["arms"]) == {"best-of-1", "best-of-2", "best-of-1+lik1", "best-of-2+lik1",
+                                           "greedy (base)", "prefix-L1-b1x1+union", "prefix-L1-b1x1+union+lik1"}
+    rows = {r["arm"]: r for r in res["summary"]}
+    assert "tilted_diff" in rows["prefix-L1-b1x1+union+lik1"] and "tilted_diff" not in rows["prefix-L1-b1x1+union"]
+    assert all("within_diff" in rows[a] for a in ("prefix-L1-b1x1+union", "prefix-L1-b1x1+union+lik1"))
+    assert all(isinstance(r["proxy"][0], float) for r in res["summary"])  # the gold-vs-proxy picture's x
+
+    # a second draw of the same size extends best-of-N to 2 x n_max, in place, once
+    import extend_best_of_n
+
+    extended = extend_best_of_n.main([str(out)])
+    arms = extended["runs"][0]["arms"]
+    assert list(arms)[:3] == ["best-of-1", "best-of-2", "best-of-4"]
+    for suffix in ("", "+lik1"):
+        assert arms[f"best-of-4{suffix}"]["seconds"] == pytest.approx(4 * arms[f"best-of-1{suffix}"]["seconds"])
+    assert arms["best-of-4"]["proxy"] >= arms["best-of-2"]["proxy"]  # the max over a superset of the samples
+    assert "| best-of-4+lik1 |" in extended["table_md"] and extended["args"]["ns"] == [1, 2, 4]
+    with pytest.raises(SystemExit):
+        extend_best_of_n.main([str(out)])

@@ -69,6 +69,7 @@ def test_chat_completion_answers_the_openai_client(server):
     assert 0 <= r.usage.completion_tokens <= DEFAULTS.max_completion_length
     vgf = choice.vgf  # the default settings: per-step steering, 4 particles
     assert vgf["decoder"] == "steer_prefix" and vgf["num_generations"] == 4 and vgf["transport_steps"] == 1
+    assert vgf["likelihood_weight"] == 0.0  # a value model: the brake is off by default
     assert isinstance(vgf["score"], float) and isinstance(vgf["moved"], bool) and "particles" not in vgf
     assert [m.id for m in c.models.list().data] == [NAME]
     assert httpx.get(f"{server}/health").json() == {"status": "ok"}

@@ -352,7 +352,8 @@ def _run(recipe: RecipeArguments, args: VGFConfig, model_args) -> dict:
         print(f"adapter, logs and plots in {out}")
     if args.push_to_hub:
         trainer.push_to_hub()
-    # Tear the process group down before the interpreter does: a live gloo group at exit can abort a rank with
-    # "terminate called without an active exception" after a successful run (seen in CI under ZeRO-3).
-    trainer.accelerator.end_training()
+    if args.world_size > 1:  # several processes: tear the group down before the interpreter does (a live gloo
+        # group at exit aborted a rank with "terminate called without an active exception" after a successful
+        # ZeRO-3 run in CI); a single process keeps its state for whatever runs next in it
+        trainer.accelerator.end_training()
     return summary

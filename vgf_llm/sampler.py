@@ -9,6 +9,7 @@ there use ``transport_steps=0``. These defaults are the sampler's own; training 
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
@@ -16,13 +17,28 @@ import torch
 from tqdm.auto import tqdm
 
 from vgf_llm.adapters import active_adapter
+from vgf_llm.likelihood import LikelihoodTilted, ReferenceLikelihood
 from vgf_llm.rollout.config import RolloutConfig
 from vgf_llm.rollout.hf import Rollouts, tokens_changed
 from vgf_llm.rollout.vllm_backend import make_rollout_backend
 from vgf_llm.spaces import DECODERS, Budget, Moved, make_space
+from vgf_llm.value import RewardModelScorer
 
 # each decoder's measured budget (docs/benchmarks.md: run 7's confirmation for steer_prefix, run 5 for verified)
 DEFAULT_BUDGETS = {"steer_prefix": (1, 0.2), "verified": (3, 0.05)}
+# the likelihood brake's weight with a learned reward model: one nat of the reward model's Bradley-Terry log-odds
+# for one nat per token of the reference's likelihood (chosen before measuring; docs/benchmarks.md, issue 29)
+REWARD_MODEL_LIKELIHOOD_WEIGHT = 1.0
+
+
+def likelihood_weight_for(config: SamplerConfig, scorer) -> float:
+    """The brake's weight: the config's, or by default ``REWARD_MODEL_LIKELIHOOD_WEIGHT`` when a reward model
+    (a learned proxy of what the caller wants) drives ``steer_prefix``, and 0 for a value model fitted to the
+    caller's own reward (there the score is what is judged, and the brake only costs)."""
+    if config.likelihood_weight is not None:
+        return config.likelihood_weight
+    reward_model = isinstance(scorer, RewardModelScorer)
+    return REWARD_MODEL_LIKELIHOOD_WEIGHT if reward_model and config.decoder == "steer_prefix" else 0.0
 
 
 @dataclass
@@ -54,6 +70,12 @@ class SamplerConfig(RolloutConfig):
         "help": "verified: swaps checked with real scorer passes per particle and round."})
     union_margin: float = field(default=0.0, metadata={
         "help": "Pick a transported response only if its selector score beats the best original by this much."})
+    likelihood_weight: float | None = field(default=None, metadata={
+        "help": "A brake for learned reward models: the particles climb, and are selected by, the score + this x "
+                "the reference's mean log-probability per token (vgf_llm.likelihood; 0: the score alone). None: "
+                f"{REWARD_MODEL_LIKELIHOOD_WEIGHT:g} with a reward model as the scorer and steer_prefix (measured: "
+                "docs/benchmarks.md, 'Test time with a learned reward model'), 0 with a value model fitted to your "
+                "reward. steer_prefix only."})
 
     def __post_init__(self):
         if self.decoder not in DECODERS:
@@ -62,6 +84,12 @@ class SamplerConfig(RolloutConfig):
         self.transport_steps = steps if self.transport_steps is None else self.transport_steps
         self.transport_step_size = step_size if self.transport_step_size is None else self.transport_step_size
         _ = self.budget  # validates the budget's three values, naming the wrong one
+        w = self.likelihood_weight
+        if w is not None and (w < 0 or not math.isfinite(w)):
+            raise ValueError(f"likelihood_weight must be a finite number >= 0, got {w}")
+        if w and self.decoder != "steer_prefix":
+            raise ValueError(f"likelihood_weight needs decoder='steer_prefix' (decoder={self.decoder!r} moves along "
+                             "the scorer's gradient, which the reference's likelihood does not give)")
         super().__post_init__()
 
     @property
@@ -108,12 +136,19 @@ class VGFSampler:
     def __init__(self, model, tokenizer, scorer, config: SamplerConfig | None = None, *, selector=None,
                  backend=None, progress: bool = True):
         self.config = c = config if config is not None else SamplerConfig()
+        selector = selector or scorer
+        self.likelihood_weight = w = likelihood_weight_for(c, scorer)
+        self.likelihood = ReferenceLikelihood(model) if w else None
+        if self.likelihood is not None:  # the space fits on, and the selection reads, the tilted scores
+            scorer = LikelihoodTilted(scorer, self.likelihood, w)
+            selector = scorer if selector is scorer.scorer else LikelihoodTilted(selector, self.likelihood, w)
         self.model, self.tokenizer, self.scorer = model, tokenizer, scorer
-        self.selector, self.progress = selector or scorer, progress
+        self.selector, self.progress = selector, progress
         self.space = make_space(c.decoder, model, tokenizer, scorer, c)
         self.backend = backend or make_rollout_backend(model, tokenizer, max_new_tokens=c.max_completion_length,
                                                        temperature=c.temperature, top_p=c.top_p, top_k=c.top_k,
-                                                       batch_size=c.prompts_per_generation)
+                                                       batch_size=c.prompts_per_generation,
+                                                       return_logprobs=self.likelihood is not None)
         self.fitted_on_labels = False
         self.last_moved: Moved | None = None
 
@@ -125,6 +160,10 @@ class VGFSampler:
         """Fit what the particle space reads on labelled rollouts (targets [G, N], e.g. true rewards); from then on
         batches are moved with that fit instead of one on the scorer's values of each batch."""
         self.fitted_on_labels = True
+        if self.likelihood is not None:  # the labels tilted like every score the sampler reads
+            targets = targets.float() + self.likelihood_weight * self._score(
+                self.likelihood, rollouts.completion_ids, rollouts.completion_mask, rollouts,
+                rollouts.logprobs).reshape(targets.shape)
         return self.space.fit(rollouts, targets, seed=seed)
 
     def sample(self, prompts: list, seed: int = 0) -> list[SampleResult]:
@@ -137,11 +176,17 @@ class VGFSampler:
             results.extend(self.transport_rollouts(chunk, self.rollout(chunk, chunk_seed)))
         return results
 
-    def _score(self, scorer, ids: torch.Tensor, mask: torch.Tensor, ro: Rollouts) -> torch.Tensor:
+    def _score(self, scorer, ids: torch.Tensor, mask: torch.Tensor, ro: Rollouts,
+               logprobs: torch.Tensor | None = None) -> torch.Tensor:
+        """[G, N] scores; ``logprobs`` (the rollouts' own, [G, N, T]) spare the likelihood's pass of the originals."""
         g, n, t = ids.shape
         p_ids, p_mask, _, _ = ro.flat()
-        return scorer.score_ids(p_ids, p_mask, ids.reshape(g * n, t), mask.reshape(g * n, t)).reshape(
+        extra = {} if logprobs is None else {"logprobs": logprobs.reshape(g * n, t)}
+        return scorer.score_ids(p_ids, p_mask, ids.reshape(g * n, t), mask.reshape(g * n, t), **extra).reshape(
             g, n).float().cpu()
+
+    def _originals_logprobs(self, ro: Rollouts) -> torch.Tensor | None:
+        return ro.logprobs if self.likelihood is not None else None
 
     def move(self, ro: Rollouts, scores: torch.Tensor | None = None) -> Moved:
         """Transport the rollouts' particles with the budget and decode them (fitting the space on the scorer's
@@ -149,7 +194,8 @@ class VGFSampler:
         already has them)."""
         if not self.fitted_on_labels:
             if scores is None:
-                scores = self._score(self.scorer, ro.completion_ids, ro.completion_mask, ro)
+                scores = self._score(self.scorer, ro.completion_ids, ro.completion_mask, ro,
+                                     self._originals_logprobs(ro))
             self.space.fit(ro, scores)
         self.last_moved = moved = self.space.move(ro, self.config.budget)
         return moved
@@ -157,7 +203,7 @@ class VGFSampler:
     def transport_rollouts(self, prompts: list, ro: Rollouts) -> list[SampleResult]:
         """Transport, decode, re-score and select given rollouts (so several budgets can share one set of samples)."""
         ids, cmask = ro.completion_ids, ro.completion_mask
-        before = self._score(self.selector, ids, cmask, ro)
+        before = self._score(self.selector, ids, cmask, ro, self._originals_logprobs(ro))
         moved = self.config.transport_steps > 0
         if moved:
             m = self.move(ro, before if self.selector is self.scorer else None)  # one scorer pass, not two

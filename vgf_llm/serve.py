@@ -37,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from starlette.exceptions import HTTPException
 
 from vgf_llm.checks import context_length, prompt_lengths, prompt_problem
-from vgf_llm.sampler import SamplerConfig, SampleResult, VGFSampler
+from vgf_llm.sampler import SamplerConfig, SampleResult, VGFSampler, likelihood_weight_for
 
 logger = logging.getLogger(__name__)
 
@@ -324,7 +324,8 @@ class VGFService:
         vgf = {"score": chosen.score_after if result.chosen_moved else chosen.score_before,
                "moved": result.chosen_moved, "chosen": result.chosen, "decoder": config.decoder,
                "num_generations": config.num_generations, "transport_steps": config.transport_steps,
-               "transport_step_size": config.transport_step_size}
+               "transport_step_size": config.transport_step_size,
+               "likelihood_weight": likelihood_weight_for(config, self.scorer)}  # score = scorer + this x loglik/token
         if particles:
             vgf["particles"] = [asdict(p) for p in result.particles]
         body = ({"message": {"role": "assistant", "content": result.response}} if kind == "chat.completion"

@@ -128,7 +128,7 @@ class VLLMArguments(make_dataclass("_VLLMFields", _vllm_fields())):
                 model, tokenizer, use_vllm=True, max_new_tokens=max_new_tokens or config.max_completion_length,
                 temperature=config.temperature, top_p=config.top_p, top_k=config.top_k, batch_size=batch_size,
                 num_generations=num_generations or config.num_generations, max_prompt_length=max_prompt_length,
-                **options)
+                return_logprobs=True, **options)  # the sampled tokens' own: the likelihood brake reads them
         except (VLLMUnavailableError, VLLMServerError) as err:
             raise CLIError(str(err)) from err
 

@@ -96,7 +96,10 @@ def run(argv: list[str]) -> int:
                 line["columns"] = columns
             handle.write(json.dumps(json_safe(line), ensure_ascii=False) + "\n")
     moved = sum(r.chosen_moved for r in results)
-    print(f"wrote {len(results)} lines to {out} (chosen response transported for {moved}/{len(results)} prompts)")
+    brake = (f"; likelihood brake {sampler.likelihood_weight:g} (--likelihood_weight 0 turns it off)"
+             if sampler.likelihood_weight else "")
+    print(f"wrote {len(results)} lines to {out} (chosen response transported for {moved}/{len(results)} prompts"
+          f"{brake})")
     if true is not None:
         finite = [v for v in true if math.isfinite(v)]
         mean = sum(finite) / len(finite) if finite else float("nan")

@@ -21,8 +21,8 @@ class Rollouts:
     prompt_ids [G, P] (left-padded), prompt_mask [G, P];
     completion_ids [G, N, T] (right-padded with pad_token_id), completion_mask [G, N, T] (1 = generated token,
     including the final EOS); texts[g][n] is the decoded completion without special tokens.
-    logprobs [G, N, T] (optional, float, 0 at padding): the sampled tokens' log-probabilities when the backend
-    was asked for them (``VLLMBackend(return_logprobs=True)``); None otherwise.
+    logprobs [G, N, T] (optional, float, 0 at padding): the sampled tokens' log-probabilities under the model (before
+    the temperature) when the backend was asked for them (``return_logprobs=True``); None otherwise.
     """
 
     prompt_ids: torch.Tensor
@@ -91,16 +91,42 @@ def eos_token_ids(model, tokenizer) -> set[int]:
     return ids
 
 
+class SampledTokenLogprobs:
+    """A ``generate`` logits processor that records each drawn token's log-probability under the model's own logits
+    (transformers runs custom processors before the temperature and top-k/top-p warpers), one step behind: a step's
+    log-softmax is kept until the next call shows which token was drawn; ``finish`` reads the last one. One [B, V]
+    tensor at a time, never the [B, T, V] that ``output_logits`` keeps."""
+
+    def __init__(self):
+        self.previous: torch.Tensor | None = None
+        self.steps: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.previous is not None:
+            self.steps.append(self.previous.gather(1, input_ids[:, -1:])[:, 0])
+        self.previous = torch.log_softmax(scores.float(), -1)
+        return scores
+
+    def finish(self, generated: torch.Tensor) -> torch.Tensor:
+        """[B, T] log-probabilities of ``generated`` (the new tokens of the same call)."""
+        if self.previous is not None and len(self.steps) < generated.shape[1]:
+            self.steps.append(self.previous.gather(1, generated[:, len(self.steps):len(self.steps) + 1])[:, 0])
+        return torch.stack(self.steps, 1) if self.steps else generated.new_zeros(generated.shape, dtype=torch.float)
+
+
 class HFGenerateBackend:
-    """Sampling with ``model.generate``. Deterministic for a given seed and ``batch_size``."""
+    """Sampling with ``model.generate``. Deterministic for a given seed and ``batch_size``. ``return_logprobs``
+    fills ``Rollouts.logprobs`` with the drawn tokens' log-probabilities under the model (before the temperature),
+    read while sampling: no second pass."""
 
     def __init__(self, model, tokenizer, *, max_new_tokens: int = 64, temperature: float = 1.0,
-                 top_p: float = 1.0, top_k: int = 0, batch_size: int = 8, progress: bool = False):
+                 top_p: float = 1.0, top_k: int = 0, batch_size: int = 8, progress: bool = False,
+                 return_logprobs: bool = False):
         if tokenizer.pad_token_id is None:
             raise ValueError("the tokenizer needs a pad token (vgf_llm.models.load_tokenizer sets one)")
         self.model, self.tokenizer = model, tokenizer
         self.max_new_tokens, self.temperature, self.top_p, self.top_k = max_new_tokens, temperature, top_p, top_k
-        self.batch_size, self.progress = batch_size, progress
+        self.batch_size, self.progress, self.return_logprobs = batch_size, progress, return_logprobs
 
     @torch.no_grad()
     def _sampling_flags(self) -> dict:
@@ -116,28 +142,36 @@ class HFGenerateBackend:
         prompt_ids, prompt_mask = encode_prompts(prompts, tok)
         check_prompt_lengths(prompt_mask.sum(1).tolist(), "the prompts", context_length(model))
         eos = eos_token_ids(model, tok)
-        chunks = []
+        chunks, chunk_logprobs = [], []
         starts = range(0, len(prompts), self.batch_size)
         for c, start in enumerate(tqdm(starts, desc="rollout", disable=not self.progress, leave=False)):
             ids = prompt_ids[start:start + self.batch_size].to(model.device)
             mask = prompt_mask[start:start + self.batch_size].to(model.device)
+            recorder = SampledTokenLogprobs() if self.return_logprobs else None
             torch.manual_seed(seed * 100_003 + c)
             out = model.generate(
                 input_ids=ids.repeat_interleave(num_generations, 0),
                 attention_mask=mask.repeat_interleave(num_generations, 0),
                 **self._sampling_flags(), max_new_tokens=self.max_new_tokens,
                 pad_token_id=tok.pad_token_id, eos_token_id=sorted(eos),
+                logits_processor=[recorder] if recorder is not None else None,
             )
             chunks.append(out[:, ids.shape[1]:].cpu())
+            if recorder is not None:
+                chunk_logprobs.append(recorder.finish(out[:, ids.shape[1]:]).cpu())
         width = max(c.shape[1] for c in chunks)
-        completion = torch.cat(
-            [torch.nn.functional.pad(c, (0, width - c.shape[1]), value=tok.pad_token_id) for c in chunks]
-        ).view(len(prompts), num_generations, width)
+
+        def joined(parts, pad):
+            return torch.cat([torch.nn.functional.pad(c, (0, width - c.shape[1]), value=pad) for c in parts]).view(
+                len(prompts), num_generations, width)
+
+        completion = joined(chunks, tok.pad_token_id)
         cmask = completion_mask_from_ids(completion, eos, tok.pad_token_id)
         completion = torch.where(cmask.bool(), completion, torch.full_like(completion, tok.pad_token_id))
+        logprobs = joined(chunk_logprobs, 0.0) * cmask if self.return_logprobs else None
         texts = [[tok.decode(completion[g, n][cmask[g, n].bool()], skip_special_tokens=True)
                   for n in range(num_generations)] for g in range(len(prompts))]
-        return Rollouts(prompt_ids, prompt_mask, completion, cmask, texts)
+        return Rollouts(prompt_ids, prompt_mask, completion, cmask, texts, logprobs=logprobs)
 
     def close(self) -> None:
         """Nothing to release (``VLLMBackend.close`` stops its engine)."""

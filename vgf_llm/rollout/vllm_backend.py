@@ -239,7 +239,7 @@ def make_rollout_backend(model, tokenizer, *, use_vllm: bool = False, vllm_mode:
                          max_new_tokens: int = 64, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
                          batch_size: int = 8, num_generations: int | None = None,
                          max_prompt_length: int | None = None, vllm_model: str | os.PathLike | None = None,
-                         **vllm_kwargs):
+                         return_logprobs: bool = False, **vllm_kwargs):
     """``HFGenerateBackend(model, ...)`` or, with ``use_vllm``, a ``VLLMBackend`` on the base model's folder
     (``vllm_model`` overrides it). Raises ``VLLMUnavailableError`` (with the compat table) if colocate mode finds
     vLLM missing or incompatible. ``num_generations`` and ``max_prompt_length`` size a colocated engine (HF generate
@@ -255,7 +255,7 @@ def make_rollout_backend(model, tokenizer, *, use_vllm: bool = False, vllm_mode:
         if vllm_kwargs:
             raise TypeError(f"vLLM options given without use_vllm=True: {sorted(vllm_kwargs)}")
         return HFGenerateBackend(model, tokenizer, max_new_tokens=max_new_tokens, temperature=temperature,
-                                 top_p=top_p, top_k=top_k, batch_size=batch_size)
+                                 top_p=top_p, top_k=top_k, batch_size=batch_size, return_logprobs=return_logprobs)
     if vllm_mode == "colocate" and vllm_kwargs.get("engine") is None:
         require_vllm()  # server mode needs no vLLM in the trainer's environment: the client is plain HTTP
     folder = vllm_model or model_folder(model)
@@ -265,4 +265,4 @@ def make_rollout_backend(model, tokenizer, *, use_vllm: bool = False, vllm_mode:
     return VLLMBackend(folder, tokenizer, vllm_mode=vllm_mode, max_new_tokens=max_new_tokens,
                        temperature=temperature, top_p=top_p, top_k=top_k, batch_size=batch_size,
                        num_generations=num_generations, max_prompt_length=max_prompt_length, eos_ids=eos,
-                       **vllm_kwargs)
+                       return_logprobs=return_logprobs, **vllm_kwargs)
