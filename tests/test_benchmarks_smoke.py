@@ -420,3 +420,16 @@ def test_compute_curves_reward_model_scorer_keeps_the_gold_held_out(tiny_lm_dir,
     assert "| best-of-4+lik1 |" in extended["table_md"] and extended["args"]["ns"] == [1, 2, 4]
     with pytest.raises(SystemExit):
         extend_best_of_n.main([str(out)])
+
+    # the proxy check reads the same cached draws: best-of-N by the proxy, the likelihood and their sums
+    import proxy_check
+
+    checked = proxy_check.main(["--model", str(tiny_lm_dir), "--scorer", str(tiny_lm_dir), "--draws",
+                                "helpful-test-n2x2-t4-T1.0-b4-s0,helpful-test-n2x2-t4-T1.0-b4-s10000",
+                                "--weights", "1", "--cache", str(tmp_path / "cache"),
+                                "--out", str(tmp_path / "check.json")])["results"]
+    assert len(checked) == 2 and len(json.loads((tmp_path / "check.json").read_text())["results"]) == 2
+    for r in checked:
+        assert set(r["best_of_n"]) == {"proxy", "likelihood", "proxy+1xlik"}
+        assert all(list(by) == [2] and 0 <= by[2] <= 1 for by in r["best_of_n"].values())
+        assert all(-1 <= r[k] <= 1 or math.isnan(r[k]) for k in ("corr_gold_proxy", "corr_gold_likelihood"))

@@ -212,6 +212,10 @@ class VGFSampler:
         else:
             new_ids, new_mask, disp, after = ids, cmask, torch.zeros(ids.shape[:2]), before
         changed = tokens_changed(ids, cmask, new_ids, new_mask)
+        # a particle the move left as it was keeps its original's score: the originals' likelihood comes from the
+        # sampler's log-probabilities (vLLM's kernels), the moved ones' from a teacher-forced pass, and numerical
+        # noise between the two must not pick an unchanged "moved" particle
+        after = torch.where(changed == 0, before, after)
         out = []
         for g, prompt in enumerate(prompts):
             texts_after = [self.tokenizer.decode(new_ids[g, n][new_mask[g, n].bool()], skip_special_tokens=True)
