@@ -4,7 +4,9 @@ re-score and select. With ``transport_steps=0`` it is exactly best-of-N with the
 ``SamplerConfig``'s defaults are the test-time winner (docs/benchmarks.md, "Test time"): per-step steering with a
 prefix value (``steer_prefix``, 1 step of 0.2 per token), which beat best-of-8, best-of-16 and the checked token
 edits (``verified``) on dense rewards, at best-of-N's fluency. On exact-answer rewards every decoder tied best-of-8:
-there use ``transport_steps=0``. These defaults are the sampler's own; training has its own (``VGFConfig``).
+there use ``transport_steps=0``. With a learned reward model as the scorer the likelihood brake is on by default
+(``likelihood_weight``, ``vgf_llm.likelihood``): without it the transport climbed the proxy, not the gold. These
+defaults are the sampler's own; training has its own (``VGFConfig``).
 """
 
 from __future__ import annotations
