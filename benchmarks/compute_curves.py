@@ -98,6 +98,21 @@ def mean_logprobs(model, ro: Rollouts) -> tuple[torch.Tensor, float]:
     return out, time.time() - t0
 
 
+def selection_curves(sel: torch.Tensor, loglik: torch.Tensor | None, weights: list[float]):
+    """(suffix, score [G, N]) of each best-of-N curve: the selector's, then each likelihood-tilted one."""
+    return [("", sel)] + [(f"+lik{w:g}", sel + w * loglik) for w in (weights if loglik is not None else [])]
+
+
+def best_of_n_arm(n: int, score, sel, true, tokens, greedy, seconds: float) -> dict:
+    """Best-of-``n`` over the first n samples of each prompt picked by ``score``: its true reward, the selector's
+    (proxy's) score of the pick, cost, tokens and win rate against the greedy answer."""
+    rows = torch.arange(true.shape[0])
+    idx = score[:, :n].argmax(1)
+    pick = true[rows, idx]
+    return dict(n=n, reward=float(pick.mean()), proxy=float(sel[rows, idx].mean()), seconds=seconds,
+                tokens=float(tokens[:, :n].sum(1).mean()), win_rate=win_rate(pick, greedy), per_prompt=pick.tolist())
+
+
 def run_seed(seed, args, model, tok, reward, test, selector, samplers, greedy, greedy_proxy) -> dict:
     """Every arm on one seed's draw: {arm: dict(reward, proxy, seconds, tokens, win_rate, ...)}."""
     ro, true, gen_seconds = test_rollouts(args.task, args, model, tok, reward, test, seed, args.cache)
@@ -107,20 +122,15 @@ def run_seed(seed, args, model, tok, reward, test, selector, samplers, greedy, g
         sel = score_groups(selector, ro).float()
     per_sample = (gen_seconds + time.time() - t0) / g / n_max  # sampling + scoring one sample of one prompt
     tokens = ro.completion_mask.sum(-1).float()  # [G, n_max]
-    rows = torch.arange(g)
     arms = {}
-    curves = [("", sel, 0.0)]
+    loglik, lik_per_sample = None, 0.0
     if args.likelihood_weights:
         loglik, lik_seconds = mean_logprobs(model, ro)
-        curves += [(f"+lik{w:g}", sel + w * loglik, lik_seconds / g / n_max) for w in args.likelihood_weights]
-    for suffix, score, extra_per_sample in curves:
+        lik_per_sample = lik_seconds / g / n_max
+    for suffix, score in selection_curves(sel, loglik, args.likelihood_weights):
         for n in args.ns:
-            idx = score[:, :n].argmax(1)
-            pick = true[rows, idx]
-            arms[f"best-of-{n}{suffix}"] = dict(
-                n=n, reward=float(pick.mean()), proxy=float(sel[rows, idx].mean()),
-                seconds=n * (per_sample + extra_per_sample), tokens=float(tokens[:, :n].sum(1).mean()),
-                win_rate=win_rate(pick, greedy), per_prompt=pick.tolist())
+            arms[f"best-of-{n}{suffix}"] = best_of_n_arm(
+                n, score, sel, true, tokens, greedy, n * (per_sample + (lik_per_sample if suffix else 0.0)))
     arms["greedy (base)"] = dict(reward=float(greedy.mean()), proxy=greedy_proxy, seconds=float("nan"),
                                  tokens=float("nan"),
                                  win_rate=0.5, per_prompt=greedy.tolist())

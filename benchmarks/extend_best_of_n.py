@@ -24,14 +24,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from compute_curves import (  # noqa: E402
+    best_of_n_arm,
     bon_curves,
     bon_peak,
     make_selector,
     markdown,
     mean_logprobs,
     plot,
+    selection_curves,
     summarise,
-    win_rate,
 )
 from guided_sampling import score_groups, test_rollouts  # noqa: E402
 
@@ -52,19 +53,13 @@ def extended_arms(run: dict, args, model, tok, reward, test, selector) -> dict:
         sel = torch.cat([score_groups(selector, ro).float() for ro, _ in draws], 1)
     tokens = torch.cat([ro.completion_mask.sum(-1).float() for ro, _ in draws], 1)
     greedy = torch.tensor(run["arms"]["greedy (base)"]["per_prompt"])
-    rows, big = torch.arange(true.shape[0]), 2 * n_max
-    curves = [("", sel)]
-    if args.likelihood_weights:
-        loglik = torch.cat([mean_logprobs(model, ro)[0] for ro, _ in draws], 1)
-        curves += [(f"+lik{w:g}", sel + w * loglik) for w in args.likelihood_weights]
+    big = 2 * n_max
+    loglik = (torch.cat([mean_logprobs(model, ro)[0] for ro, _ in draws], 1) if args.likelihood_weights
+              else None)
     arms = {}
-    for suffix, score in curves:
-        idx = score.argmax(1)
-        pick = true[rows, idx]
+    for suffix, score in selection_curves(sel, loglik, args.likelihood_weights):
         one = run["arms"][f"best-of-1{suffix}"]["seconds"]  # the run's measured cost of one sample on this curve
-        arms[f"best-of-{big}{suffix}"] = dict(
-            n=big, reward=float(pick.mean()), proxy=float(sel[rows, idx].mean()), seconds=big * one,
-            tokens=float(tokens.sum(1).mean()), win_rate=win_rate(pick, greedy), per_prompt=pick.tolist())
+        arms[f"best-of-{big}{suffix}"] = best_of_n_arm(big, score, sel, true, tokens, greedy, big * one)
         print(f"seed {seed} best-of-{big}{suffix}: {arms[f'best-of-{big}{suffix}']['reward']:.3f}", flush=True)
     return arms
 
